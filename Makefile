@@ -1,0 +1,35 @@
+# Two commands set everything up on a fresh machine:  make train  and  make test
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+ARGS ?=
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: install train test test-fast tensorboard clean
+
+install: $(INSTALLED)
+
+# The CPU build of torch is pinned here (an unpinned torch pulls a multi-GB CUDA build);
+# override with e.g. `make install TORCH=torch==2.6.0`.
+$(INSTALLED): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(INSTALLED)
+
+train: $(INSTALLED)
+	$(BIN)/python train.py $(ARGS)
+
+test: $(INSTALLED)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-fast: $(INSTALLED)
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+tensorboard: $(INSTALLED)
+	$(BIN)/tensorboard --logdir $$(ls -td outputs/multirun/* outputs/runs/* 2>/dev/null | head -n 1)
+
+clean:
+	rm -rf .cache outputs/runs outputs/multirun

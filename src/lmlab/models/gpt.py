@@ -1,0 +1,120 @@
+"""GPT-2 (Radford et al., 2019) as written in nanoGPT: pre-norm blocks, learned positions, GELU."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from lmlab.models.attention import CausalSelfAttention, KVCache, positions
+from lmlab.models.base import LanguageModel, check_dropout, check_heads, check_sizes, padded_vocab_size
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward, 4x wide with GELU; dropout on its output."""
+
+    def __init__(self, d_model: int, dropout: float, bias: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d_model, 4 * d_model, bias=bias)
+        self.gelu = nn.GELU()
+        self.proj = nn.Linear(4 * d_model, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.proj(self.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """x = x + attn(ln1(x)); x = x + mlp(ln2(x)). Pre-norm keeps an identity path from input to
+    output, which is why deep GPTs train without the warm-up post-norm needs."""
+
+    def __init__(self, d_model: int, n_head: int, dropout: float, bias: bool) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model, bias=bias)
+        self.attn = CausalSelfAttention(d_model, n_head, dropout, bias=bias)
+        self.ln2 = nn.LayerNorm(d_model, bias=bias)
+        self.mlp = MLP(d_model, dropout, bias)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        x = x + self.attn(self.ln1(x), cache, layer)
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(LanguageModel):
+    """Token + learned position embeddings, pre-norm blocks, final LayerNorm, tied lm_head.
+
+    bias=False drops the biases of linear layers and LayerNorms: a little faster, no worse.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int = 384,
+        n_layer: int = 6,
+        n_head: int = 6,
+        dropout: float = 0.0,
+        block_size: int = 256,
+        bias: bool = False,
+        pad_vocab_to: int = 1,
+    ) -> None:
+        super().__init__()
+        check_sizes(
+            vocab_size=vocab_size, d_model=d_model, n_layer=n_layer, n_head=n_head,
+            block_size=block_size, pad_vocab_to=pad_vocab_to,
+        )  # fmt: skip
+        check_heads(d_model, n_head)
+        check_dropout(dropout)
+        self.vocab_size = vocab_size
+        self.context_length = block_size
+        self.d_model = d_model
+        self.n_layer = n_layer
+        self.n_head = n_head
+
+        n_rows = padded_vocab_size(vocab_size, pad_vocab_to)
+        self.wte = nn.Embedding(n_rows, d_model)
+        self.wpe = nn.Embedding(block_size, d_model)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(d_model, n_head, dropout, bias) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(d_model, bias=bias)
+        self.lm_head = nn.Linear(d_model, n_rows, bias=False)
+        # weight tying: the output layer reuses the token embedding (Press & Wolf, 2017)
+        self.wte.weight = self.lm_head.weight
+
+        # GPT-2 init: N(0, 0.02); the projections that write into the residual stream get
+        # 0.02 / sqrt(2 * n_layer), as 2 * n_layer of them add up along it
+        self.apply(self._init_weights)
+        for block in self.blocks:
+            for proj in (block.attn.proj, block.mlp.proj):
+                nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx: Tensor, state: KVCache | None = None) -> tuple[Tensor, KVCache | None]:
+        pos = positions(idx, state, self.context_length)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        for layer, block in enumerate(self.blocks):
+            x = block(x, state, layer)
+        if state is not None:
+            state.length += idx.size(1)
+        return self._unpad(self.lm_head(self.ln_f(x))), state
+
+    def init_state(self, batch_size: int, device: torch.device | str) -> KVCache:
+        head_dim = self.d_model // self.n_head
+        return KVCache(
+            self.n_layer, batch_size, self.n_head, head_dim, self.context_length, device, self.wte.weight.dtype
+        )
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token, nanoGPT's estimate_mfu (PaLM paper, appendix B):
+        6*N + 12*L*H*Q*T, with N the parameters that take part in matmuls (all of them but the
+        position table, a lookup), L = n_layer, H = n_head, Q = head_dim, T = block_size.
+        6N is forward + backward through the weights; 12LHQT is the attention scores and sums."""
+        n_params = sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
+        head_dim = self.d_model // self.n_head
+        return 6 * n_params + 12 * self.n_layer * self.n_head * head_dim * self.context_length

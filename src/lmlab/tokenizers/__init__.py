@@ -1,0 +1,33 @@
+"""Tokenizers: text <-> int32 ids. They know nothing of models, Lightning or Hydra."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lmlab.errors import ConfigError
+from lmlab.tokenizers.base import FORMAT, Tokenizer
+from lmlab.tokenizers.bpe import BPETokenizer
+from lmlab.tokenizers.char import CharTokenizer
+from lmlab.tokenizers.word import WordTokenizer
+
+__all__ = ["Tokenizer", "CharTokenizer", "WordTokenizer", "BPETokenizer", "load_tokenizer"]
+
+_CLASSES: dict[str, type[Tokenizer]] = {
+    cls.name: cls for cls in (CharTokenizer, WordTokenizer, BPETokenizer)
+}
+
+
+def load_tokenizer(path_or_json: str | Path) -> Tokenizer:
+    """Rebuild a saved tokenizer exactly, from a file path or from a `to_json()` string."""
+    if isinstance(path_or_json, str) and path_or_json.lstrip().startswith("{"):
+        text, source = path_or_json, "the JSON string"
+    else:
+        text, source = Path(path_or_json).read_text(encoding="utf-8"), str(path_or_json)
+    document = json.loads(text)
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise ConfigError(f"{source} is not an lmlab tokenizer (expected format {FORMAT!r})")
+    settings = dict(document["config"])
+    tokenizer = _CLASSES[settings.pop("name")](**settings)
+    tokenizer._load_state(document["state"])
+    return tokenizer

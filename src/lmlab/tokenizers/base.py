@@ -1,0 +1,178 @@
+"""The interface every tokenizer implements, and the plumbing they share.
+
+A tokenizer is trained on the training split only, then turns any text into int32 ids and back.
+It is saved as one JSON document (settings + vocabulary), never a pickle, so a checkpoint's
+tokenizer can be read by a person and rebuilt exactly by `load_tokenizer`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.trainers import Trainer
+
+from lmlab.errors import DataError
+
+FORMAT = "lmlab-tokenizer/1"
+
+# Chunks of ~16 KB let HF's encode_batch spread a large corpus over every core.
+CHUNK_CHARS = 1 << 14
+
+# A newline between two printable ASCII characters: no pre-tokenizer used here (byte-level BPE's
+# GPT-2 regex, the word splitter) lets a pre-token cross it or behaves differently at a string's
+# end there, so encoding the pieces gives exactly the ids of encoding the whole text. Blank lines
+# and whitespace at a line end are not safe: "a \nb" splits as "a", " ", "\n", "b" but "a \n"
+# alone ends in the single pre-token " \n".
+_SAFE_CUT = re.compile(r"(?<=[!-~]\n)(?=[!-~])")
+
+
+def split_chunks(text: str, size: int = CHUNK_CHARS) -> Iterator[str]:
+    """Cut `text` into pieces of about `size` characters at safe newlines (see `_SAFE_CUT`).
+
+    The pieces concatenate back to `text` (an empty text gives one empty piece); a text with no
+    safe newline stays whole.
+    """
+    start = 0
+    while len(text) - start > size and (cut := _SAFE_CUT.search(text, start + size)):
+        yield text[start : cut.start()]
+        start = cut.start()
+    yield text[start:]
+
+class Tokenizer(ABC):
+    """Text <-> int32 ids, learnt from the training split."""
+
+    name: str
+
+    def train(self, text: str) -> None:
+        """Learn the vocabulary from `text`, which must be the training split only."""
+        if not text:
+            raise DataError(f"cannot train the {self.name} tokenizer on an empty text")
+        self._train(text)
+
+    def encode(self, text: str) -> np.ndarray:
+        """The ids of `text` as an int32 array; unseen symbols become `unk_id`."""
+        self._require_trained()
+        return self._encode(text)
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        """The text of `ids` (a list, an array or a CPU tensor)."""
+        self._require_trained()
+        return self._decode(np.asarray(ids, dtype=np.int64).ravel().tolist())
+
+    def to_json(self) -> str:
+        """The whole trained tokenizer (settings + vocabulary) as one JSON string."""
+        self._require_trained()
+        return json.dumps({"format": FORMAT, "config": self.config(), "state": self._state()})
+
+    def save(self, path: str | Path) -> None:
+        """Write `to_json()` to `path` atomically, so a crash never leaves half a file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        document = self.to_json()
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(document)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    def _require_trained(self) -> None:
+        if not self.is_trained:
+            raise RuntimeError(
+                f"the {self.name} tokenizer has no vocabulary yet: "
+                "call train(text) or build it with load_tokenizer(path)"
+            )
+
+    @property
+    @abstractmethod
+    def is_trained(self) -> bool:
+        """Whether a vocabulary has been learnt or loaded."""
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """The number of ids, special tokens included."""
+
+    @property
+    @abstractmethod
+    def unk_id(self) -> int | None:
+        """The id of anything the vocabulary lacks; None when nothing can be unknown."""
+
+    @abstractmethod
+    def config(self) -> dict[str, Any]:
+        """The constructor settings plus "name": what cache keys and checkpoints record."""
+
+    @abstractmethod
+    def unknown_symbols(self, text: str) -> list[str]:
+        """The distinct characters or words of `text` that the vocabulary lacks, in order."""
+
+    @abstractmethod
+    def _train(self, text: str) -> None: ...
+
+    @abstractmethod
+    def _encode(self, text: str) -> np.ndarray: ...
+
+    @abstractmethod
+    def _decode(self, ids: list[int]) -> str: ...
+
+    @abstractmethod
+    def _state(self) -> dict[str, Any]:
+        """The learnt vocabulary, as JSON-ready data."""
+
+    @abstractmethod
+    def _load_state(self, state: dict[str, Any]) -> None:
+        """Restore what `_state` returned."""
+
+
+class HFBackedTokenizer(Tokenizer):
+    """A tokenizer whose vocabulary and encoding live in a HF `tokenizers.Tokenizer`.
+
+    Subclasses say how to build the empty HF pipeline and its trainer; this class trains it,
+    encodes in parallel, and saves it as the HF tokenizer's own JSON (loading is exact).
+    """
+
+    def __init__(self) -> None:
+        self._hf: HFTokenizer | None = None
+
+    @abstractmethod
+    def _new_hf(self) -> HFTokenizer:
+        """The untrained HF pipeline: model, pre-tokenizer, decoder."""
+
+    @abstractmethod
+    def _trainer(self) -> Trainer: ...
+
+    def _train(self, text: str) -> None:
+        hf = self._new_hf()
+        hf.train_from_iterator(split_chunks(text), trainer=self._trainer())
+        self._hf = hf
+
+    @property
+    def is_trained(self) -> bool:
+        return self._hf is not None
+
+    @property
+    def vocab_size(self) -> int:
+        self._require_trained()
+        return self._hf.get_vocab_size()
+
+    def _encode(self, text: str) -> np.ndarray:
+        # encode_batch runs the chunks on all cores (Rust threads; no GIL, no processes).
+        encodings = self._hf.encode_batch(list(split_chunks(text)), add_special_tokens=False)
+        return np.concatenate([np.asarray(e.ids, dtype=np.int32) for e in encodings])
+
+    def _state(self) -> dict[str, Any]:
+        return {"hf": json.loads(self._hf.to_str())}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self._hf = HFTokenizer.from_str(json.dumps(state["hf"]))
