@@ -69,8 +69,10 @@ def test_bpe_round_trips_any_text_exactly():
 def test_word_round_trip_is_normalize_spacing():
     tokenizer = WordTokenizer(min_frequency=1)
     tokenizer.train(TRAIN)
-    text = "First Citizen:\nYou are all resolved rather to die than to famish?\n\n" \
-           "All:\n  Resolved.   resolved, o' the  'tis well-met --\n"
+    text = (
+        "First Citizen:\nYou are all resolved rather to die than to famish?\n\n"
+        "All:\n  Resolved.   resolved, o' the  'tis well-met --\n"
+    )
     assert tokenizer.unknown_symbols(text) == []
     decoded = tokenizer.decode(tokenizer.encode(text))
     assert decoded == normalize_spacing(text)
@@ -80,7 +82,8 @@ def test_word_round_trip_is_normalize_spacing():
     )
     assert normalize_spacing(decoded) == decoded  # idempotent
     lines = TRAIN.splitlines(keepends=True)[:200]
-    assert tokenizer.decode(tokenizer.encode("".join(lines))) == "".join(map(normalize_spacing, lines))
+    expected = "".join(map(normalize_spacing, lines))  # newlines reset the spacing
+    assert tokenizer.decode(tokenizer.encode("".join(lines))) == expected
 
 
 def test_word_splits_words_punctuation_and_newlines():

@@ -47,6 +47,7 @@ def split_chunks(text: str, size: int = CHUNK_CHARS) -> Iterator[str]:
         start = cut.start()
     yield text[start:]
 
+
 class Tokenizer(ABC):
     """Text <-> int32 ids, learnt from the training split."""
 

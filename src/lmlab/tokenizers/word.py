@@ -71,9 +71,7 @@ class WordTokenizer(HFBackedTokenizer):
     def __init__(self, min_frequency: int = 2, max_vocab_size: int | None = None) -> None:
         super().__init__()
         if min_frequency < 1:
-            raise ConfigError(
-                f"tokenizer.min_frequency={min_frequency} must be 1 or more"
-            )
+            raise ConfigError(f"tokenizer.min_frequency={min_frequency}: set it to 1 or more")
         if max_vocab_size is not None and max_vocab_size < 2:
             raise ConfigError(
                 f"tokenizer.max_vocab_size={max_vocab_size} leaves no room for a word beside "
