@@ -28,8 +28,10 @@ test: $(INSTALLED)
 test-fast: $(INSTALLED)
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
+# The latest sweep (a folder holding multirun.yaml, at any depth) or single run; LOGDIR=... picks another.
 tensorboard: $(INSTALLED)
-	$(BIN)/tensorboard --logdir $$(ls -td outputs/multirun/* outputs/runs/* 2>/dev/null | head -n 1)
+	@latest=$$(ls -td $$(find outputs/multirun -name multirun.yaml -printf '%h\n' 2>/dev/null) outputs/runs/*/ 2>/dev/null | head -n 1); \
+	$(BIN)/tensorboard --logdir "$${LOGDIR:-$${latest:-outputs}}"
 
 clean:
 	rm -rf .cache outputs/runs outputs/multirun

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,3 +48,41 @@ def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
         cfg.paths.cache_dir = str(output_dir.parent / "cache")
         del cfg["hydra"]
     return cfg
+
+
+SWEEP_BYTES, SWEEP_PARAMS = 5120, 50_000  # the tiny sweep's training text per run and parameter target
+
+
+def sweep_overrides(corpus: Path, sweep_dir: Path, swept: list[str], fixed: tuple[str, ...] = ()) -> list[str]:
+    """`train.py -m` overrides for a seconds-long sweep; only the `swept` settings name its run folders."""
+    given = {o.split("=")[0] for o in (*swept, *fixed)}
+    tiny = ("model.n_layer=1", "trainer.max_steps=10")
+    fixed = ("data=text", f"data.path={corpus}", "data.block_size=32", "data.batch_size=8",
+             "trainer.val_check_interval=5", "trainer.accelerator=cpu", "trainer.devices=1", "scheduler.warmup_steps=2",
+             "sample.max_new_tokens=20", f"paths.cache_dir={sweep_dir.parent / 'cache'}", *fixed,
+             *(o for o in tiny if o.split("=")[0] not in given))
+    names = ",".join(o.split("=")[0] for o in fixed)
+    return [*fixed, *swept, f"hydra.sweep.dir={sweep_dir}", f"hydra.job.config.override_dirname.exclude_keys=[{names}]"]
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory, small_corpus) -> Path:
+    """model=gpt,lstm x tokenizer=char,bpe, parameter-matched on equal bytes: the sweep and notebook tests share it."""
+    sweep = tmp_path_factory.mktemp("tiny_sweep") / "multirun"
+    overrides = sweep_overrides(small_corpus, sweep, ["model=gpt,lstm", "tokenizer=char,bpe"],
+                                (f"trainer.max_bytes={SWEEP_BYTES}", f"model.target_params={SWEEP_PARAMS}"))
+    result = subprocess.run([sys.executable, "train.py", "-m", *overrides], cwd=REPO, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return sweep
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, small_corpus) -> Path:
+    """The run directory of a tiny GPT trained 20 steps on characters: the checkpoint, generation and
+    evaluation tests share its checkpoints."""
+    from lmlab.train import train
+
+    run = tmp_path_factory.mktemp("trained") / "run"
+    train(compose_config(tiny_overrides("gpt", small_corpus), run))
+    return run

@@ -11,7 +11,9 @@ from hydra.utils import get_object
 from tests.conftest import CONF, REPO, compose_config
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and any(p.glob("*.yaml")))
-OPTIONS = [(group, option.stem) for group in GROUPS for option in sorted((CONF / group).glob("*.yaml"))]
+RECIPES = {"experiment", "hparams_search"}  # `# @package _global_` recipes, composed in tests/test_sweep.py
+OPTIONS = [(group, option.stem) for group in GROUPS if group not in RECIPES
+           for option in sorted((CONF / group).glob("*.yaml"))]
 
 
 def test_the_groups_the_product_promises_exist():

@@ -1,10 +1,49 @@
-"""Callbacks lmlab adds to Lightning's own (checkpointing, LR monitor and the rich progress bar)."""
+"""Callbacks lmlab adds to Lightning's own (checkpointing, LR monitor and the rich progress bar).
+
+The last two keep long runs safe: one stops a diverged run before it overwrites a good checkpoint,
+the other turns Ctrl-C or SIGTERM into a resumable checkpoint.
+"""
 
 from __future__ import annotations
 
+import csv
+import os
+import signal
+import sys
+import threading
 import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+
+from lmlab.errors import ConfigError, DivergedError, RunInterrupted
+from lmlab.generation import check_sampling
+from lmlab.text_generation import sample_text
+
+
+class SyncFreeProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, reading training metrics every `metrics_every_n_steps` only.
+
+    Metrics logged with `prog_bar=True` are turned into Python floats by Lightning after every
+    batch: a host-device sync per step that stalls a GPU. Training metrics are therefore logged
+    without it, and this bar reads `show` from the callback metrics at its own, sparser interval.
+    """
+
+    def __init__(self, metrics_every_n_steps: int = 10, show: tuple[str, ...] = ("train/loss", "train/tokens_per_s"),
+                 **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.metrics_every_n_steps, self.show = metrics_every_n_steps, tuple(show)
+        self._shown: dict[str, float] = {}
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        if trainer.training and (trainer.global_step % self.metrics_every_n_steps == 0 or not self._shown):
+            logged = trainer.callback_metrics
+            self._shown = {key: float(logged[key]) for key in self.show if key in logged}
+        return {**super().get_metrics(trainer, pl_module), **self._shown}
 
 
 class TokenThroughput(pl.Callback):
@@ -27,9 +66,209 @@ class TokenThroughput(pl.Callback):
         self._tokens += batch[1].numel() * trainer.world_size
         if trainer.global_step % self.every_n_steps == 0 and trainer.global_step > 0:
             elapsed = time.perf_counter() - self._start
-            pl_module.log("train/tokens_per_s", self._tokens / max(elapsed, 1e-9), prog_bar=True, on_step=True,
-                          on_epoch=False, rank_zero_only=True)
+            pl_module.log("train/tokens_per_s", self._tokens / max(elapsed, 1e-9), on_step=True, on_epoch=False,
+                          rank_zero_only=True)
             self._start, self._tokens = time.perf_counter(), 0
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._start = None  # evaluation time is not training throughput
+
+
+class NonFiniteLossGuard(pl.Callback):
+    """Stops training at the first NaN or infinite loss, before a checkpoint can keep the bad weights.
+
+    Losses stay on the device and are read every `check_every_n_steps` steps, so a GPU never waits
+    for the host at each step, yet the error names the first bad step. Every checkpoint save checks
+    the pending losses and the weights themselves first, so `last.ckpt` always holds the last finite
+    state and a resume starts from it.
+    """
+
+    def __init__(self, check_every_n_steps: int = 10) -> None:
+        if check_every_n_steps < 1:
+            raise ConfigError(f"callbacks.nan_guard.check_every_n_steps must be >= 1 (got {check_every_n_steps})")
+        self.check_every_n_steps = check_every_n_steps
+        self._pending: list[tuple[int, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if loss is None:
+            return
+        self._pending.append((trainer.global_step, loss.detach()))
+        if len(self._pending) >= self.check_every_n_steps:
+            self._check_losses(trainer)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._check_losses(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._check_losses(trainer)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self._check_losses(trainer)
+        for name, tensor in checkpoint.get("state_dict", {}).items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise DivergedError(f"the weights became NaN or infinite by step {trainer.global_step} ({name}); "
+                                    f"{self._advice(trainer)}")
+
+    def _check_losses(self, trainer) -> None:
+        if not self._pending:
+            return
+        steps, losses = zip(*self._pending)
+        self._pending.clear()
+        finite = torch.isfinite(torch.stack(losses).float()).tolist()
+        if not all(finite):
+            first = finite.index(False)
+            raise DivergedError(f"the training loss became {float(losses[first])} at step {steps[first]}; "
+                                f"{self._advice(trainer)}")
+
+    @staticmethod
+    def _advice(trainer) -> str:
+        last = getattr(trainer.checkpoint_callback, "last_model_path", "")
+        kept = f"the last good checkpoint is {last}" if last and os.path.exists(last) else "no checkpoint was saved"
+        return f"{kept}; lower optimizer.lr or raise scheduler.warmup_steps, then resume from it or start again"
+
+
+class CheckpointOnInterrupt(pl.Callback):
+    """Ctrl-C or SIGTERM: finish the current step, write a resumable last.ckpt, stop with a one-line error.
+
+    The signal only raises a flag and the checkpoint is written at the next optimizer-step boundary,
+    so it never holds half an update (a KeyboardInterrupt can land anywhere). A second signal
+    stops at once, as Ctrl-C usually does. Handlers are installed only from the main thread.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self._received: str | None = None
+        self._previous: dict[int, Any] = {}
+        self._last_step = -1
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._received, self._last_step = None, trainer.global_step
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {signum: signal.getsignal(signum) for signum in self.SIGNALS}
+            for signum in self.SIGNALS:
+                signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        if self._received is not None:
+            self._restore()
+            raise KeyboardInterrupt
+        self._received = signal.Signals(signum).name
+        print(f"\n{self._received} received: stopping after this step with a checkpoint "
+              "(send it again to stop at once, without one)", file=sys.stderr, flush=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        stepped, self._last_step = trainer.global_step != self._last_step, trainer.global_step
+        stop = self._received is not None
+        if trainer.world_size > 1:  # every rank must stop at the same step: saving is collective
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not (stop and stepped):
+            return
+        path = self._save_last(trainer)
+        raise RunInterrupted(f"{self._received or 'a signal'} at step {trainer.global_step}: saved {path}; "
+                             f"resume by running the same command with ckpt_path={path}")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    @staticmethod
+    def _save_last(trainer) -> str:
+        """Write `last.ckpt` where ModelCheckpoint keeps it, and tell ModelCheckpoint, as its own save_last does."""
+        callback = trainer.checkpoint_callback
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+            path = os.path.join(callback.dirpath, callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION)
+            callback.last_model_path = path
+        else:
+            path = os.path.join(trainer.default_root_dir, "checkpoints", "last.ckpt")
+        trainer.save_checkpoint(path)
+        return path
+
+
+class ValidationCurve(pl.Callback):
+    """Appends each validation result of training to a CSV in the run directory, against text read.
+
+    Sweep reports draw learning curves from it (val bits per byte against training bytes seen)
+    without parsing TensorBoard event files, whose layout belongs to TensorBoard. One appended line
+    per validation: a run killed mid-write loses at most its last point, and readers skip it.
+    """
+
+    FIELDS = ("step", "tokens_seen", "bytes_seen", "time_s", "val/loss", "val/ppl", "val/bpb")
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self._started = time.perf_counter()
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._started = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or not trainer.is_global_zero:
+            return
+        scores = trainer.callback_metrics
+        tokens = pl_module.tokens_seen * trainer.world_size
+        row = [trainer.global_step, tokens, round(tokens * trainer.datamodule.train_bytes_per_token),
+               round(time.perf_counter() - self._started, 2),
+               *(f"{float(scores[key]):.6g}" for key in self.FIELDS[4:])]
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(self.FIELDS)
+            writer.writerow(row)
+
+
+class ComparisonLayout(pl.Callback):
+    """TensorBoard's Custom Scalars tab: bits per byte, perplexity and throughput of every run in one view.
+
+    Each run writes the same layout at the start of training; TensorBoard merges the layouts of all
+    runs under `--logdir`, so a sweep directory shows one chart per metric with a line per run.
+    """
+
+    LAYOUT = {"lmlab comparison": {
+        "val bits per byte": ["Multiline", [r"^val/bpb$"]],
+        "val perplexity": ["Multiline", [r"^val/ppl$"]],
+        "training throughput (tokens/s)": ["Multiline", [r"^train/tokens_per_s$"]],
+    }}
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_custom_scalars"):
+                experiment.add_custom_scalars(self.LAYOUT)
+
+
+class ValidationSample(pl.Callback):
+    """After each validation during training, a short seeded sample from a fixed prompt, logged to
+    TensorBoard's Text tab as `val/sample`: how the model writes is seen to improve step by step.
+
+    The same prompt and seed each time, so successive samples differ only by what the model learnt.
+    Sampling uses its own generator, so it never changes the training run's random stream.
+    """
+
+    def __init__(self, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 0.8,
+                 top_k: int | None = None, seed: int = 0) -> None:
+        check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
+        self.prompt, self.max_new_tokens = prompt, max_new_tokens
+        self.temperature, self.top_k, self.seed = temperature, top_k, seed
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or not trainer.is_global_zero:
+            return
+        text = sample_text(pl_module.model, trainer.datamodule.tokenizer, self.prompt, self.max_new_tokens,
+                           temperature=self.temperature, top_k=self.top_k, seed=self.seed)
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_text"):
+                experiment.add_text("val/sample", f"```\n{text}\n```", global_step=trainer.global_step)

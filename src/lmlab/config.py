@@ -7,15 +7,20 @@ from typing import Any
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.errors import ConfigError, LmlabError
+from lmlab.io import claim_fresh_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 if not OmegaConf.has_resolver("lmlab_root"):
     # Lets configs name bundled files (data/tinyshakespeare.txt) whatever the working directory.
     OmegaConf.register_new_resolver("lmlab_root", lambda: str(REPO_ROOT))
+if not OmegaConf.has_resolver("lmlab_fresh_dir"):
+    # A directory no other run or sweep started in the same second can share (hydra.sweep.dir).
+    OmegaConf.register_new_resolver("lmlab_fresh_dir", claim_fresh_dir)
 
 
 def build(node: DictConfig, key: str, **kwargs: Any) -> Any:
@@ -26,8 +31,9 @@ def build(node: DictConfig, key: str, **kwargs: Any) -> Any:
         cause = err.__cause__
         if isinstance(cause, LmlabError):
             raise cause from None
-        if isinstance(cause, (ValueError, TypeError)):
-            raise ConfigError(f"invalid {key} config: {cause}") from None
+        # ImportError: a `_target_` that does not exist, or an accelerator whose library is missing
+        if isinstance(cause, (ValueError, TypeError, ImportError, MisconfigurationException)):
+            raise ConfigError(f"invalid {key} config: {' '.join(str(cause).split())}") from None
         raise
 
 

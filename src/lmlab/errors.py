@@ -11,3 +11,22 @@ class ConfigError(LmlabError):
 
 class DataError(LmlabError):
     """A corpus that cannot be used as given."""
+
+
+class RunStopped(LmlabError):
+    """A run that stopped before its last step; its last good checkpoint is kept for a resume.
+
+    `status` is what the run's metrics.json records, so sweep reports can tell why it stopped.
+    """
+
+    status = "failed"
+
+
+class DivergedError(RunStopped):
+    """The training loss (or the weights) became NaN or infinite."""
+
+
+class RunInterrupted(RunStopped):
+    """Ctrl-C or SIGTERM: a resumable checkpoint was written before stopping."""
+
+    status = "interrupted"

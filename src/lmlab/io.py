@@ -1,26 +1,61 @@
-"""Files written so that a crash at any moment leaves either the old file or the new one, never half."""
+"""Files written so that a crash at any moment leaves either the old file or the new one, never half.
+
+Every file lmlab writes into a run or cache directory goes through here, and `safe_output_path`
+keeps names that come from configs inside the directory they are meant for.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
+
+from lmlab.errors import ConfigError
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+@contextmanager
+def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file whose content replaces `path` only once it is fully written and on disk.
+
+    It is written under a hidden temporary name in the same folder (so the rename cannot cross
+    file systems), fsynced, then renamed over `path`: a kill mid-write leaves the old file intact.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself survive a power cut, where the OS lets a folder be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -29,3 +64,42 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def safe_output_path(root: str | Path, name: str | Path, key: str = "path") -> Path:
+    """`root / name` resolved, refused with a ConfigError if it lands outside `root`.
+
+    Config values (a checkpoint file name, an output file) may hold `..` or an absolute path; this
+    is the check that they can only write where the run keeps its files. `key` names the config
+    entry in the message.
+    """
+    root = Path(root).expanduser().resolve()
+    path = (root / Path(name).expanduser()).resolve()
+    if path != root and root not in path.parents:
+        raise ConfigError(f"{key}={name} would write to {path}, outside {root}: "
+                          f"give {key} a path inside {root}")
+    return path
+
+
+_claimed: dict[str, str] = {}
+
+
+def claim_fresh_dir(path: str) -> str:
+    """`path`, or `path-2`, `path-3`, ...: the first that does not exist yet, created on the spot.
+
+    Run directories are named by the second they start in, so two runs started in the same second
+    would otherwise share one and overwrite each other's files; `mkdir` without `exist_ok` lets
+    exactly one process take each name. The answer is remembered because Hydra resolves the run
+    directory more than once per run.
+    """
+    if path not in _claimed:
+        candidate, n = path, 1
+        while True:
+            try:
+                Path(candidate).mkdir(parents=True)
+                break
+            except FileExistsError:
+                n += 1
+                candidate = f"{path}-{n}"
+        _claimed[path] = candidate
+    return _claimed[path]

@@ -12,8 +12,10 @@ from collections.abc import Callable
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.utilities import move_data_to_device
 from torchmetrics import SumMetric
 
+from lmlab.checkpoint import SECTION
 from lmlab.data.windows import IGNORE_INDEX
 from lmlab.models import LanguageModel, count_parameters, detach_state
 from lmlab.optim import parameter_groups
@@ -31,11 +33,19 @@ class LanguageModelTask(pl.LightningModule):
 
     def __init__(self, model: LanguageModel, optimizer: Callable[..., torch.optim.Optimizer],
                  scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
-                 label_smoothing: float = 0.0, stateful: bool = False) -> None:
+                 label_smoothing: float = 0.0, stateful: bool = False, compile: bool = False) -> None:
         super().__init__()
         self.model = model
+        # What every checkpoint carries beside the weights (lmlab.checkpoint.run_record); train()
+        # sets it once the config is final.
+        self.record: dict | None = None
+        self._resumed_rng: dict | None = None
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.label_smoothing, self.stateful = label_smoothing, stateful
+        # Model and loss compiled together (the fp32 log-softmax over the vocabulary fuses into
+        # one kernel), as a function rather than a compiled module: checkpoints keep plain
+        # parameter names and generation keeps the eager model's free shapes.
+        self._loss = torch.compile(self._next_token_loss) if compile else self._next_token_loss
         self.tokens_seen = 0
         self._train_state = self._eval_state = None
         self.eval_nats, self.eval_tokens = SumMetric(), SumMetric()
@@ -47,25 +57,30 @@ class LanguageModelTask(pl.LightningModule):
     def forward(self, idx: torch.Tensor, state=None):
         return self.model(idx, state)
 
-    def _logits(self, x: torch.Tensor, training: bool) -> torch.Tensor:
-        """Run the model, carrying recurrent state across batches when the data is stateful."""
-        if not self.stateful:
-            return self.model(x)[0]
-        state = self._train_state if training else self._eval_state
+    def _next_token_loss(self, x: torch.Tensor, y: torch.Tensor, state, label_smoothing: float, reduction: str):
         logits, state = self.model(x, state)
-        if training:
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX,
+                               label_smoothing=label_smoothing, reduction=reduction)
+        return loss, state
+
+    def _step_loss(self, x: torch.Tensor, y: torch.Tensor, training: bool) -> torch.Tensor:
+        """Mean loss (training) or summed nats (evaluation), carrying recurrent state across
+        batches when the data is stateful."""
+        state = (self._train_state if training else self._eval_state) if self.stateful else None
+        loss, state = self._loss(x, y, state, self.label_smoothing if training else 0.0, "mean" if training else "sum")
+        if self.stateful and training:
             self._train_state = detach_state(state)
-        else:
+        elif self.stateful:
             self._eval_state = state
-        return logits
+        return loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        logits = self._logits(x, training=True)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
-                               label_smoothing=self.label_smoothing)
+        loss = self._step_loss(x, y, training=True)
         self.tokens_seen += y.numel()
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        # Not prog_bar=True: Lightning would turn it into a Python float after every batch, a
+        # host-device sync per step. SyncFreeProgressBar shows it at its own interval instead.
+        self.log("train/loss", loss, on_step=True, on_epoch=False)
         return loss
 
     def on_train_epoch_start(self) -> None:
@@ -73,9 +88,7 @@ class LanguageModelTask(pl.LightningModule):
 
     def _eval_step(self, batch) -> None:
         x, y = batch
-        logits = self._logits(x, training=False)
-        nats = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-        self.eval_nats.update(nats)
+        self.eval_nats.update(self._step_loss(x, y, training=False))
         self.eval_tokens.update((y != IGNORE_INDEX).sum())
 
     def _eval_epoch_start(self) -> None:
@@ -117,16 +130,50 @@ class LanguageModelTask(pl.LightningModule):
         keywords = getattr(factory, "keywords", {})
         extra = {}
         accepts = inspect.signature(getattr(factory, "func", factory)).parameters
-        if "fused" in accepts and "fused" not in keywords and self.device.type == "cuda":
-            extra["fused"] = True  # one kernel for the whole update
+        if "fused" in accepts and "fused" not in keywords and self.device.type == "cuda" \
+                and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            extra["fused"] = True  # one kernel for the whole update (not with fp16's loss scaler)
         optimizer = factory(parameter_groups(self.model, keywords.get("weight_decay", 0.0)), **extra)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip directly when no loss scaler is involved (fp32, bf16).
+
+        Lightning refuses to clip for any fused optimizer under mixed precision, because with fp16
+        loss scaling the gradients would still be scaled; bf16 has no scaler, so they are not.
+        """
+        if not gradient_clip_val or getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
+        if self.record is not None:
+            checkpoint[SECTION] = {**self.record, "step": self.trainer.global_step, "tokens_seen": self.tokens_seen}
+        # For an exact resume: the recurrent state carried into the next batch, and the RNG that
+        # draws the next dropout masks (Lightning restores neither).
+        checkpoint["carried_state"] = self._train_state
+        checkpoint["rng_states"] = {"cpu": torch.get_rng_state(),
+                                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
+        self._train_state = checkpoint.get("carried_state")
+        self._resumed_rng = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        # Applied here, after Lightning's own setup has drawn from the RNG, so that the first
+        # resumed step sees the state the interrupted run's next step would have seen.
+        if self._resumed_rng is not None:
+            torch.set_rng_state(self._resumed_rng["cpu"])
+            if len(self._resumed_rng["cuda"]) == torch.cuda.device_count() > 0:
+                torch.cuda.set_rng_state_all(self._resumed_rng["cuda"])
+            self._resumed_rng = None
+        if self._train_state is not None:
+            self._train_state = move_data_to_device(self._train_state, self.device)

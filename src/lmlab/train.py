@@ -14,28 +14,21 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lmlab.budget import apply_byte_budget, pop_byte_budget
+from lmlab.checkpoint import run_record
 from lmlab.config import build, dashboard_hparams
 from lmlab.data import TextDataModule
-from lmlab.generation import generate
+from lmlab.errors import LmlabError, RunStopped
+from lmlab.generation import check_sampling
 from lmlab.io import atomic_write_json, atomic_write_text
+from lmlab.reliability import (check_context_fits, check_optimization, check_output_paths, check_training_length,
+                               continue_unfinished_run)
+from lmlab.resume import start_from_checkpoint
+from lmlab.run_info import as_markdown, collect_run_info, merge_with_earlier
+from lmlab.sizing import apply_target_params
 from lmlab.summary import print_summary
 from lmlab.task import LanguageModelTask
-from lmlab.tokenizers import Tokenizer
-
-
-def sample_text(model: torch.nn.Module, tokenizer: Tokenizer, cfg: DictConfig) -> str:
-    """A short generated text, seeded, from the configured prompt (a newline by default)."""
-    prompt = tokenizer.encode(cfg.sample.prompt)
-    if len(prompt) == 0:
-        prompt = [0]
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    ids = torch.as_tensor(prompt, dtype=torch.long, device=device)[None]
-    out = generate(model, ids, cfg.sample.max_new_tokens, temperature=cfg.sample.temperature, top_k=cfg.sample.top_k,
-                   generator=torch.Generator(device=device).manual_seed(cfg.seed))
-    model.train(was_training)
-    return tokenizer.decode(out[0].tolist())
+from lmlab.text_generation import sample_text
 
 
 def _final_metrics(trainer: pl.Trainer, task: LanguageModelTask, datamodule: TextDataModule) -> dict[str, float]:
@@ -52,31 +45,58 @@ def _final_metrics(trainer: pl.Trainer, task: LanguageModelTask, datamodule: Tex
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment and return its metrics (also written to `<run dir>/metrics.json`)."""
     started = time.perf_counter()
+    cfg = continue_unfinished_run(cfg)  # never on top of another run's results
+    cfg, start = start_from_checkpoint(cfg)  # resume (ckpt_path=) or fine-tune (init_from=), else (cfg, None)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
+    check_training_length(cfg.trainer)
+    # the end-of-run sample's settings, checked now rather than after the training they would crash
+    check_sampling(max_new_tokens=cfg.sample.max_new_tokens, temperature=cfg.sample.temperature, top_k=cfg.sample.top_k)
+    max_bytes = pop_byte_budget(cfg)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
-    datamodule: TextDataModule = build(cfg.data, "data", tokenizer=build(cfg.tokenizer, "tokenizer"))
+    tokenizer = start.tokenizer if start else build(cfg.tokenizer, "tokenizer")  # a checkpoint's is reused, not retrained
+    datamodule: TextDataModule = build(cfg.data, "data", tokenizer=tokenizer, seed=cfg.seed)
     datamodule.prepare_data()
     tokenizer = datamodule.tokenizer
     tokenizer.save(output_dir / "tokenizer.json")
 
+    apply_target_params(cfg.model, tokenizer.vocab_size)
     model = build(cfg.model, "model", vocab_size=tokenizer.vocab_size)
+    check_context_fits(model, datamodule.block_size)
+    if start:
+        start.load_into(model)
     task = LanguageModelTask(model, optimizer=build(cfg.optimizer, "optimizer"),
                              scheduler=build(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None,
-                             label_smoothing=cfg.label_smoothing, stateful=cfg.data.stateful)
+                             label_smoothing=cfg.label_smoothing, stateful=cfg.data.stateful, compile=cfg.compile)
+    check_optimization(task.optimizer_factory, task.label_smoothing)
     callbacks = [build(node, f"callbacks.{name}") for name, node in cfg.get("callbacks", {}).items()]
     loggers = [build(node, f"logger.{name}") for name, node in cfg.get("logger", {}).items()]
     trainer: pl.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers)
+    if max_bytes is not None:
+        apply_byte_budget(trainer, cfg, datamodule, max_bytes)
+    # again, as built (matched width, step budget), so it rebuilds exactly this run
+    atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    task.record = run_record(cfg, tokenizer)
 
-    trainer.fit(task, datamodule=datamodule)
+    check_output_paths(trainer, output_dir)
+    _record_run_info(trainer, output_dir, cfg.seed, datamodule.corpus.corpus_sha256,
+                     resumed_from=str(start.path) if start and start.resume else None)
+    try:
+        trainer.fit(task, datamodule=datamodule, ckpt_path=start.path if start and start.resume else None,
+                    weights_only=True)
+    except RunStopped as err:  # diverged or interrupted: say so in metrics.json; the last good checkpoint stays
+        if trainer.is_global_zero:
+            record_failure(cfg, err)
+        raise
+    tokens_seen = task.tokens_seen * trainer.world_size  # before the best checkpoint's count is loaded back
     scores = _final_metrics(trainer, task, datamodule)
-    sample = sample_text(task.model, tokenizer, cfg)
+    sample = sample_text(task.model, tokenizer, cfg.sample.prompt, cfg.sample.max_new_tokens,
+                         temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, seed=cfg.seed)
 
-    tokens_seen = task.tokens_seen * trainer.world_size
     metrics: dict[str, Any] = {
         "model": cfg.names.model, "tokenizer": cfg.names.tokenizer, "data": datamodule.name,
         **{key: scores[key] for key in sorted(scores) if "/" in key}, "best_step": scores["best_step"],
@@ -90,6 +110,31 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         _log_to_dashboards(trainer, cfg, metrics, sample)
         print_summary(metrics, sample)
     return metrics
+
+
+def record_failure(cfg: DictConfig, err: Exception) -> dict[str, Any]:
+    """Write a failed job's metrics.json (its status and one-line error), so a sweep's report lists it with the rest."""
+    lines = str(err).strip().splitlines()
+    error = lines[0] if lines else ""
+    if not isinstance(err, LmlabError):
+        error = f"{type(err).__name__}: {error}" if error else type(err).__name__
+    metrics = {"model": cfg.names.model, "tokenizer": cfg.names.tokenizer, "data": cfg.names.data,
+               "status": getattr(err, "status", "failed"), "error": error}
+    atomic_write_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
+    return metrics
+
+
+def _record_run_info(trainer: pl.Trainer, output_dir: Path, seed: int, corpus_sha256: str,
+                     resumed_from: str | None) -> None:
+    """run_info.json (seed, versions, commit, corpus hash) and the same in TensorBoard's Text tab."""
+    if not trainer.is_global_zero:
+        return
+    info = collect_run_info(seed, corpus_sha256, resumed_from)
+    atomic_write_json(output_dir / "run_info.json", merge_with_earlier(info, output_dir / "run_info.json"))
+    for logger in trainer.loggers:
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(experiment, "add_text"):
+            experiment.add_text("run_info", as_markdown(info), global_step=trainer.global_step)
 
 
 def _log_to_dashboards(trainer: pl.Trainer, cfg: DictConfig, metrics: dict[str, Any], sample: str) -> None:

@@ -42,6 +42,14 @@ class TokenizedCorpus:
         return self.unk_tokens[split] / max(1, len(self.ids[split]))
 
 
+def tokenizer_identity(tokenizer: Tokenizer) -> dict:
+    """What decides the ids: the settings of a tokenizer still to be trained on this corpus, or the
+    whole vocabulary (hashed) of one that arrives trained, e.g. from a checkpoint being fine-tuned."""
+    if not tokenizer.is_trained:
+        return tokenizer.config()
+    return {**tokenizer.config(), "vocabulary_sha256": hashlib.sha256(tokenizer.to_json().encode()).hexdigest()}
+
+
 def cache_key(corpus_sha256: str, splits: list[float], tokenizer_config: dict) -> str:
     payload = json.dumps({"format": CACHE_FORMAT, "corpus": corpus_sha256, "splits": list(splits),
                           "tokenizer": tokenizer_config}, sort_keys=True)
@@ -53,8 +61,10 @@ def _id_dtype(vocab_size: int) -> np.dtype:
 
 
 def build_entry(folder: Path, tokenizer: Tokenizer, parts: dict[str, str], corpus_sha256: str) -> None:
-    """Train the tokenizer on the training split only, encode every split, write the entry atomically."""
-    tokenizer.train(parts["train"])
+    """Train the tokenizer on the training split only (unless it arrives trained), encode every split,
+    write the entry atomically."""
+    if not tokenizer.is_trained:
+        tokenizer.train(parts["train"])
     dtype = _id_dtype(tokenizer.vocab_size)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -96,7 +106,8 @@ def tokenize_with_cache(corpus_name: str, parts: dict[str, str], splits: list[fl
         digest.update(parts[name].encode("utf-8"))
     corpus_sha256 = digest.hexdigest()
     slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in corpus_name)[:40]
-    folder = Path(cache_dir).expanduser() / f"{slug}-{tokenizer.name}-{cache_key(corpus_sha256, splits, tokenizer.config())}"
+    key = cache_key(corpus_sha256, splits, tokenizer_identity(tokenizer))
+    folder = Path(cache_dir).expanduser() / f"{slug}-{tokenizer.name}-{key}"
     if not (folder / "meta.json").exists():
         build_entry(folder, tokenizer, parts, corpus_sha256)
     return load_entry(folder)

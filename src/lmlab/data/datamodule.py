@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from lmlab.data.cache import TokenizedCorpus, tokenize_with_cache
 from lmlab.data.corpus import SPLITS, read_local_corpus, split_by_bytes
+from lmlab.data.sampling import EpochSampler, ResumableDataLoader
 from lmlab.data.windows import EvalWindows, StreamBatches, TrainWindows, already_batched
 from lmlab.errors import ConfigError, DataError
 from lmlab.tokenizers import Tokenizer
@@ -20,13 +21,14 @@ class TextDataModule(pl.LightningDataModule):
     """A local UTF-8 file or folder as a language-modelling corpus.
 
     `stateful=True` lays every split out as `batch_size` contiguous streams in order, so recurrent
-    models can carry their hidden state across batches; otherwise training windows are shuffled.
+    models can carry their hidden state across batches; otherwise training windows are shuffled,
+    in an order fixed by `seed` and the epoch so that a resumed run continues it exactly.
     """
 
     def __init__(self, tokenizer: Tokenizer, path: str | None = None, name: str | None = None, *,
                  block_size: int = 256, batch_size: int = 32, eval_batch_size: int | None = None,
                  splits: tuple[float, float, float] = (0.9, 0.05, 0.05), stateful: bool = False,
-                 num_workers: int = 0, cache_dir: str = ".cache/lmlab") -> None:
+                 num_workers: int = 0, cache_dir: str = ".cache/lmlab", seed: int = 0) -> None:
         super().__init__()
         for key, value in (("block_size", block_size), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1)):
             if value < 1:
@@ -37,7 +39,7 @@ class TextDataModule(pl.LightningDataModule):
         self.path, self.block_size, self.batch_size = path, block_size, batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.splits, self.stateful = list(splits), stateful
-        self.num_workers, self.cache_dir = num_workers, cache_dir
+        self.num_workers, self.cache_dir, self.seed = num_workers, cache_dir, seed
         self.name = name or (Path(path).stem if path else "corpus")
         self.corpus: TokenizedCorpus | None = None
 
@@ -82,24 +84,31 @@ class TextDataModule(pl.LightningDataModule):
             return StreamBatches(ids, self.eval_batch_size, self.block_size, context_token=context)
         return EvalWindows(ids, self.block_size, context_token=context)
 
-    def _loader(self, dataset, *, shuffle: bool, batch_size: int | None) -> DataLoader:
+    def _loader(self, dataset, *, batch_size: int | None, sampler: EpochSampler | None = None) -> DataLoader:
         batched = isinstance(dataset, TrainWindows)
-        return DataLoader(dataset, batch_size=None if isinstance(dataset, StreamBatches) else batch_size,
-                          shuffle=shuffle, drop_last=shuffle, collate_fn=already_batched if batched else None,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available())
+        # Each loader draws its workers' base seed from its own generator: drawn from the global RNG,
+        # it would make the dropout masks depend on how many loaders were started, so a resumed run
+        # (whose iterators start at other moments) would not repeat the interrupted one exactly.
+        options = dict(batch_size=None if isinstance(dataset, StreamBatches) else batch_size, drop_last=batched,
+                       collate_fn=already_batched if batched else None, num_workers=self.num_workers,
+                       persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
+                       generator=torch.Generator().manual_seed(self.seed))
+        if sampler is None:
+            return DataLoader(dataset, **options)
+        return ResumableDataLoader(dataset, sampler=sampler, **options)
 
     def train_dataloader(self) -> DataLoader:
         if len(self.train_set) < 1 or (not self.stateful and len(self.train_set) < self.batch_size):
             raise DataError(f"the train split holds {len(self.train_set)} windows of data.block_size={self.block_size}, "
                             f"fewer than one batch (data.batch_size={self.batch_size}): lower data.batch_size or use a larger corpus")
-        return self._loader(self.train_set, shuffle=not self.stateful, batch_size=self.batch_size)
+        sampler = EpochSampler(len(self.train_set), shuffle=not self.stateful, seed=self.seed)
+        return self._loader(self.train_set, batch_size=self.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_set("val"), shuffle=False, batch_size=self.eval_batch_size)
+        return self._loader(self.eval_set("val"), batch_size=self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_set("test"), shuffle=False, batch_size=self.eval_batch_size)
+        return self._loader(self.eval_set("test"), batch_size=self.eval_batch_size)
 
     @property
     def train_bytes_per_token(self) -> float:

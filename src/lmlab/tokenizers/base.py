@@ -8,9 +8,7 @@ tokenizer can be read by a person and rebuilt exactly by `load_tokenizer`.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -21,6 +19,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.trainers import Trainer
 
 from lmlab.errors import DataError
+from lmlab.io import atomic_write_text
 
 FORMAT = "lmlab-tokenizer/1"
 
@@ -76,17 +75,7 @@ class Tokenizer(ABC):
 
     def save(self, path: str | Path) -> None:
         """Write `to_json()` to `path` atomically, so a crash never leaves half a file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        document = self.to_json()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(document)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        atomic_write_text(path, self.to_json())
 
     def _require_trained(self) -> None:
         if not self.is_trained:

@@ -1,0 +1,35 @@
+"""Checkpoint files that are never half-written, whenever the process dies.
+
+Lightning's `TorchCheckpointIO` saves through an fsspec transaction whose temporary file lives in
+the system temp folder: the final move can be a copy across file systems, and nothing is fsynced,
+so a kill or power cut mid-save can leave a truncated `last.ckpt` that a resume would trust.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning_fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning_fabric.utilities.types import _PATH
+
+from lmlab.io import atomic_open
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Saves each checkpoint to a temporary file beside its target, fsyncs it, then renames it.
+
+    A reader sees the previous checkpoint or the new one, never part of one. Remote paths
+    (s3://, gs://) keep Lightning's own upload, which is already all-or-nothing.
+    Wired in by `plugins:` in conf/trainer/default.yaml.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if not _is_local_file_protocol(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        with atomic_open(path) as f:
+            torch.save(checkpoint, f)

@@ -1,0 +1,173 @@
+"""Multiruns end with a comparison: report files, fair budgets, TensorBoard dashboards, failures, Optuna, recipes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from lmlab.io import atomic_write_json
+from tests.conftest import CONF, REPO, SWEEP_BYTES, SWEEP_PARAMS, sweep_overrides
+
+RUNS = ["model=gpt,tokenizer=bpe", "model=gpt,tokenizer=char", "model=lstm,tokenizer=bpe", "model=lstm,tokenizer=char"]
+FINAL_METRICS = {f"final/{split}_{metric}" for split in ("val", "test") for metric in ("loss", "ppl", "bpb")}
+
+
+def metrics(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text())
+
+
+def report_rows(sweep: Path) -> list[dict[str, str]]:
+    with (sweep / "comparison.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_a_sweep_ends_with_a_comparison(tiny_sweep):
+    rows = report_rows(tiny_sweep)
+    assert sorted(row["run"] for row in rows) == RUNS  # readable names: only what the sweep varies
+    assert all(row["status"] == "completed" for row in rows)
+    bpb = [float(row["test/bpb"]) for row in rows]
+    assert bpb == sorted(bpb)
+    markdown = (tiny_sweep / "comparison.md").read_text()
+    assert "| run | model | tokenizer |" in markdown and markdown.count("| completed |") == 4
+    for png in ("learning_curves.png", "bpb_by_model.png"):
+        assert (tiny_sweep / png).read_bytes().startswith(b"\x89PNG")
+    for run in RUNS:
+        assert (tiny_sweep / run / "metrics.json").is_file()
+        assert len((tiny_sweep / run / "curve.csv").read_text().splitlines()) >= 2  # header and a validation
+
+
+@pytest.mark.slow
+def test_char_and_bpe_runs_read_the_same_text_within_one_batch(tiny_sweep):
+    for model in ("gpt", "lstm"):
+        char, bpe = (metrics(tiny_sweep / f"model={model},tokenizer={tok}") for tok in ("char", "bpe"))
+        per_step = {tok: m["bytes_seen"] / m["steps"] for tok, m in (("char", char), ("bpe", bpe))}
+        assert bpe["steps"] < char["steps"]  # BPE tokens hold more bytes, so fewer steps read the same text
+        assert abs(char["bytes_seen"] - bpe["bytes_seen"]) <= max(per_step.values())
+        for tok, m in (("char", char), ("bpe", bpe)):
+            assert abs(m["bytes_seen"] - SWEEP_BYTES) <= per_step[tok] / 2 + 1
+
+
+@pytest.mark.slow
+def test_runs_are_parameter_matched(tiny_sweep):
+    for run in RUNS:
+        assert abs(metrics(tiny_sweep / run)["params"] / SWEEP_PARAMS - 1) < 0.10, run
+        model = yaml.safe_load((tiny_sweep / run / "config.yaml").read_text())["model"]
+        assert "target_params" not in model  # config.yaml rebuilds the model as it ran, at the chosen width
+    assert len({yaml.safe_load((tiny_sweep / run / "config.yaml").read_text())["model"]["d_model"] for run in RUNS}) > 1
+
+
+def _events(run: Path) -> EventAccumulator:
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    return events
+
+
+@pytest.mark.slow
+def test_the_hparams_tab_shows_every_run_with_the_same_keys_and_final_metrics(tiny_sweep):
+    keys = []
+    for run in ("model=gpt,tokenizer=bpe", "model=lstm,tokenizer=char"):
+        events = _events(tiny_sweep / run)
+        start = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+        hparams = plugin_data_pb2.HParamsPluginData.FromString(start).session_start_info.hparams
+        keys.append(set(hparams.keys()))
+        assert hparams["model"].string_value == run.split(",")[0].split("=")[1]
+        assert FINAL_METRICS <= set(events.Tags()["scalars"])
+    assert keys[0] == keys[1] and {"model", "tokenizer", "d_model", "n_head", "params", "max_steps"} <= keys[0]
+
+
+@pytest.mark.slow
+def test_the_custom_scalars_layout_groups_bpb_ppl_and_throughput(tiny_sweep):
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    events = _events(tiny_sweep / "model=gpt,tokenizer=char")
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    tags = {tag for category in layout.category for chart in category.chart for tag in chart.multiline.tag}
+    assert tags == {r"^val/bpb$", r"^val/ppl$", r"^train/tokens_per_s$"}
+    assert {"val/bpb", "val/ppl", "train/tokens_per_s"} <= set(events.Tags()["scalars"])
+
+
+@pytest.mark.slow
+def test_a_failing_job_is_reported_and_the_sweep_goes_on(tmp_path, small_corpus):
+    sweep = tmp_path / "multirun"
+    overrides = sweep_overrides(small_corpus, sweep, ["model=gpt", "model.n_layer=1,0"])
+    result = subprocess.run([sys.executable, "train.py", "-m", *overrides], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == \
+        ["error: n_layer must be >= 1 (got 0): set model.n_layer to a positive integer"]
+    rows = {row["run"]: row for row in report_rows(sweep)}
+    assert rows["model.n_layer=1"]["status"] == "completed"
+    assert rows["model.n_layer=0"]["status"] == "failed"
+    assert rows["model.n_layer=0"]["error"].startswith("n_layer must be >= 1")
+    assert "| failed |" in (sweep / "comparison.md").read_text()
+
+
+def test_an_unexpected_crash_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    import lmlab.train
+
+    def train_or_crash(cfg):
+        if cfg.names.model == "lstm":
+            raise RuntimeError("CUDA out of memory\nTried to allocate ...")
+        atomic_write_json(Path(cfg.paths.output_dir) / "metrics.json",
+                          {"model": "gpt", "tokenizer": "char", "test/bpb": 2.0, "status": "completed"})
+        return {"val/bpb": 2.0}
+
+    monkeypatch.setattr(lmlab.train, "train", train_or_crash)
+    monkeypatch.setattr(sys, "argv", ["train.py", "-m", "model=gpt,lstm", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    GlobalHydra.instance().clear()
+    runpy.run_path(str(REPO / "train.py"), run_name="__main__")  # the sweep, in this process, with train() patched
+    rows = {row["run"]: row for row in report_rows(tmp_path / "sweep")}
+    assert rows["model=gpt"]["status"] == "completed"
+    assert (rows["model=lstm"]["status"], rows["model=lstm"]["error"]) == ("failed", "RuntimeError: CUDA out of memory")
+
+
+@pytest.mark.slow
+def test_optuna_search_runs_trials_and_reports_the_best(tmp_path, small_corpus):
+    sweep = tmp_path / "optuna"
+    overrides = sweep_overrides(small_corpus, sweep, ["hparams_search=optuna", "hydra.sweeper.n_trials=2",
+                                                      "model.d_model=choice(16,32)"], ("model=gpt",))
+    result = subprocess.run([sys.executable, "train.py", *overrides], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert set(best["best_params"]) == {"optimizer.lr", "model.dropout", "model.d_model"}
+    rows = report_rows(sweep)
+    assert len(rows) == 2 and all(row["status"] == "completed" for row in rows)
+    assert math.isclose(best["best_value"], min(float(row["val/bpb"]) for row in rows), rel_tol=1e-6)
+
+
+def _compose_with_hydra(overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_experiment_recipes_sweep_every_model_and_tokenizer_fairly(recipe):
+    cfg = _compose_with_hydra([f"experiment={recipe}"])
+    assert cfg.hydra.mode.name == "MULTIRUN"
+    params = cfg.hydra.sweeper.params
+    assert params.model.split(",") == ["rnn", "gru", "lstm", "transformer", "gpt"]
+    assert params.tokenizer.split(",") == ["char", "word", "bpe"]
+    assert cfg.model.target_params > 0 and cfg.trainer.max_bytes > 0
+
+
+def test_the_optuna_recipe_tunes_lr_dropout_and_width_against_val_bpb():
+    cfg = _compose_with_hydra(["hparams_search=optuna"])
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert cfg.hydra.sweeper.direction == "minimize"
+    assert set(cfg.hydra.sweeper.params) == {"optimizer.lr", "model.dropout", "model.d_model"}
