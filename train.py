@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 import lmlab.config  # noqa: F401  (registers the config resolvers before Hydra composes)
 import lmlab.resume  # noqa: F401  (registers lmlab_run_dir, which hydra.run.dir uses to resume in place)
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, RunInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,8 @@ def main(cfg: DictConfig) -> float:
         if not sweeping:
             sys.exit(2)
         record_failure(cfg, err)
+        if isinstance(err, RunInterrupted):
+            sys.exit(130)  # Ctrl-C or SIGTERM stops the whole sweep, not only this job
     except Exception as err:
         if not sweeping:
             raise

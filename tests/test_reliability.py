@@ -15,13 +15,14 @@ from types import SimpleNamespace
 import pytest
 import pytorch_lightning as pl
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 import lmlab.resume  # noqa: F401  (registers lmlab_run_dir)
 from lmlab.callbacks import NonFiniteLossGuard
 from lmlab.checkpoint_io import AtomicCheckpointIO
 from lmlab.errors import ConfigError, DivergedError, RunInterrupted
 from lmlab.io import atomic_open, atomic_write_json, safe_output_path
+from lmlab.run_dirs import ClaimFreshDirs
 from lmlab.task import LanguageModelTask
 from lmlab.train import train
 from tests.conftest import REPO, compose_config, tiny_overrides
@@ -292,7 +293,7 @@ def test_a_finished_run_directory_is_never_trained_over(tmp_path, small_corpus):
 
 
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
-    script = "import sys; from lmlab.io import claim_fresh_dir; print(claim_fresh_dir(sys.argv[1]))"
+    script = "import sys; from lmlab.run_dirs import claim_fresh_dir; print(claim_fresh_dir(sys.argv[1]))"
     default = str(tmp_path / "2026-01-01_00-00-00_gpt-char")
     processes = [subprocess.Popen([sys.executable, "-c", script, default], stdout=subprocess.PIPE, text=True)
                  for _ in range(3)]
@@ -301,7 +302,30 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
     assert all(Path(d).is_dir() for d in claimed)
 
 
-def test_the_default_run_directory_is_claimed_once_per_run(tmp_path):
-    (tmp_path / "taken").mkdir()  # an earlier run's directory with the same name
-    cfg = OmegaConf.create({"ckpt_path": None, "dir": f"${{lmlab_run_dir:${{ckpt_path}},'{tmp_path / 'taken'}'}}"})
-    assert cfg.dir == cfg.dir == str(tmp_path / "taken-2")  # Hydra reads it several times: one answer
+def hydra_dirs(tmp_path: Path, ckpt_path: str | None = None) -> DictConfig:
+    """The `hydra.run`/`hydra.sweep` settings of conf/train.yaml, under tmp_path, in a fixed second."""
+    dirs = OmegaConf.to_container(OmegaConf.create((REPO / "conf" / "train.yaml").read_text()).hydra, resolve=False)
+    run, sweep = (dirs[key]["dir"].replace("outputs/", f"{tmp_path}/outputs/")
+                  .replace("${now:%Y-%m-%d_%H-%M-%S}", "2026-01-01_00-00-00") for key in ("run", "sweep"))
+    return OmegaConf.create({"ckpt_path": ckpt_path, "hydra": {"run": {"dir": run}, "sweep": {"dir": sweep},
+                                                                "runtime": {"choices": {"model": "gpt", "tokenizer": "char"}}}})
+
+
+def test_default_directories_are_claimed_when_hydra_starts_and_not_before(tmp_path):
+    first = hydra_dirs(tmp_path)
+    default = first.hydra.run.dir
+    assert default == f"{tmp_path}/outputs/runs/2026-01-01_00-00-00_gpt-char"
+    assert not Path(default).exists()  # reading the config (or merging over it) creates nothing
+    Path(default).mkdir(parents=True)  # another run took the name first
+    ClaimFreshDirs().on_run_start(first)
+    assert first.hydra.run.dir == first.hydra.run.dir == f"{default}-2"  # Hydra reads it more than once
+    ClaimFreshDirs().on_multirun_start(first)
+    assert Path(first.hydra.sweep.dir).is_dir()
+
+
+def test_a_resumed_run_keeps_its_directory(tmp_path):
+    run = tmp_path / "outputs" / "runs" / "earlier"
+    (run / "checkpoints").mkdir(parents=True)
+    cfg = hydra_dirs(tmp_path, ckpt_path=str(run / "checkpoints" / "last.ckpt"))
+    ClaimFreshDirs().on_run_start(cfg)
+    assert cfg.hydra.run.dir == str(run) and sorted(p.name for p in run.parent.iterdir()) == ["earlier"]

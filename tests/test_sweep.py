@@ -17,6 +17,7 @@ from hydra.core.global_hydra import GlobalHydra
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from lmlab.errors import RunInterrupted
 from lmlab.io import atomic_write_json
 from tests.conftest import CONF, REPO, SWEEP_BYTES, SWEEP_PARAMS, sweep_overrides
 
@@ -133,6 +134,24 @@ def test_an_unexpected_crash_is_recorded_and_the_sweep_goes_on(tmp_path, monkeyp
     rows = {row["run"]: row for row in report_rows(tmp_path / "sweep")}
     assert rows["model=gpt"]["status"] == "completed"
     assert (rows["model=lstm"]["status"], rows["model=lstm"]["error"]) == ("failed", "RuntimeError: CUDA out of memory")
+
+
+def test_an_interrupt_stops_the_whole_sweep(tmp_path, monkeypatch):
+    import lmlab.train
+
+    started = []
+
+    def interrupted(cfg):
+        started.append(cfg.names.model)
+        raise RunInterrupted("SIGINT at step 3: saved last.ckpt")
+
+    monkeypatch.setattr(lmlab.train, "train", interrupted)
+    monkeypatch.setattr(sys, "argv", ["train.py", "-m", "model=gpt,lstm", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    GlobalHydra.instance().clear()
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_path(str(REPO / "train.py"), run_name="__main__")
+    assert stopped.value.code == 130 and started == ["gpt"]
+    assert metrics(tmp_path / "sweep" / "model=gpt")["status"] == "interrupted"
 
 
 @pytest.mark.slow

@@ -11,16 +11,16 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.errors import ConfigError, LmlabError
-from lmlab.io import claim_fresh_dir
+from lmlab.run_dirs import RESOLVER, claimed_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 if not OmegaConf.has_resolver("lmlab_root"):
     # Lets configs name bundled files (data/tinyshakespeare.txt) whatever the working directory.
     OmegaConf.register_new_resolver("lmlab_root", lambda: str(REPO_ROOT))
-if not OmegaConf.has_resolver("lmlab_fresh_dir"):
-    # A directory no other run or sweep started in the same second can share (hydra.sweep.dir).
-    OmegaConf.register_new_resolver("lmlab_fresh_dir", claim_fresh_dir)
+if not OmegaConf.has_resolver(RESOLVER):
+    # Default run and sweep directories, made unique by lmlab.run_dirs.ClaimFreshDirs when a run starts.
+    OmegaConf.register_new_resolver(RESOLVER, claimed_dir)
 
 
 def build(node: DictConfig, key: str, **kwargs: Any) -> Any:

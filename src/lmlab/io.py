@@ -1,7 +1,7 @@
 """Files written so that a crash at any moment leaves either the old file or the new one, never half.
 
-Every file lmlab writes into a run or cache directory goes through here, and `safe_output_path`
-keeps names that come from configs inside the directory they are meant for.
+Results, configs, tokenizers, checkpoints and reports are written through here, and
+`safe_output_path` keeps names that come from configs inside the directory they are meant for.
 """
 
 from __future__ import annotations
@@ -80,26 +80,3 @@ def safe_output_path(root: str | Path, name: str | Path, key: str = "path") -> P
                           f"give {key} a path inside {root}")
     return path
 
-
-_claimed: dict[str, str] = {}
-
-
-def claim_fresh_dir(path: str) -> str:
-    """`path`, or `path-2`, `path-3`, ...: the first that does not exist yet, created on the spot.
-
-    Run directories are named by the second they start in, so two runs started in the same second
-    would otherwise share one and overwrite each other's files; `mkdir` without `exist_ok` lets
-    exactly one process take each name. The answer is remembered because Hydra resolves the run
-    directory more than once per run.
-    """
-    if path not in _claimed:
-        candidate, n = path, 1
-        while True:
-            try:
-                Path(candidate).mkdir(parents=True)
-                break
-            except FileExistsError:
-                n += 1
-                candidate = f"{path}-{n}"
-        _claimed[path] = candidate
-    return _claimed[path]

@@ -21,7 +21,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lmlab.checkpoint import SECTION, load_weights, model_weights, read_checkpoint
 from lmlab.errors import ConfigError
-from lmlab.io import claim_fresh_dir
 from lmlab.models import LanguageModel
 from lmlab.tokenizers import Tokenizer, load_tokenizer
 
@@ -31,19 +30,18 @@ OWN_KEYS = ("hydra", "paths", "ckpt_path", "init_from")
 
 
 def checkpoint_run_dir(ckpt_path: str | None, default: str) -> str:
-    """The `hydra.run.dir` of a run: that of the run being resumed, else `default` made unique.
+    """The `hydra.run.dir` of a run: that of the run being resumed, else `default`.
 
     A checkpoint at `<run>/checkpoints/x.ckpt` resumes into `<run>`; `last` means the newest run
-    beside `default` (under outputs/runs/) that has a `checkpoints/last.ckpt`. A new run claims
-    `default` (or `default-2`, ...) so it never shares a directory with a run started in the same second.
+    beside `default` (under outputs/runs/) that has a `checkpoints/last.ckpt`.
     """
     if not ckpt_path:
-        return claim_fresh_dir(default)
+        return default
     if ckpt_path == LAST:
         found = sorted(Path(default).parent.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-        return str(found[-1].parent.parent) if found else claim_fresh_dir(default)
+        return str(found[-1].parent.parent) if found else default
     path = Path(ckpt_path).expanduser()
-    return str(path.parent.parent) if path.parent.name == "checkpoints" else claim_fresh_dir(default)
+    return str(path.parent.parent) if path.parent.name == "checkpoints" else default
 
 
 if not OmegaConf.has_resolver("lmlab_run_dir"):

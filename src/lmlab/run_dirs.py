@@ -1,0 +1,68 @@
+"""Run and sweep directories that no other run or sweep shares.
+
+Default directory names carry the second a run starts, so runs started in the same second (a shell
+loop of background jobs, say) would write into one directory. `ClaimFreshDirs`, a Hydra callback,
+claims the name just before Hydra runs: it creates the directory with an atomic `mkdir`, taking
+`<name>-2`, `<name>-3`, ... when another process got there first. The `lmlab_fresh_dir` resolver,
+which names the default directories in conf/, then answers with the claimed name. The resolver has
+no side effect of its own, because OmegaConf also evaluates values while merging configs (an
+experiment recipe replacing the sweep directory, for one), and that must not create directories.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+RESOLVER = "lmlab_fresh_dir"
+
+_claimed: dict[str, str] = {}
+
+
+def claim_fresh_dir(path: str) -> str:
+    """Create `path`, or the first free one of `path-2`, `path-3`, ..., and return it.
+
+    `mkdir` without `exist_ok` lets exactly one process take each name. The answer is remembered,
+    so every later reading of the same default gives the directory claimed.
+    """
+    if path not in _claimed:
+        candidate, n = path, 1
+        while True:
+            try:
+                Path(candidate).mkdir(parents=True)
+                break
+            except FileExistsError:
+                n += 1
+                candidate = f"{path}-{n}"
+        _claimed[path] = candidate
+    return _claimed[path]
+
+
+def claimed_dir(path: str) -> str:
+    """The `lmlab_fresh_dir` resolver: the directory claimed for `path` in this process, else `path`."""
+    return _claimed.get(path, path)
+
+
+class ClaimFreshDirs(Callback):
+    """Claims the run directory (`python train.py`) or the sweep directory (`-m`) before it is used.
+
+    Only directories named through `lmlab_fresh_dir` are claimed: one given on the command line
+    (`hydra.run.dir=...`) is the user's choice, and a resumed run goes on in its existing directory.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _claim(config.hydra.run, resuming=bool(config.get("ckpt_path")))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _claim(config.hydra.sweep, resuming=False)
+
+
+def _claim(node: DictConfig, resuming: bool) -> None:
+    if RESOLVER not in str(OmegaConf.to_container(node, resolve=False)["dir"]):
+        return
+    folder = str(node.dir)
+    if not (resuming and Path(folder).is_dir()):
+        claim_fresh_dir(folder)
