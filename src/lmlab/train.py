@@ -31,14 +31,27 @@ from lmlab.task import LanguageModelTask
 from lmlab.text_generation import sample_text
 
 
+VAL_METRICS = ("val/loss", "val/ppl", "val/bpb", "val/unk_rate")
+
+
 def _final_metrics(trainer: pl.Trainer, task: LanguageModelTask, datamodule: TextDataModule) -> dict[str, float]:
-    """Validation and test on the best checkpoint by val/bpb (the last weights if none was saved)."""
+    """Validation and test on the best checkpoint by val/bpb (the last weights if none was saved).
+
+    When the best checkpoint is the final step and the last validation scored it, the weights in
+    memory are that checkpoint and its validation scores are at hand: only the test pass runs.
+    """
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
-    scores: dict[str, float] = {}
-    for split_metrics in (*trainer.validate(task, datamodule=datamodule, ckpt_path=best, verbose=False),
-                          *trainer.test(task, datamodule=datamodule, ckpt_path=best, verbose=False)):
-        scores.update({key: float(value) for key, value in split_metrics.items()})
-    scores["best_step"] = int(torch.load(best, map_location="cpu", weights_only=True)["global_step"]) if best else trainer.global_step
+    best_step = int(torch.load(best, map_location="cpu", weights_only=True)["global_step"]) if best else trainer.global_step
+    scored = trainer.callback_metrics
+    if best_step == trainer.global_step and all(key in scored for key in VAL_METRICS):
+        scores = {key: float(scored[key]) for key in VAL_METRICS}
+        best = None
+    else:
+        scores = {key: float(value) for key, value in
+                  trainer.validate(task, datamodule=datamodule, ckpt_path=best, verbose=False)[0].items()}
+    scores.update({key: float(value) for key, value in
+                   trainer.test(task, datamodule=datamodule, ckpt_path=best, verbose=False)[0].items()})
+    scores["best_step"] = best_step
     return scores
 
 
