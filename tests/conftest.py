@@ -58,7 +58,7 @@ def sweep_overrides(corpus: Path, sweep_dir: Path, swept: list[str], fixed: tupl
     given = {o.split("=")[0] for o in (*swept, *fixed)}
     tiny = ("model.n_layer=1", "trainer.max_steps=10")
     fixed = ("data=text", f"data.path={corpus}", "data.block_size=32", "data.batch_size=8",
-             "trainer.val_check_interval=5", "trainer.accelerator=cpu", "trainer.devices=1", "scheduler.warmup_steps=2",
+             "trainer.val_check_interval=10", "trainer.accelerator=cpu", "trainer.devices=1", "scheduler.warmup_steps=2",
              "sample.max_new_tokens=20", f"paths.cache_dir={sweep_dir.parent / 'cache'}", *fixed,
              *(o for o in tiny if o.split("=")[0] not in given))
     names = ",".join(o.split("=")[0] for o in fixed)
