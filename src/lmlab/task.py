@@ -78,9 +78,11 @@ class LanguageModelTask(pl.LightningModule):
         x, y = batch
         loss = self._step_loss(x, y, training=True)
         self.tokens_seen += y.numel()
-        # Not prog_bar=True: Lightning would turn it into a Python float after every batch, a
-        # host-device sync per step. SyncFreeProgressBar shows it at its own interval instead.
-        self.log("train/loss", loss, on_step=True, on_epoch=False)
+        # Logged only on the steps the loggers write (Lightning's own rule), and not prog_bar=True,
+        # which would turn it into a Python float after every batch: a host-device sync per step.
+        # SyncFreeProgressBar shows it on the same steps.
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self.log("train/loss", loss, on_step=True, on_epoch=False)
         return loss
 
     def on_train_epoch_start(self) -> None:
