@@ -17,6 +17,10 @@ from typing import BinaryIO
 from lmlab.errors import ConfigError
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # the process's umask, read once (it can only be read by setting it)
+
+
 @contextmanager
 def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
     """A binary file whose content replaces `path` only once it is fully written and on disk.
@@ -28,6 +32,7 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes owner-only files; results should read like any other
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
