@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmlab.data import TextDataModule
+from lmlab.data import HFDataModule, TextDataModule
 from lmlab.data.corpus import read_local_corpus, split_by_bytes
 from lmlab.data.windows import IGNORE_INDEX, EvalWindows, StreamBatches, TrainWindows
 from lmlab.errors import DataError
@@ -125,3 +125,28 @@ def test_corpus_smaller_than_one_window_is_refused(tmp_path):
     dm = TextDataModule(CharTokenizer(), str(corpus), cache_dir=str(tmp_path / "c"), block_size=512)
     with pytest.raises(DataError, match="fewer than one training window"):
         dm.prepare_data()
+
+
+def test_hugging_face_dataset_saved_to_disk_loads_offline(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    lines = [f"line {i}: to be or not to be" for i in range(400)] + ["", None]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": lines, "id": list(range(len(lines)))})}) \
+        .save_to_disk(str(tmp_path / "ds"))
+    dm = HFDataModule(CharTokenizer(), str(tmp_path / "ds"), cache_dir=str(tmp_path / "cache"), block_size=16)
+    assert dm.read_corpus() == "\n".join(lines[:400])  # empty and missing rows dropped
+    dm.prepare_data()
+    assert dm.name == "ds" and sum(dm.corpus.split_bytes.values()) == len(dm.read_corpus().encode())
+
+
+def test_hugging_face_dataset_errors_are_one_line(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    datasets.Dataset.from_dict({"body": ["some text"] * 10}).save_to_disk(str(tmp_path / "ds"))
+    with pytest.raises(DataError, match="no column 'text'.*data.text_column"):
+        HFDataModule(CharTokenizer(), str(tmp_path / "ds")).read_corpus()
+    with pytest.raises(DataError, match="could not load Hugging Face dataset") as err:
+        HFDataModule(CharTokenizer(), str(tmp_path / "no-such-dataset")).read_corpus()
+    assert "\n" not in str(err.value)
