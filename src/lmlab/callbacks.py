@@ -45,6 +45,11 @@ class SyncFreeProgressBar(RichProgressBar):
             self._shown = {key: float(logged[key]) for key in self.show if key in logged}
         return {**super().get_metrics(trainer, pl_module), **self._shown}
 
+    def _get_train_description(self, current_epoch: int) -> str:
+        """"Epoch 2" when runs are bounded by steps (max_epochs=-1), not Lightning's "Epoch 2/-2"."""
+        description = super()._get_train_description(current_epoch)
+        return description.replace("/-2", "  ") if self.trainer.max_epochs == -1 else description
+
 
 class TokenThroughput(pl.Callback):
     """Training tokens per second, shown in the progress bar and logged as `train/tokens_per_s`.
