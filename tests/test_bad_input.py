@@ -70,6 +70,7 @@ SETTING_CASES = {
     "missing accelerator library": (["trainer.accelerator=tpu"], ConfigError, "invalid trainer config"),
     "end-of-run sample with top_k=0": (["sample.top_k=0"], ConfigError, "top_k must be >= 1"),
     "end-of-run sample with negative temperature": (["sample.temperature=-1"], ConfigError, "temperature must be >= 0"),
+    "LR monitor without a logger": (["~logger"], ConfigError, "Lightning refused this setup: Cannot use `LearningRateMonitor`"),
 }
 
 

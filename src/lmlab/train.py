@@ -12,13 +12,14 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.budget import apply_byte_budget, pop_byte_budget
 from lmlab.checkpoint import run_record
 from lmlab.config import build, dashboard_hparams
 from lmlab.data import TextDataModule
-from lmlab.errors import LmlabError, RunStopped
+from lmlab.errors import ConfigError, LmlabError, RunStopped
 from lmlab.generation import check_sampling
 from lmlab.io import atomic_write_json, atomic_write_text
 from lmlab.reliability import (check_context_fits, check_optimization, check_output_paths, check_training_length,
@@ -105,6 +106,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if trainer.is_global_zero:
             record_failure(cfg, err)
         raise
+    except MisconfigurationException as err:  # Lightning's own check of the trainer, callbacks and loggers
+        raise ConfigError(f"Lightning refused this setup: {' '.join(str(err).split())} "
+                          "Change the trainer/callbacks/logger settings it names.") from None
     tokens_seen = task.tokens_seen * trainer.world_size  # before the best checkpoint's count is loaded back
     scores = _final_metrics(trainer, task, datamodule)
     sample = sample_text(task.model, tokenizer, cfg.sample.prompt, cfg.sample.max_new_tokens,
