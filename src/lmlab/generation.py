@@ -144,9 +144,3 @@ def stream_tokens(model: LanguageModel, prompt: Tensor, max_new_tokens: int, *, 
         yield token
         if step + 1 < max_new_tokens:  # the last token needs no logits after it
             decoder.append(token)
-
-
-def generate(model: LanguageModel, prompt: Tensor, max_new_tokens: int, **sampling) -> Tensor:
-    """Return prompt + `max_new_tokens` sampled tokens as one [B, T] tensor."""
-    new = list(stream_tokens(model, prompt, max_new_tokens, **sampling))
-    return torch.cat([prompt, torch.stack(new, dim=1)], dim=1) if new else prompt

@@ -7,8 +7,6 @@ only hurts (GPT-2/nanoGPT practice), so those go in an undecayed group.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
@@ -30,6 +28,11 @@ def _warmup(step: int, warmup_steps: int) -> float:
     return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
+def _decay_progress(step: int, warmup_steps: int, total_steps: int) -> float:
+    """How far past warmup towards the last step, from 0 to 1."""
+    return min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+
+
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 100,
                   min_lr_ratio: float = 0.1) -> LambdaLR:
     """Linear warmup, then cosine decay to `min_lr_ratio` x the peak at `total_steps`."""
@@ -37,7 +40,7 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
     def factor(step: int) -> float:
         if step < warmup_steps:
             return _warmup(step, warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        progress = _decay_progress(step, warmup_steps, total_steps)
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return LambdaLR(optimizer, factor)
@@ -50,8 +53,7 @@ def warmup_linear(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
     def factor(step: int) -> float:
         if step < warmup_steps:
             return _warmup(step, warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 1 - (1 - min_lr_ratio) * progress
+        return 1 - (1 - min_lr_ratio) * _decay_progress(step, warmup_steps, total_steps)
 
     return LambdaLR(optimizer, factor)
 
@@ -59,6 +61,3 @@ def warmup_linear(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
 def warmup_constant(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 100) -> LambdaLR:
     """Linear warmup, then the peak learning rate throughout."""
     return LambdaLR(optimizer, lambda step: _warmup(step, warmup_steps))
-
-
-SchedulerFactory = Callable[[torch.optim.Optimizer, int], LambdaLR]

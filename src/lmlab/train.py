@@ -42,7 +42,9 @@ def _final_metrics(trainer: pl.Trainer, task: LanguageModelTask, datamodule: Tex
     memory are that checkpoint and its validation scores are at hand: only the test pass runs.
     """
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
-    best_step = int(torch.load(best, map_location="cpu", weights_only=True)["global_step"]) if best else trainer.global_step
+    # mmap: only the step is read here, not the weights and optimizer state
+    best_step = int(torch.load(best, map_location="cpu", weights_only=True, mmap=True)["global_step"]) if best \
+        else trainer.global_step
     scored = trainer.callback_metrics
     if best_step == trainer.global_step and all(key in scored for key in VAL_METRICS):
         scores = {key: float(scored[key]) for key in VAL_METRICS}

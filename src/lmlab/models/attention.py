@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmlab.models.base import LanguageModel, check_dropout, check_heads, check_sizes
+
 
 class KVCache:
     """Keys and values of the tokens seen so far, for every layer, preallocated (as in litgpt).
@@ -97,3 +99,34 @@ class CausalSelfAttention(nn.Module):
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.proj(y))
+
+
+class AttentionLM(LanguageModel):
+    """What GPT and TransformerLM share: their size checks, their context and their KV cache.
+
+    Subclasses build `wte` and `blocks` (each called as `block(x, cache, layer)`); `run_blocks`
+    feeds them and advances the cache once all layers have stored the new tokens.
+    """
+
+    def __init__(self, vocab_size: int, d_model: int, n_layer: int, n_head: int, dropout: float,
+                 block_size: int, pad_vocab_to: int, **other_sizes: int) -> None:
+        super().__init__()
+        check_sizes(vocab_size=vocab_size, d_model=d_model, n_layer=n_layer, n_head=n_head, block_size=block_size,
+                    pad_vocab_to=pad_vocab_to, **other_sizes)
+        check_heads(d_model, n_head)
+        check_dropout(dropout)
+        self.vocab_size, self.context_length = vocab_size, block_size
+        self.d_model, self.n_layer, self.n_head = d_model, n_layer, n_head
+
+    def run_blocks(self, x: Tensor, state: KVCache | None) -> Tensor:
+        for layer, block in enumerate(self.blocks):
+            x = block(x, state, layer)
+        if state is not None:
+            state.length += x.size(1)
+        return x
+
+    def init_state(self, batch_size: int, device: torch.device | str) -> KVCache:
+        head_dim = self.d_model // self.n_head
+        return KVCache(
+            self.n_layer, batch_size, self.n_head, head_dim, self.context_length, device, self.wte.weight.dtype
+        )

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor, nn
 
-from lmlab.models.attention import CausalSelfAttention, KVCache, positions
-from lmlab.models.base import LanguageModel, check_dropout, check_heads, check_sizes, padded_vocab_size
+from lmlab.models.attention import AttentionLM, CausalSelfAttention, KVCache, positions
+from lmlab.models.base import padded_vocab_size
 
 
 class MLP(nn.Module):
@@ -41,7 +40,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-class GPT(LanguageModel):
+class GPT(AttentionLM):
     """Token + learned position embeddings, pre-norm blocks, final LayerNorm, tied lm_head.
 
     bias=False drops the biases of linear layers and LayerNorms: a little faster, no worse.
@@ -58,18 +57,7 @@ class GPT(LanguageModel):
         bias: bool = False,
         pad_vocab_to: int = 1,
     ) -> None:
-        super().__init__()
-        check_sizes(
-            vocab_size=vocab_size, d_model=d_model, n_layer=n_layer, n_head=n_head,
-            block_size=block_size, pad_vocab_to=pad_vocab_to,
-        )  # fmt: skip
-        check_heads(d_model, n_head)
-        check_dropout(dropout)
-        self.vocab_size = vocab_size
-        self.context_length = block_size
-        self.d_model = d_model
-        self.n_layer = n_layer
-        self.n_head = n_head
+        super().__init__(vocab_size, d_model, n_layer, n_head, dropout, block_size, pad_vocab_to)
 
         n_rows = padded_vocab_size(vocab_size, pad_vocab_to)
         self.wte = nn.Embedding(n_rows, d_model)
@@ -97,18 +85,8 @@ class GPT(LanguageModel):
 
     def forward(self, idx: Tensor, state: KVCache | None = None) -> tuple[Tensor, KVCache | None]:
         pos = positions(idx, state, self.context_length)
-        x = self.drop(self.wte(idx) + self.wpe(pos))
-        for layer, block in enumerate(self.blocks):
-            x = block(x, state, layer)
-        if state is not None:
-            state.length += idx.size(1)
+        x = self.run_blocks(self.drop(self.wte(idx) + self.wpe(pos)), state)
         return self._unpad(self.lm_head(self.ln_f(x))), state
-
-    def init_state(self, batch_size: int, device: torch.device | str) -> KVCache:
-        head_dim = self.d_model // self.n_head
-        return KVCache(
-            self.n_layer, batch_size, self.n_head, head_dim, self.context_length, device, self.wte.weight.dtype
-        )
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token, nanoGPT's estimate_mfu (PaLM paper, appendix B):

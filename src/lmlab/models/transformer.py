@@ -12,8 +12,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from lmlab.models.attention import CausalSelfAttention, KVCache, positions
-from lmlab.models.base import LanguageModel, check_dropout, check_heads, check_sizes, padded_vocab_size
+from lmlab.models.attention import AttentionLM, CausalSelfAttention, KVCache, positions
+from lmlab.models.base import padded_vocab_size
 
 
 def sinusoidal_positions(n_positions: int, d_model: int) -> Tensor:
@@ -55,7 +55,7 @@ class PostNormBlock(nn.Module):
         return self.norm2(x + self.ffn(x))
 
 
-class TransformerLM(LanguageModel):
+class TransformerLM(AttentionLM):
     """Vaswani et al.'s decoder stack with causal self-attention; context_length = block_size.
 
     No final LayerNorm: in a post-norm stack the last block already ends with one.
@@ -73,18 +73,7 @@ class TransformerLM(LanguageModel):
         tie_weights: bool = True,
         pad_vocab_to: int = 1,
     ) -> None:
-        super().__init__()
-        check_sizes(
-            vocab_size=vocab_size, d_model=d_model, n_layer=n_layer, n_head=n_head,
-            d_ff=d_ff, block_size=block_size, pad_vocab_to=pad_vocab_to,
-        )  # fmt: skip
-        check_heads(d_model, n_head)
-        check_dropout(dropout)
-        self.vocab_size = vocab_size
-        self.context_length = block_size
-        self.d_model = d_model
-        self.n_layer = n_layer
-        self.n_head = n_head
+        super().__init__(vocab_size, d_model, n_layer, n_head, dropout, block_size, pad_vocab_to, d_ff=d_ff)
 
         n_rows = padded_vocab_size(vocab_size, pad_vocab_to)
         self.wte = nn.Embedding(n_rows, d_model)
@@ -107,15 +96,5 @@ class TransformerLM(LanguageModel):
 
     def forward(self, idx: Tensor, state: KVCache | None = None) -> tuple[Tensor, KVCache | None]:
         pos = positions(idx, state, self.context_length)
-        x = self.drop(self.wte(idx) * math.sqrt(self.d_model) + self.pos_enc[pos])
-        for layer, block in enumerate(self.blocks):
-            x = block(x, state, layer)
-        if state is not None:
-            state.length += idx.size(1)
+        x = self.run_blocks(self.drop(self.wte(idx) * math.sqrt(self.d_model) + self.pos_enc[pos]), state)
         return self._unpad(self.lm_head(x)), state
-
-    def init_state(self, batch_size: int, device: torch.device | str) -> KVCache:
-        head_dim = self.d_model // self.n_head
-        return KVCache(
-            self.n_layer, batch_size, self.n_head, head_dim, self.context_length, device, self.wte.weight.dtype
-        )
