@@ -6,7 +6,7 @@ ARGS ?=
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install train test test-fast tensorboard clean
+.PHONY: install train test test-fast lint format tensorboard clean
 
 install: $(INSTALLED)
 
@@ -22,8 +22,17 @@ $(INSTALLED): pyproject.toml
 train: $(INSTALLED)
 	$(BIN)/python train.py $(ARGS)
 
-test: $(INSTALLED)
+test: lint
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# One formatter and one linter (ruff, configured in pyproject.toml); `make test` runs this first.
+lint: $(INSTALLED)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: $(INSTALLED)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 test-fast: $(INSTALLED)
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)

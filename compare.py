@@ -19,12 +19,16 @@ from lmlab.errors import LmlabError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Compare lmlab runs: comparison.csv, comparison.md and plots.")
     parser.add_argument("paths", nargs="+", type=Path, help="sweep directories and/or run directories")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="where to write the report (default: the directory given, if one; "
-                             "else outputs/comparisons/<time>)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where to write the report (default: the directory given, if one; else outputs/comparisons/<time>)",
+    )
     args = parser.parse_args(argv)
-    out = args.out or (args.paths[0] if len(args.paths) == 1 else
-                       Path("outputs/comparisons") / f"{datetime.now():%Y-%m-%d_%H-%M-%S}")
+    out = args.out or (
+        args.paths[0] if len(args.paths) == 1 else Path("outputs/comparisons") / f"{datetime.now():%Y-%m-%d_%H-%M-%S}"
+    )
 
     from lmlab.report import runs_table, write_report
 

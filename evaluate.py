@@ -1,6 +1,6 @@
 """Score any text with a trained model: loss, perplexity and bits per byte.
 
-    python evaluate.py ckpt=outputs/runs/<run>/checkpoints/last.ckpt data.path=other.txt
+python evaluate.py ckpt=outputs/runs/<run>/checkpoints/last.ckpt data.path=other.txt
 """
 
 import sys

@@ -1,10 +1,10 @@
 """Train one language model, or sweep many with -m:
 
-    python train.py                                   # GPT on characters of Tiny Shakespeare
-    python train.py model=lstm tokenizer=bpe          # any model x tokenizer
-    python train.py -m model=rnn,gru,lstm,transformer,gpt tokenizer=char,word,bpe
-    python train.py ckpt_path=outputs/runs/<run>/checkpoints/last.ckpt   # resume a run where it stopped
-    python train.py init_from=<ckpt> data=text data.path=my.txt         # fine-tune a trained model on new text
+python train.py                                   # GPT on characters of Tiny Shakespeare
+python train.py model=lstm tokenizer=bpe          # any model x tokenizer
+python train.py -m model=rnn,gru,lstm,transformer,gpt tokenizer=char,word,bpe
+python train.py ckpt_path=outputs/runs/<run>/checkpoints/last.ckpt   # resume a run where it stopped
+python train.py init_from=<ckpt> data=text data.path=my.txt         # fine-tune a trained model on new text
 """
 
 import logging
@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-import lmlab.config  # noqa: F401  (registers the config resolvers before Hydra composes)
+import lmlab.config
 import lmlab.resume  # noqa: F401  (registers lmlab_run_dir, which hydra.run.dir uses to resume in place)
 from lmlab.errors import LmlabError, RunInterrupted
 

@@ -16,12 +16,20 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
-    info = {"date": datetime.date.today().isoformat(), "cpu": cpu, "cpu_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__}
+    info = {
+        "date": datetime.date.today().isoformat(),
+        "cpu": cpu,
+        "cpu_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
     try:
         import pytorch_lightning
 
@@ -31,8 +39,12 @@ def machine() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         try:
-            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                            capture_output=True, text=True, timeout=10).stdout.strip()
+            info["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             pass
     return info
@@ -47,6 +59,7 @@ def write_results(name: str, payload: dict) -> Path:
 
 def table(rows: list[dict], columns: list[str]) -> str:
     """A markdown table, printed by the scripts and pasted into docs/benchmarks.md."""
+
     def cell(v):
         return f"{v:,.3f}" if isinstance(v, float) and abs(v) < 10 else f"{v:,.0f}" if isinstance(v, float) else str(v)
 

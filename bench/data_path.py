@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import table, write_results  # noqa: E402
+from _common import table, write_results
 
-from lmlab.data import TextDataModule  # noqa: E402
-from lmlab.tokenizers import BPETokenizer, CharTokenizer, WordTokenizer  # noqa: E402
+from lmlab.data import TextDataModule
+from lmlab.tokenizers import BPETokenizer, CharTokenizer, WordTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZERS = {"char": CharTokenizer, "word": WordTokenizer, "bpe": lambda: BPETokenizer(vocab_size=1024)}
@@ -47,9 +47,16 @@ def speed(name: str, corpus_name: str, text: str) -> dict:
     ids = tokenizer.encode(text)
     encoded = time.perf_counter() - start
     megabytes = len(text.encode()) / 1e6
-    return {"corpus": corpus_name, "tokenizer": name, "MB": megabytes, "vocab": tokenizer.vocab_size,
-            "train_s": trained, "encode_s": encoded, "encode_MB_s": megabytes / encoded,
-            "bytes_per_token": len(text.encode()) / len(ids)}
+    return {
+        "corpus": corpus_name,
+        "tokenizer": name,
+        "MB": megabytes,
+        "vocab": tokenizer.vocab_size,
+        "train_s": trained,
+        "encode_s": encoded,
+        "encode_MB_s": megabytes / encoded,
+        "bytes_per_token": len(text.encode()) / len(ids),
+    }
 
 
 def startup(name: str) -> dict:
@@ -74,7 +81,9 @@ def main() -> None:
         corpora[f"synthetic {args.synthetic_mb} MB"] = synthetic(shakespeare, args.synthetic_mb)
     speeds = [speed(name, corpus, text) for corpus, text in corpora.items() for name in TOKENIZERS]
     startups = [startup(name) for name in TOKENIZERS]
-    print(table(speeds, ["corpus", "tokenizer", "MB", "vocab", "train_s", "encode_s", "encode_MB_s", "bytes_per_token"]))
+    print(
+        table(speeds, ["corpus", "tokenizer", "MB", "vocab", "train_s", "encode_s", "encode_MB_s", "bytes_per_token"])
+    )
     print(table(startups, ["tokenizer", "first_run_s", "cached_run_s"]))
     print("written to", write_results("data_path", {"speed": speeds, "startup": startups}))
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import table, write_results  # noqa: E402
+from _common import table, write_results
 
-from lmlab.generation import IncrementalDecoder  # noqa: E402
-from lmlab.models import GPT, count_parameters  # noqa: E402
+from lmlab.generation import IncrementalDecoder
+from lmlab.models import GPT, count_parameters
 
 
 def token_times(model: GPT, length: int, cached: bool) -> list[float]:
@@ -51,8 +51,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = GPT(args.vocab, d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head,
-                block_size=args.context).eval()
+    model = GPT(
+        args.vocab, d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head, block_size=args.context
+    ).eval()
     token_times(model, 32, cached=True)  # warm-up: first calls allocate and pick kernels
     times = {mode: token_times(model, args.context, cached=mode == "cached") for mode in ("cached", "uncached")}
 
@@ -61,14 +62,24 @@ def main() -> None:
     for b in range(args.buckets):
         low, high = b * width, (b + 1) * width if b < args.buckets - 1 else args.context - 1
         ms = {mode: 1e3 * sum(t[low:high]) / (high - low) for mode, t in times.items()}
-        rows.append({"positions": f"{low + 2}-{high + 1}", "cached ms/token": ms["cached"],
-                     "uncached ms/token": ms["uncached"], "uncached / cached": ms["uncached"] / ms["cached"]})
+        rows.append(
+            {
+                "positions": f"{low + 2}-{high + 1}",
+                "cached ms/token": ms["cached"],
+                "uncached ms/token": ms["uncached"],
+                "uncached / cached": ms["uncached"] / ms["cached"],
+            }
+        )
     totals = {f"{mode}_total_s": round(sum(t), 3) for mode, t in times.items()}
-    print(f"GPT d_model={args.d_model} n_layer={args.n_layer} n_head={args.n_head} vocab={args.vocab}: "
-          f"{count_parameters(model):,} parameters, {args.threads} thread(s)")
+    print(
+        f"GPT d_model={args.d_model} n_layer={args.n_layer} n_head={args.n_head} vocab={args.vocab}: "
+        f"{count_parameters(model):,} parameters, {args.threads} thread(s)"
+    )
     print(table(rows, list(rows[0])))
-    print(f"whole text of {args.context} tokens: cached {totals['cached_total_s']} s, "
-          f"uncached {totals['uncached_total_s']} s")
+    print(
+        f"whole text of {args.context} tokens: cached {totals['cached_total_s']} s, "
+        f"uncached {totals['uncached_total_s']} s"
+    )
     settings = {key: value for key, value in vars(args).items() if key != "name"}
     print("written to", write_results(args.name, {"settings": settings, "rows": rows, **totals}))
 

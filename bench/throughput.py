@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import table, write_results  # noqa: E402
+from _common import table, write_results
 
-from lmlab.callbacks import SyncFreeProgressBar, TokenThroughput  # noqa: E402
-from lmlab.models import GPT, RecurrentLM, count_parameters, detach_state  # noqa: E402
-from lmlab.optim import parameter_groups  # noqa: E402
-from lmlab.task import LanguageModelTask  # noqa: E402
+from lmlab.callbacks import SyncFreeProgressBar, TokenThroughput
+from lmlab.models import GPT, RecurrentLM, count_parameters, detach_state
+from lmlab.optim import parameter_groups
+from lmlab.task import LanguageModelTask
 
 H100_BF16_PEAK = 989e12
 
@@ -52,14 +52,43 @@ class Preset:
 
 
 PRESETS = {
-    "gpt2-small": Preset(lambda v, b: GPT(v, d_model=768, n_layer=12, n_head=12, block_size=b, pad_vocab_to=64),
-                         vocab=50257, batch=32, block=1024, precision="bf16-mixed", compile=True),
-    "default": Preset(lambda v, b: GPT(v, d_model=128, n_layer=3, n_head=4, block_size=b),
-                      vocab=66, batch=32, block=64, precision="32-true", compile=False, lr=4e-3),
-    "lstm-medium": Preset(lambda v, b: RecurrentLM(v, cell="lstm", d_model=650, n_layer=2, dropout=0.5),
-                          vocab=10000, batch=20, block=35, precision="32-true", compile=False, stateful=True, lr=1e-3),
-    "gru-medium": Preset(lambda v, b: RecurrentLM(v, cell="gru", d_model=650, n_layer=2, dropout=0.5),
-                         vocab=10000, batch=20, block=35, precision="32-true", compile=False, stateful=True, lr=1e-3),
+    "gpt2-small": Preset(
+        lambda v, b: GPT(v, d_model=768, n_layer=12, n_head=12, block_size=b, pad_vocab_to=64),
+        vocab=50257,
+        batch=32,
+        block=1024,
+        precision="bf16-mixed",
+        compile=True,
+    ),
+    "default": Preset(
+        lambda v, b: GPT(v, d_model=128, n_layer=3, n_head=4, block_size=b),
+        vocab=66,
+        batch=32,
+        block=64,
+        precision="32-true",
+        compile=False,
+        lr=4e-3,
+    ),
+    "lstm-medium": Preset(
+        lambda v, b: RecurrentLM(v, cell="lstm", d_model=650, n_layer=2, dropout=0.5),
+        vocab=10000,
+        batch=20,
+        block=35,
+        precision="32-true",
+        compile=False,
+        stateful=True,
+        lr=1e-3,
+    ),
+    "gru-medium": Preset(
+        lambda v, b: RecurrentLM(v, cell="gru", d_model=650, n_layer=2, dropout=0.5),
+        vocab=10000,
+        batch=20,
+        block=35,
+        precision="32-true",
+        compile=False,
+        stateful=True,
+        lr=1e-3,
+    ),
 }
 
 
@@ -154,30 +183,42 @@ def real_data_loader(p: Preset, steps: int):
     from lmlab.tokenizers import CharTokenizer
 
     corpus = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
-    dm = TextDataModule(CharTokenizer(), str(corpus), block_size=p.block, batch_size=p.batch,
-                        cache_dir=str(Path(tempfile.mkdtemp())))
+    dm = TextDataModule(
+        CharTokenizer(), str(corpus), block_size=p.block, batch_size=p.batch, cache_dir=str(Path(tempfile.mkdtemp()))
+    )
     dm.prepare_data()
     return dm.train_dataloader()
 
 
-def lightning_loop(p: Preset, model: torch.nn.Module, data, warmup: int, device: torch.device,
-                   loader=None) -> float:
+def lightning_loop(p: Preset, model: torch.nn.Module, data, warmup: int, device: torch.device, loader=None) -> float:
     """lmlab's path: LanguageModelTask + Trainer.fit with the default callbacks (progress bar, tokens/s)."""
     task = LanguageModelTask(model, optimizer=optimizer_factory(p, device), stateful=p.stateful, compile=p.compile)
     timer = StepTimer(warmup, device)
     loader = loader or torch.utils.data.DataLoader(data, batch_size=None, shuffle=False)
-    trainer = pl.Trainer(accelerator=device.type, devices=1, precision=p.precision, max_steps=len(data),
-                         gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_model_summary=False,
-                         limit_val_batches=0, num_sanity_val_steps=0,
-                         callbacks=[SyncFreeProgressBar(), TokenThroughput(), timer])
+    trainer = pl.Trainer(
+        accelerator=device.type,
+        devices=1,
+        precision=p.precision,
+        max_steps=len(data),
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[SyncFreeProgressBar(), TokenThroughput(), timer],
+    )
     trainer.fit(task, train_dataloaders=loader)
     return timer.seconds
 
 
-def run(name: str, steps: int, warmup: int, batch: int | None, compile: bool | None, repeats: int,
-        real_data: bool = False) -> dict:
+def run(
+    name: str, steps: int, warmup: int, batch: int | None, compile: bool | None, repeats: int, real_data: bool = False
+) -> dict:
     p = PRESETS[name]
-    p = Preset(**{**p.__dict__, **({"batch": batch} if batch else {}), **({"compile": compile} if compile is not None else {})})
+    p = Preset(
+        **{**p.__dict__, **({"batch": batch} if batch else {}), **({"compile": compile} if compile is not None else {})}
+    )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
@@ -199,10 +240,19 @@ def run(name: str, steps: int, warmup: int, batch: int | None, compile: bool | N
         seconds = lightning_loop(p, copy.deepcopy(model), data, warmup, device, loader=timed)
         real = {"real_data_tok_s": tokens / seconds, "data_wait": timed.waiting / seconds}
     best = {k: min(v) for k, v in times.items()}
-    row = {"preset": name, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-           "params": count_parameters(model), "batch": p.batch, "block": p.block, "precision": p.precision,
-           "compile": p.compile, "plain_tok_s": tokens / best["plain"], "lmlab_tok_s": tokens / best["lmlab"],
-           "ratio": best["plain"] / best["lmlab"], "ms_per_step": 1000 * best["lmlab"] / steps}
+    row = {
+        "preset": name,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "params": count_parameters(model),
+        "batch": p.batch,
+        "block": p.block,
+        "precision": p.precision,
+        "compile": p.compile,
+        "plain_tok_s": tokens / best["plain"],
+        "lmlab_tok_s": tokens / best["lmlab"],
+        "ratio": best["plain"] / best["lmlab"],
+        "ms_per_step": 1000 * best["lmlab"] / steps,
+    }
     if hasattr(model, "flops_per_token") and device.type == "cuda":
         row["mfu"] = row["lmlab_tok_s"] * model.flops_per_token() / H100_BF16_PEAK
         row["plain_mfu"] = row["plain_tok_s"] * model.flops_per_token() / H100_BF16_PEAK
@@ -219,14 +269,34 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch", type=int, default=None, help="override the preset's batch size")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--real-data", action="store_true",
-                        help="also train on Tiny Shakespeare through lmlab's data module and report the data wait")
+    parser.add_argument(
+        "--real-data",
+        action="store_true",
+        help="also train on Tiny Shakespeare through lmlab's data module and report the data wait",
+    )
     parser.add_argument("--name", default="throughput", help="results file: bench/results/NAME.json")
     args = parser.parse_args()
-    rows = [run(name, args.steps, args.warmup, args.batch, args.compile, args.repeats, args.real_data)
-            for name in args.preset]
-    columns = ["preset", "device", "params", "batch", "block", "precision", "compile", "plain_tok_s", "lmlab_tok_s",
-               "ratio", "ms_per_step", "mfu", "peak_gib", "real_data_tok_s", "data_wait"]
+    rows = [
+        run(name, args.steps, args.warmup, args.batch, args.compile, args.repeats, args.real_data)
+        for name in args.preset
+    ]
+    columns = [
+        "preset",
+        "device",
+        "params",
+        "batch",
+        "block",
+        "precision",
+        "compile",
+        "plain_tok_s",
+        "lmlab_tok_s",
+        "ratio",
+        "ms_per_step",
+        "mfu",
+        "peak_gib",
+        "real_data_tok_s",
+        "data_wait",
+    ]
     print(table(rows, columns))
     print("written to", write_results(args.name, {"rows": rows}))
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import table, write_results  # noqa: E402
+from _common import table, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,16 +44,22 @@ def main() -> None:
 
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
-    curve = [{"wall_s": e.wall_time - started, "step": e.step, "val_loss": e.value}
-             for e in events.Scalars("val/loss")]
+    curve = [{"wall_s": e.wall_time - started, "step": e.step, "val_loss": e.value} for e in events.Scalars("val/loss")]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     reached = next((p for p in curve if p["val_loss"] <= args.target_loss), None)
-    summary = {"command": " ".join(["python train.py", *args.overrides]), "wall_s": wall,
-               "final_val_loss": metrics["val/loss"], "final_val_bpb": metrics["val/bpb"],
-               "test_bpb": metrics["test/bpb"], "steps": metrics["steps"], "peak_rss_mib": peak_rss_mib,
-               "target_loss": args.target_loss, "budget_s": args.budget_s,
-               "reached_target_at_s": reached["wall_s"] if reached else None,
-               "met": metrics["val/loss"] <= args.target_loss and wall <= args.budget_s}
+    summary = {
+        "command": " ".join(["python train.py", *args.overrides]),
+        "wall_s": wall,
+        "final_val_loss": metrics["val/loss"],
+        "final_val_bpb": metrics["val/bpb"],
+        "test_bpb": metrics["test/bpb"],
+        "steps": metrics["steps"],
+        "peak_rss_mib": peak_rss_mib,
+        "target_loss": args.target_loss,
+        "budget_s": args.budget_s,
+        "reached_target_at_s": reached["wall_s"] if reached else None,
+        "met": metrics["val/loss"] <= args.target_loss and wall <= args.budget_s,
+    }
     print(table(curve, ["wall_s", "step", "val_loss"]))
     print(table([summary], ["wall_s", "steps", "final_val_loss", "final_val_bpb", "test_bpb", "peak_rss_mib", "met"]))
     print("written to", write_results(args.name, {"summary": summary, "curve": curve}))

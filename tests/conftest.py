@@ -32,9 +32,20 @@ def small_corpus(tmp_path_factory) -> Path:
 def tiny_overrides(model: str, corpus: Path, steps: int = 20) -> list[str]:
     """Command-line overrides that shrink any model x tokenizer run to a few seconds on CPU."""
     size = ["model.d_model=32", "model.n_layer=1"] + (["model.n_head=2"] if model in ("gpt", "transformer") else [])
-    return [f"model={model}", "data=text", f"data.path={corpus}", "data.block_size=32", "data.batch_size=8",
-            f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps // 2}",
-            "trainer.accelerator=cpu", "trainer.devices=1", "scheduler.warmup_steps=2", "sample.max_new_tokens=20", *size]
+    return [
+        f"model={model}",
+        "data=text",
+        f"data.path={corpus}",
+        "data.block_size=32",
+        "data.batch_size=8",
+        f"trainer.max_steps={steps}",
+        f"trainer.val_check_interval={steps // 2}",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        "scheduler.warmup_steps=2",
+        "sample.max_new_tokens=20",
+        *size,
+    ]
 
 
 def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
@@ -57,10 +68,20 @@ def sweep_overrides(corpus: Path, sweep_dir: Path, swept: list[str], fixed: tupl
     """`train.py -m` overrides for a seconds-long sweep; only the `swept` settings name its run folders."""
     given = {o.split("=")[0] for o in (*swept, *fixed)}
     tiny = ("model.n_layer=1", "trainer.max_steps=10")
-    fixed = ("data=text", f"data.path={corpus}", "data.block_size=32", "data.batch_size=8",
-             "trainer.val_check_interval=10", "trainer.accelerator=cpu", "trainer.devices=1", "scheduler.warmup_steps=2",
-             "sample.max_new_tokens=20", f"paths.cache_dir={sweep_dir.parent / 'cache'}", *fixed,
-             *(o for o in tiny if o.split("=")[0] not in given))
+    fixed = (
+        "data=text",
+        f"data.path={corpus}",
+        "data.block_size=32",
+        "data.batch_size=8",
+        "trainer.val_check_interval=10",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        "scheduler.warmup_steps=2",
+        "sample.max_new_tokens=20",
+        f"paths.cache_dir={sweep_dir.parent / 'cache'}",
+        *fixed,
+        *(o for o in tiny if o.split("=")[0] not in given),
+    )
     names = ",".join(o.split("=")[0] for o in fixed)
     return [*fixed, *swept, f"hydra.sweep.dir={sweep_dir}", f"hydra.job.config.override_dirname.exclude_keys=[{names}]"]
 
@@ -69,10 +90,15 @@ def sweep_overrides(corpus: Path, sweep_dir: Path, swept: list[str], fixed: tupl
 def tiny_sweep(tmp_path_factory, small_corpus) -> Path:
     """model=gpt,lstm x tokenizer=char,bpe, parameter-matched on equal bytes: the sweep and notebook tests share it."""
     sweep = tmp_path_factory.mktemp("tiny_sweep") / "multirun"
-    overrides = sweep_overrides(small_corpus, sweep, ["model=gpt,lstm", "tokenizer=char,bpe"],
-                                (f"trainer.max_bytes={SWEEP_BYTES}", f"model.target_params={SWEEP_PARAMS}"))
-    result = subprocess.run([sys.executable, "train.py", "-m", *overrides], cwd=REPO, capture_output=True, text=True,
-                            timeout=600)
+    overrides = sweep_overrides(
+        small_corpus,
+        sweep,
+        ["model=gpt,lstm", "tokenizer=char,bpe"],
+        (f"trainer.max_bytes={SWEEP_BYTES}", f"model.target_params={SWEEP_PARAMS}"),
+    )
+    result = subprocess.run(
+        [sys.executable, "train.py", "-m", *overrides], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return sweep
 

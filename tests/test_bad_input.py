@@ -45,8 +45,11 @@ DATA_CASES = {
     "whitespace only": (["data.path={root}/blank.txt"], DataError, "is empty"),
     "not UTF-8": (["data.path={root}/latin1.txt"], DataError, "invalid byte 0xe9 at byte offset 9"),
     "smaller than a batch": (["data.path={root}/tiny.txt"], DataError, "fewer than one batch"),
-    "smaller than a window": (["data.path={root}/tiny.txt", "data.block_size=512"], DataError,
-                              "fewer than one training window"),
+    "smaller than a window": (
+        ["data.path={root}/tiny.txt", "data.block_size=512"],
+        DataError,
+        "fewer than one training window",
+    ),
     "empty split": (["data.splits=[1.0,0.0,0.0]"], DataError, "the val split is empty"),
     "splits not summing to 1": (["data.splits=[0.5,0.2,0.2]"], DataError, "summing to 1"),
 }
@@ -58,10 +61,16 @@ SETTING_CASES = {
     "dropout of 1": (["model.dropout=1.0"], ConfigError, "dropout must be in [0, 1)"),
     "zero batch": (["data.batch_size=0"], ConfigError, "data.batch_size must be >= 1"),
     "zero block": (["data.block_size=0"], ConfigError, "data.block_size must be >= 1"),
-    "BPE below its byte alphabet": (["tokenizer=bpe", "tokenizer.vocab_size=100"], ConfigError,
-                                    "smaller than the byte-level alphabet"),
-    "window beyond the positional table": (["model.block_size=16"], ConfigError,
-                                           "data.block_size=32 is longer than the model's context"),
+    "BPE below its byte alphabet": (
+        ["tokenizer=bpe", "tokenizer.vocab_size=100"],
+        ConfigError,
+        "smaller than the byte-level alphabet",
+    ),
+    "window beyond the positional table": (
+        ["model.block_size=16"],
+        ConfigError,
+        "data.block_size=32 is longer than the model's context",
+    ),
     "zero steps": (["trainer.max_steps=0"], ConfigError, "trains nothing"),
     "negative steps": (["trainer.max_steps=-5"], ConfigError, "trains nothing"),
     "negative learning rate": (["optimizer.lr=-0.1"], ConfigError, "Invalid learning rate"),
@@ -70,7 +79,11 @@ SETTING_CASES = {
     "missing accelerator library": (["trainer.accelerator=tpu"], ConfigError, "invalid trainer config"),
     "end-of-run sample with top_k=0": (["sample.top_k=0"], ConfigError, "top_k must be >= 1"),
     "end-of-run sample with negative temperature": (["sample.temperature=-1"], ConfigError, "temperature must be >= 0"),
-    "LR monitor without a logger": (["~logger"], ConfigError, "Lightning refused this setup: Cannot use `LearningRateMonitor`"),
+    "LR monitor without a logger": (
+        ["~logger"],
+        ConfigError,
+        "Lightning refused this setup: Cannot use `LearningRateMonitor`",
+    ),
 }
 
 
@@ -85,22 +98,32 @@ def test_bad_input_raises_its_one_line_error_before_training(tmp_path, small_cor
     assert not (run / "checkpoints").exists() and not (run / "metrics.json").exists()
 
 
-@pytest.mark.parametrize("args,message", [
-    (["model=mamba"], "Could not find 'model/mamba'"),
-    (["tokenizer=sentencepiece"], "Could not find 'tokenizer/sentencepiece'"),
-    (["optimizer=lion"], "Could not find 'optimizer/lion'"),
-    (["model.n_layr=2"], "Could not override 'model.n_layr'"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["model=mamba"], "Could not find 'model/mamba'"),
+        (["tokenizer=sentencepiece"], "Could not find 'tokenizer/sentencepiece'"),
+        (["optimizer=lion"], "Could not find 'optimizer/lion'"),
+        (["model.n_layr=2"], "Could not override 'model.n_layr'"),
+    ],
+)
 def test_unknown_choices_and_keys_fail_when_the_config_is_composed(tmp_path, args, message):
     with pytest.raises(HydraException, match=message):
         compose_config(args, tmp_path / "run")
 
 
 def test_hydra_errors_reach_the_user_without_a_traceback(tmp_path):
-    for args, message in ((["model=mamba"], "Could not find 'model/mamba'"),
-                          (["model.n_layr=2"], "Key 'n_layr' is not in struct")):
-        result = subprocess.run([sys.executable, "train.py", *args, f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO,
-                                capture_output=True, text=True, timeout=300)
+    for args, message in (
+        (["model=mamba"], "Could not find 'model/mamba'"),
+        (["model.n_layr=2"], "Key 'n_layr' is not in struct"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "train.py", *args, f"hydra.run.dir={tmp_path / 'run'}"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode != 0
         assert message in result.stderr, result.stderr[-2000:]
         assert "Traceback" not in result.stderr
@@ -120,22 +143,26 @@ def bad_checkpoints(tmp_path_factory, small_corpus) -> Path:
     torch.save({**checkpoint, "lmlab": {**checkpoint["lmlab"], "format_version": 99}}, root / "future.ckpt")
     other = CharTokenizer()
     other.train("a different corpus, with fewer symbols")
-    torch.save({**checkpoint, "lmlab": {**checkpoint["lmlab"], "tokenizer": other.to_json()}},
-               root / "other_tokenizer.ckpt")
+    torch.save(
+        {**checkpoint, "lmlab": {**checkpoint["lmlab"], "tokenizer": other.to_json()}}, root / "other_tokenizer.ckpt"
+    )
     torch.save({key: value for key, value in checkpoint.items() if key != "lmlab"}, root / "lightning_only.ckpt")
     torch.save({**checkpoint, "code": Fraction(1, 3)}, root / "pickled_object.ckpt")
     return root
 
 
-@pytest.mark.parametrize("name,message", [
-    ("missing.ckpt", "does not exist"),
-    ("truncated.ckpt", "it is truncated or not a PyTorch checkpoint"),
-    ("text.ckpt", "it is truncated or not a PyTorch checkpoint"),
-    ("future.ckpt", "has lmlab format version 99, this lmlab reads version 1"),
-    ("other_tokenizer.ckpt", "pairs a model trained on"),
-    ("lightning_only.ckpt", "has no 'lmlab' section"),
-    ("pickled_object.ckpt", "lmlab only reads plain data (weights_only=True)"),
-])
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("missing.ckpt", "does not exist"),
+        ("truncated.ckpt", "it is truncated or not a PyTorch checkpoint"),
+        ("text.ckpt", "it is truncated or not a PyTorch checkpoint"),
+        ("future.ckpt", "has lmlab format version 99, this lmlab reads version 1"),
+        ("other_tokenizer.ckpt", "pairs a model trained on"),
+        ("lightning_only.ckpt", "has no 'lmlab' section"),
+        ("pickled_object.ckpt", "lmlab only reads plain data (weights_only=True)"),
+    ],
+)
 def test_a_bad_checkpoint_is_refused_in_one_line(tmp_path, bad_checkpoints, name, message):
     for key in ("ckpt_path", "init_from"):
         with pytest.raises(ConfigError) as raised:

@@ -62,11 +62,17 @@ def test_bad_checkpoints_are_one_line_config_errors(trained_run, tmp_path):
     torch.save({key: value for key, value in checkpoint.items() if key != SECTION}, tmp_path / "foreign.ckpt")
     torch.save({**checkpoint, SECTION: {**checkpoint[SECTION], "format_version": 0}}, tmp_path / "old.ckpt")
     model = checkpoint[SECTION]["model"]
-    torch.save({**checkpoint, SECTION: {**checkpoint[SECTION], "model": {**model, "_target_": "os.system"}}},
-               tmp_path / "code.ckpt")
-    for name, message in (("missing.ckpt", "does not exist"), ("truncated.ckpt", "truncated"),
-                          ("foreign.ckpt", "has no 'lmlab' section"), ("old.ckpt", "format version 0"),
-                          ("code.ckpt", "is not an lmlab language model")):
+    torch.save(
+        {**checkpoint, SECTION: {**checkpoint[SECTION], "model": {**model, "_target_": "os.system"}}},
+        tmp_path / "code.ckpt",
+    )
+    for name, message in (
+        ("missing.ckpt", "does not exist"),
+        ("truncated.ckpt", "truncated"),
+        ("foreign.ckpt", "has no 'lmlab' section"),
+        ("old.ckpt", "format version 0"),
+        ("code.ckpt", "is not an lmlab language model"),
+    ):
         with pytest.raises(ConfigError) as raised:
             load_checkpoint(tmp_path / name)
         assert message in str(raised.value) and "\n" not in str(raised.value)
@@ -76,8 +82,7 @@ def test_bad_checkpoints_are_one_line_config_errors(trained_run, tmp_path):
 def test_a_resumed_run_ends_where_the_uninterrupted_one_does(tmp_path, small_corpus):
     """Interrupted mid-epoch (GPT with dropout) and at an epoch's end (13 batches per epoch), then
     resumed from last.ckpt: the same weights and val loss as a run never interrupted."""
-    cases = {"mid_epoch": (["model.dropout=0.1"], 10),
-             "epoch_end": (["model.dropout=0.1", "data.batch_size=128"], 13)}
+    cases = {"mid_epoch": (["model.dropout=0.1"], 10), "epoch_end": (["model.dropout=0.1", "data.batch_size=128"], 13)}
     for name, (extra, stop) in cases.items():
         base = tiny_overrides("gpt", small_corpus) + ["trainer.val_check_interval=5", *extra]
         straight = train(compose_config(base, tmp_path / name / "straight"))
@@ -86,8 +91,10 @@ def test_a_resumed_run_ends_where_the_uninterrupted_one_does(tmp_path, small_cor
         last = tmp_path / name / "resumed" / "checkpoints" / "last.ckpt"
         resumed = train(compose_config([*base, f"ckpt_path={last}"], tmp_path / name / "resumed"))
         assert resumed["steps"] == 20 and resumed["val/loss"] == straight["val/loss"]
-        a, b = (torch.load(tmp_path / name / run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-                for run in ("straight", "resumed"))
+        a, b = (
+            torch.load(tmp_path / name / run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+            for run in ("straight", "resumed")
+        )
         assert all(torch.equal(a[key], b[key]) for key in a), name
 
 
@@ -95,8 +102,11 @@ def test_a_resumed_run_ends_where_the_uninterrupted_one_does(tmp_path, small_cor
 def test_a_resumed_stateful_lstm_carries_its_state_across_the_restart(tmp_path, small_corpus):
     base = tiny_overrides("lstm", small_corpus) + ["data.stateful=true", "trainer.val_check_interval=5"]
     straight = train(compose_config(base, tmp_path / "straight"))
-    train(compose_config(base + [f"+callbacks.stop._target_={__name__}.StopAtStep", "+callbacks.stop.step=7"],
-                         tmp_path / "resumed"))
+    train(
+        compose_config(
+            base + [f"+callbacks.stop._target_={__name__}.StopAtStep", "+callbacks.stop.step=7"], tmp_path / "resumed"
+        )
+    )
     last = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
     resumed = train(compose_config([f"ckpt_path={last}"], tmp_path / "resumed"))  # the config comes from the checkpoint
     assert resumed["val/loss"] == straight["val/loss"] and resumed["model"] == "lstm"
@@ -119,17 +129,27 @@ def test_fine_tuning_reuses_the_model_config_and_tokenizer_on_new_text(trained_r
     text = SHAKESPEARE.read_text()[-40_000:]
     (tmp_path / "new.txt").write_text(text)
     ckpt = trained_run / "checkpoints" / "last.ckpt"
-    base = ["data=text", f"data.path={tmp_path / 'new.txt'}", "data.batch_size=8", "trainer.max_steps=4",
-            "trainer.val_check_interval=2", "trainer.accelerator=cpu", "scheduler.warmup_steps=1",
-            "sample.max_new_tokens=5", f"init_from={ckpt}"]
+    base = [
+        "data=text",
+        f"data.path={tmp_path / 'new.txt'}",
+        "data.batch_size=8",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "trainer.accelerator=cpu",
+        "scheduler.warmup_steps=1",
+        "sample.max_new_tokens=5",
+        f"init_from={ckpt}",
+    ]
     metrics = train(compose_config(base + ["model.dropout=0.2"], tmp_path / "tuned"))
     assert metrics["steps"] == 4 and metrics["tokens_seen"] == 4 * 8 * 32  # a fresh step count; 32: the model's windows
     tuned = load_checkpoint(tmp_path / "tuned" / "checkpoints" / "last.ckpt")
     original = load_checkpoint(ckpt)
     assert tuned.tokenizer.to_json() == original.tokenizer.to_json()  # reused, not retrained on the new text
     assert {**tuned.model_config, "dropout": 0.0} == original.model_config and tuned.model_config["dropout"] == 0.2
-    for args, message in ((["model.d_model=64"], "do not fit the model built here"),
-                          (["model=lstm"], "the checkpoint holds a gpt model")):
+    for args, message in (
+        (["model.d_model=64"], "do not fit the model built here"),
+        (["model=lstm"], "the checkpoint holds a gpt model"),
+    ):
         with pytest.raises(ConfigError, match=message):
             train(compose_config(base + args, tmp_path / "refused"))
 

@@ -45,7 +45,7 @@ def test_corpus_errors_say_what_is_wrong(tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(DataError, match="is empty"):
         read_local_corpus(tmp_path / "empty.txt")
-    (tmp_path / "latin1.txt").write_bytes("caf".encode() + "é".encode("latin-1") + b" au lait")
+    (tmp_path / "latin1.txt").write_bytes(b"caf" + "é".encode("latin-1") + b" au lait")
     with pytest.raises(DataError, match="byte offset 3"):
         read_local_corpus(tmp_path / "latin1.txt")
     (tmp_path / "folder").mkdir()
@@ -132,8 +132,9 @@ def test_hugging_face_dataset_saved_to_disk_loads_offline(tmp_path, monkeypatch)
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     lines = [f"line {i}: to be or not to be" for i in range(400)] + ["", None]
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": lines, "id": list(range(len(lines)))})}) \
-        .save_to_disk(str(tmp_path / "ds"))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict({"text": lines, "id": list(range(len(lines)))})}
+    ).save_to_disk(str(tmp_path / "ds"))
     dm = HFDataModule(CharTokenizer(), str(tmp_path / "ds"), cache_dir=str(tmp_path / "cache"), block_size=16)
     assert dm.read_corpus() == "\n".join(lines[:400])  # empty and missing rows dropped
     dm.prepare_data()

@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 
 from lmlab.checkpoint import load_checkpoint
 from lmlab.data.corpus import split_by_bytes
-from lmlab.evaluation import evaluate_from_config, score_text
 from lmlab.errors import ConfigError
+from lmlab.evaluation import evaluate_from_config, score_text
 from lmlab.models import GPT, RecurrentLM
 from lmlab.tokenizers import WordTokenizer
 from tests.conftest import REPO
@@ -31,8 +31,9 @@ def test_scoring_the_validation_text_reproduces_the_runs_val_bpb(trained_run, ru
     best = load_checkpoint(next((trained_run / "checkpoints").glob("best-step*.ckpt")))
     # the run predicted the split's first token from the last training token: give the same context
     context = int(best.tokenizer.encode(run_splits["train"])[-1])
-    scores = score_text(best.model, best.tokenizer, run_splits["val"], block_size=32, batch_size=8,
-                        context_token=context)
+    scores = score_text(
+        best.model, best.tokenizer, run_splits["val"], block_size=32, batch_size=8, context_token=context
+    )
     assert scores.bpb == pytest.approx(metrics["val/bpb"], rel=1e-5)
     assert scores.loss == pytest.approx(metrics["val/loss"], rel=1e-5)
     assert scores.bytes == len(run_splits["val"].encode()) and scores.unk_rate == 0.0
@@ -43,8 +44,13 @@ def test_evaluate_py_prints_and_writes_the_scores_of_a_whole_file(trained_run, r
     text = tmp_path / "val.txt"
     text.write_text(run_splits["val"])
     best = next((trained_run / "checkpoints").glob("best-step*.ckpt"))
-    result = subprocess.run([sys.executable, "evaluate.py", f"ckpt={best}", f"data.path={text}"], cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "evaluate.py", f"ckpt={best}", f"data.path={text}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "bits per byte" in result.stdout
     scores = json.loads((trained_run / "eval-val.json").read_text())  # default: beside the run's metrics.json
@@ -76,9 +82,13 @@ def test_stateful_scoring_carries_the_state_across_windows():
 def test_evaluate_refuses_what_it_cannot_score(trained_run, tmp_path):
     best = next((trained_run / "checkpoints").glob("best-step*.ckpt"))
     (tmp_path / "text.txt").write_text("First Citizen:\n")
-    for overrides, message in ((["data.block_size=64"], "longer than the model's context (32)"),
-                               ([f"ckpt={tmp_path / 'no.ckpt'}"], "does not exist")):
-        cfg = OmegaConf.merge(OmegaConf.load(REPO / "conf" / "evaluate.yaml"),
-                              OmegaConf.from_dotlist([f"ckpt={best}", f"data.path={tmp_path / 'text.txt'}", *overrides]))
+    for overrides, message in (
+        (["data.block_size=64"], "longer than the model's context (32)"),
+        ([f"ckpt={tmp_path / 'no.ckpt'}"], "does not exist"),
+    ):
+        cfg = OmegaConf.merge(
+            OmegaConf.load(REPO / "conf" / "evaluate.yaml"),
+            OmegaConf.from_dotlist([f"ckpt={best}", f"data.path={tmp_path / 'text.txt'}", *overrides]),
+        )
         with pytest.raises(ConfigError, match=re.escape(message)):
             evaluate_from_config(cfg)

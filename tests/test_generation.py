@@ -119,16 +119,19 @@ def test_beam_search_scores_are_the_log_probabilities_of_its_texts():
         torch.testing.assert_close(torch.tensor([b.log_prob for b in beams]), recomputed, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("settings,message", [
-    ({"top_p": 0.0}, "top_p must be in (0, 1]"),
-    ({"top_p": 1.5}, "top_p must be in (0, 1]"),
-    ({"temperature": -0.1}, "temperature must be >= 0"),
-    ({"top_k": 0}, "top_k must be >= 1"),
-    ({"num_beams": 0}, "num_beams must be >= 1"),
-    ({"max_new_tokens": -1}, "max_new_tokens must be >= 0"),
-    ({"num_samples": 0}, "num_samples must be >= 1"),
-    ({"num_beams": 2, "num_samples": 3}, "exceeds num_beams"),
-])
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"top_p": 0.0}, "top_p must be in (0, 1]"),
+        ({"top_p": 1.5}, "top_p must be in (0, 1]"),
+        ({"temperature": -0.1}, "temperature must be >= 0"),
+        ({"top_k": 0}, "top_k must be >= 1"),
+        ({"num_beams": 0}, "num_beams must be >= 1"),
+        ({"max_new_tokens": -1}, "max_new_tokens must be >= 0"),
+        ({"num_samples": 0}, "num_samples must be >= 1"),
+        ({"num_beams": 2, "num_samples": 3}, "exceeds num_beams"),
+    ],
+)
 def test_meaningless_sampling_settings_are_refused(settings, message):
     with pytest.raises(ConfigError) as raised:
         check_sampling(**settings)
@@ -179,7 +182,7 @@ def test_streamed_text_equals_decoding_everything_at_once(tokenizers):
         stream = TextStream(tokenizer, ids[:2])
         pieces = [stream.push(token) for token in ids[2:]] + [stream.flush()]
         whole = tokenizer.decode(ids)
-        assert "".join(pieces) == whole[len(tokenizer.decode(ids[:2])):]
+        assert "".join(pieces) == whole[len(tokenizer.decode(ids[:2])) :]
         if name == "bpe":  # multi-byte characters arrive whole, never as U+FFFD halves
             assert all("\ufffd" not in piece for piece in pieces) and "日本語" in "".join(pieces)
 
@@ -225,7 +228,11 @@ def test_each_validation_logs_a_sample_to_tensorboard(trained_run):
         accumulator = EventAccumulator(str(events), size_guidance={"tensors": 0})
         accumulator.Reload()
         if "val/sample/text_summary" in accumulator.Tags()["tensors"]:
-            samples.update({event.step: event.tensor_proto.string_val[0].decode()
-                            for event in accumulator.Tensors("val/sample/text_summary")})
+            samples.update(
+                {
+                    event.step: event.tensor_proto.string_val[0].decode()
+                    for event in accumulator.Tensors("val/sample/text_summary")
+                }
+            )
     assert sorted(samples) == [10, 20]  # trained 20 steps, validated every 10
     assert all(len(text.strip("`\n")) > 0 for text in samples.values())

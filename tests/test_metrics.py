@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pytorch_lightning as pl
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch import nn
 
@@ -37,8 +37,9 @@ class FixedDistribution(LanguageModel):
 @pytest.mark.parametrize("tokenizer", [CharTokenizer, lambda: BPETokenizer(vocab_size=300)])
 @pytest.mark.parametrize("stateful", [False, True])
 def test_bits_per_byte_matches_a_hand_computation(tmp_path, small_corpus, tokenizer, stateful):
-    dm = TextDataModule(tokenizer(), str(small_corpus), cache_dir=str(tmp_path), block_size=16, batch_size=4,
-                        stateful=stateful)
+    dm = TextDataModule(
+        tokenizer(), str(small_corpus), cache_dir=str(tmp_path), block_size=16, batch_size=4, stateful=stateful
+    )
     dm.prepare_data()
     vocab = dm.tokenizer.vocab_size
     logits = torch.linspace(-2, 2, vocab)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -64,7 +65,7 @@ def test_a_checkpoint_save_that_fails_midway_keeps_the_previous_checkpoint(tmp_p
     io, path = AtomicCheckpointIO(), tmp_path / "checkpoints" / "last.ckpt"
     io.save_checkpoint({"global_step": 4, "weights": torch.ones(1000)}, path)
     unpicklable = {"global_step": 8, "weights": torch.zeros(1000), "bad": lambda: None}
-    with pytest.raises(Exception):
+    with pytest.raises((pickle.PicklingError, AttributeError)):
         io.save_checkpoint(unpicklable, path)
     assert torch.load(path, weights_only=True)["global_step"] == 4
     assert leftovers(path.parent) == []
@@ -116,8 +117,7 @@ def poison_loss_from(monkeypatch, step: int) -> None:
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, small_corpus, monkeypatch):
     poison_loss_from(monkeypatch, step=6)
     run = tmp_path / "run"
-    cfg = compose_config(tiny_overrides("gpt", small_corpus, steps=20) +
-                         ["trainer.val_check_interval=4"], run)
+    cfg = compose_config(tiny_overrides("gpt", small_corpus, steps=20) + ["trainer.val_check_interval=4"], run)
     expected = r"the training loss became nan at step 7; the last good checkpoint is .*last\.ckpt"
     with pytest.raises(DivergedError, match=expected):
         train(cfg)
@@ -138,8 +138,11 @@ def test_a_checkpoint_with_non_finite_weights_is_refused():
 
 def test_a_huge_learning_rate_fails_with_one_line_and_a_failed_metrics_json(tmp_path, small_corpus):
     run = tmp_path / "run"
-    args = tiny_overrides("gpt", small_corpus, steps=20) + ["optimizer.lr=1e30", f"hydra.run.dir={run}",
-                                                            f"paths.cache_dir={tmp_path / 'cache'}"]
+    args = tiny_overrides("gpt", small_corpus, steps=20) + [
+        "optimizer.lr=1e30",
+        f"hydra.run.dir={run}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    ]
     result = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -158,11 +161,16 @@ def test_names_inside_the_folder_are_allowed(tmp_path):
     assert safe_output_path(tmp_path, "checkpoints/../samples/a.txt") == (tmp_path / "samples" / "a.txt").resolve()
 
 
-@pytest.mark.parametrize("override", ["callbacks.model_checkpoint.filename=../../stolen",
-                                      "callbacks.model_checkpoint.dirpath=/tmp/elsewhere",
-                                      "callbacks.validation_curve.path=../curve.csv",
-                                      "logger.tensorboard.save_dir=/tmp",
-                                      "logger.tensorboard.name=../../events"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "callbacks.model_checkpoint.filename=../../stolen",
+        "callbacks.model_checkpoint.dirpath=/tmp/elsewhere",
+        "callbacks.validation_curve.path=../curve.csv",
+        "logger.tensorboard.save_dir=/tmp",
+        "logger.tensorboard.name=../../events",
+    ],
+)
 def test_checkpoint_paths_cannot_escape_the_run_directory(tmp_path, small_corpus, override):
     cfg = compose_config(tiny_overrides("gpt", small_corpus, steps=2) + [override], tmp_path / "run")
     with pytest.raises(ConfigError, match="outside"):
@@ -184,9 +192,15 @@ class SignalAtStep(pl.Callback):
 def test_sigterm_stops_at_the_step_boundary_with_a_checkpoint_and_restores_the_handlers(tmp_path, small_corpus):
     run = tmp_path / "run"
     before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    cfg = compose_config(tiny_overrides("gpt", small_corpus, steps=20) + [
-        "+callbacks.signal._target_=tests.test_reliability.SignalAtStep", "+callbacks.signal.step=3",
-        f"+callbacks.signal.signum={int(signal.SIGTERM)}"], run)
+    cfg = compose_config(
+        tiny_overrides("gpt", small_corpus, steps=20)
+        + [
+            "+callbacks.signal._target_=tests.test_reliability.SignalAtStep",
+            "+callbacks.signal.step=3",
+            f"+callbacks.signal.signum={int(signal.SIGTERM)}",
+        ],
+        run,
+    )
     expected = r"^SIGTERM at step 4: saved .*last\.ckpt; resume by running the same command with ckpt_path="
     with pytest.raises(RunInterrupted, match=expected):
         train(cfg)
@@ -197,13 +211,25 @@ def test_sigterm_stops_at_the_step_boundary_with_a_checkpoint_and_restores_the_h
 
 def train_command(corpus: Path, cache: Path, *extra: str) -> list[str]:
     """`python train.py` on 30 tiny steps, validating (and so checkpointing) every 5."""
-    return [sys.executable, "train.py", *tiny_overrides("gpt", corpus, steps=30), "trainer.val_check_interval=5",
-            "model.dropout=0.1", "seed=5", f"paths.cache_dir={cache}", *extra]
+    return [
+        sys.executable,
+        "train.py",
+        *tiny_overrides("gpt", corpus, steps=30),
+        "trainer.val_check_interval=5",
+        "model.dropout=0.1",
+        "seed=5",
+        f"paths.cache_dir={cache}",
+        *extra,
+    ]
 
 
 def pause_at(step: int, marker: Path, release: Path | None = None) -> list[str]:
-    return ["+callbacks.pause._target_=tests.test_reliability.PauseAtStep", f"+callbacks.pause.step={step}",
-            f"+callbacks.pause.marker={marker}", f"+callbacks.pause.release={release or ''}"]
+    return [
+        "+callbacks.pause._target_=tests.test_reliability.PauseAtStep",
+        f"+callbacks.pause.step={step}",
+        f"+callbacks.pause.marker={marker}",
+        f"+callbacks.pause.release={release or ''}",
+    ]
 
 
 def run_to_end(command: list[str]) -> subprocess.CompletedProcess:
@@ -240,8 +266,9 @@ def uninterrupted(tmp_path_factory, small_corpus) -> dict:
     return metrics
 
 
-def test_a_killed_run_resumes_in_its_directory_to_exactly_the_uninterrupted_result(tmp_path, small_corpus,
-                                                                                  uninterrupted):
+def test_a_killed_run_resumes_in_its_directory_to_exactly_the_uninterrupted_result(
+    tmp_path, small_corpus, uninterrupted
+):
     run, marker = tmp_path / "run", tmp_path / "paused"
     command = train_command(small_corpus, tmp_path / "cache", f"hydra.run.dir={run}", *pause_at(12, marker))
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -271,8 +298,9 @@ def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_with_one_line(tmp_path, s
     assert process.returncode == 2
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     last = run / "checkpoints" / "last.ckpt"
-    assert errors == [f"error: SIGINT at step 13: saved {last}; "
-                      f"resume by running the same command with ckpt_path={last}"]
+    assert errors == [
+        f"error: SIGINT at step 13: saved {last}; resume by running the same command with ckpt_path={last}"
+    ]
     assert "Traceback" not in stderr
     assert checkpoint_step(last) == 13  # the step that was running finished first
     assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
@@ -295,8 +323,9 @@ def test_a_finished_run_directory_is_never_trained_over(tmp_path, small_corpus):
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
     script = "import sys; from lmlab.run_dirs import claim_fresh_dir; print(claim_fresh_dir(sys.argv[1]))"
     default = str(tmp_path / "2026-01-01_00-00-00_gpt-char")
-    processes = [subprocess.Popen([sys.executable, "-c", script, default], stdout=subprocess.PIPE, text=True)
-                 for _ in range(3)]
+    processes = [
+        subprocess.Popen([sys.executable, "-c", script, default], stdout=subprocess.PIPE, text=True) for _ in range(3)
+    ]
     claimed = sorted(p.communicate()[0].strip() for p in processes)
     assert claimed == [default, f"{default}-2", f"{default}-3"]
     assert all(Path(d).is_dir() for d in claimed)
@@ -305,10 +334,22 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
 def hydra_dirs(tmp_path: Path, ckpt_path: str | None = None) -> DictConfig:
     """The `hydra.run`/`hydra.sweep` settings of conf/train.yaml, under tmp_path, in a fixed second."""
     dirs = OmegaConf.to_container(OmegaConf.create((REPO / "conf" / "train.yaml").read_text()).hydra, resolve=False)
-    run, sweep = (dirs[key]["dir"].replace("outputs/", f"{tmp_path}/outputs/")
-                  .replace("${now:%Y-%m-%d_%H-%M-%S}", "2026-01-01_00-00-00") for key in ("run", "sweep"))
-    return OmegaConf.create({"ckpt_path": ckpt_path, "hydra": {"run": {"dir": run}, "sweep": {"dir": sweep},
-                                                                "runtime": {"choices": {"model": "gpt", "tokenizer": "char"}}}})
+    run, sweep = (
+        dirs[key]["dir"]
+        .replace("outputs/", f"{tmp_path}/outputs/")
+        .replace("${now:%Y-%m-%d_%H-%M-%S}", "2026-01-01_00-00-00")
+        for key in ("run", "sweep")
+    )
+    return OmegaConf.create(
+        {
+            "ckpt_path": ckpt_path,
+            "hydra": {
+                "run": {"dir": run},
+                "sweep": {"dir": sweep},
+                "runtime": {"choices": {"model": "gpt", "tokenizer": "char"}},
+            },
+        }
+    )
 
 
 def test_default_directories_are_claimed_when_hydra_starts_and_not_before(tmp_path):

@@ -19,14 +19,30 @@ from tests.conftest import REPO
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def fake_run(sweep: Path, name: str, *, model: str, tokenizer: str, seed: int = 1, test_bpb: float | None = None,
-             status: str = "completed", error: str | None = None, lr: float = 1e-3, unk_rate: float = 0.0) -> Path:
+def fake_run(
+    sweep: Path,
+    name: str,
+    *,
+    model: str,
+    tokenizer: str,
+    seed: int = 1,
+    test_bpb: float | None = None,
+    status: str = "completed",
+    error: str | None = None,
+    lr: float = 1e-3,
+    unk_rate: float = 0.0,
+) -> Path:
     """A run directory as train.py leaves it: config.yaml, metrics.json (unless still running) and curve.csv."""
     run = sweep / name
     run.mkdir(parents=True)
-    config = {"seed": seed, "model": {"_target_": f"lmlab.models.{model}"}, "optimizer": {"lr": lr},
-              "names": {"model": model, "tokenizer": tokenizer},
-              "paths": {"output_dir": str(run)}, "trainer": {"default_root_dir": str(run)}}
+    config = {
+        "seed": seed,
+        "model": {"_target_": f"lmlab.models.{model}"},
+        "optimizer": {"lr": lr},
+        "names": {"model": model, "tokenizer": tokenizer},
+        "paths": {"output_dir": str(run)},
+        "trainer": {"default_root_dir": str(run)},
+    }
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     if status == "incomplete":
         return run
@@ -34,12 +50,27 @@ def fake_run(sweep: Path, name: str, *, model: str, tokenizer: str, seed: int = 
     if error:
         metrics["error"] = error
     if test_bpb is not None:
-        metrics.update({"val/loss": 1.0, "val/ppl": 2.7, "val/bpb": test_bpb + 0.01, "test/loss": 1.0,
-                        "test/ppl": 2.7, "test/bpb": test_bpb, "test/unk_rate": unk_rate, "best_step": 10,
-                        "params": 1000, "tokens_seen": 5000, "bytes_seen": 5000, "wall_time_s": 3.0})
-        (run / "curve.csv").write_text("step,tokens_seen,bytes_seen,time_s,val/loss,val/ppl,val/bpb\n"
-                                       f"5,2500,2500,1.0,1.5,4.5,{test_bpb + 0.5}\n"
-                                       f"10,5000,5000,2.0,1.0,2.7,{test_bpb + 0.01}\n")
+        metrics.update(
+            {
+                "val/loss": 1.0,
+                "val/ppl": 2.7,
+                "val/bpb": test_bpb + 0.01,
+                "test/loss": 1.0,
+                "test/ppl": 2.7,
+                "test/bpb": test_bpb,
+                "test/unk_rate": unk_rate,
+                "best_step": 10,
+                "params": 1000,
+                "tokens_seen": 5000,
+                "bytes_seen": 5000,
+                "wall_time_s": 3.0,
+            }
+        )
+        (run / "curve.csv").write_text(
+            "step,tokens_seen,bytes_seen,time_s,val/loss,val/ppl,val/bpb\n"
+            f"5,2500,2500,1.0,1.5,4.5,{test_bpb + 0.5}\n"
+            f"10,5000,5000,2.0,1.0,2.7,{test_bpb + 0.01}\n"
+        )
     (run / "metrics.json").write_text(json.dumps(metrics))
     return run
 
@@ -52,8 +83,15 @@ def sweep(tmp_path) -> Path:
     fake_run(root, "model=gpt,seed=2,trainer.max_steps=10", model="gpt", tokenizer="char", seed=2, test_bpb=2.2)
     fake_run(root, "model=lstm,seed=1,trainer.max_steps=10", model="lstm", tokenizer="char", seed=1, test_bpb=1.5)
     fake_run(root, "model=lstm,seed=2,trainer.max_steps=10", model="lstm", tokenizer="char", seed=2, test_bpb=1.9)
-    fake_run(root, "model=rnn,seed=1,trainer.max_steps=10", model="rnn", tokenizer="char", seed=1, status="failed",
-             error="n_layer must be >= 1 (got 0) | set model.n_layer")
+    fake_run(
+        root,
+        "model=rnn,seed=1,trainer.max_steps=10",
+        model="rnn",
+        tokenizer="char",
+        seed=1,
+        status="failed",
+        error="n_layer must be >= 1 (got 0) | set model.n_layer",
+    )
     fake_run(root, "model=gru,seed=1,trainer.max_steps=10", model="gru", tokenizer="char", seed=1, status="incomplete")
     (root / "model=gpt,seed=1,trainer.max_steps=10" / ".hydra").mkdir()
     (root / "model=gpt,seed=1,trainer.max_steps=10" / ".hydra" / "config.yaml").write_text("seed: 1\n")
@@ -62,8 +100,14 @@ def sweep(tmp_path) -> Path:
 
 def test_one_row_per_run_best_first_and_unfinished_runs_last(sweep):
     rows = run_rows(find_runs([sweep]))
-    assert [row["run"] for row in rows] == ["model=lstm,seed=1", "model=lstm,seed=2", "model=gpt,seed=1",
-                                            "model=gpt,seed=2", "model=gru,seed=1", "model=rnn,seed=1"]
+    assert [row["run"] for row in rows] == [
+        "model=lstm,seed=1",
+        "model=lstm,seed=2",
+        "model=gpt,seed=1",
+        "model=gpt,seed=2",
+        "model=gru,seed=1",
+        "model=rnn,seed=1",
+    ]
     assert [row["status"] for row in rows[-2:]] == ["incomplete", "failed"]
     assert rows[-1]["error"].startswith("n_layer must be >= 1")
 
@@ -94,8 +138,13 @@ def test_configurations_differing_beyond_the_seed_are_not_grouped(tmp_path):
 def test_report_files(sweep):
     report = write_report([sweep], sweep)
     names = {path.name for path in report.files}
-    assert names == {"comparison.csv", "comparison.md", "comparison_by_configuration.csv", "learning_curves.png",
-                     "bpb_by_model.png"}
+    assert names == {
+        "comparison.csv",
+        "comparison.md",
+        "comparison_by_configuration.csv",
+        "learning_curves.png",
+        "bpb_by_model.png",
+    }
     for png in ("learning_curves.png", "bpb_by_model.png"):
         assert (sweep / png).read_bytes().startswith(PNG_MAGIC)
     with (sweep / "comparison.csv").open() as f:
@@ -151,16 +200,22 @@ def test_nothing_to_compare_is_a_config_error(tmp_path):
 
 def test_compare_py_writes_the_report_and_prints_the_table(sweep, tmp_path):
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "compare.py", str(sweep), "--out", str(out)], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "compare.py", str(sweep), "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| model=lstm,seed=1 | lstm | char |" in result.stdout
     assert (out / "comparison.md").is_file() and (out / "bpb_by_model.png").is_file()
 
 
 def test_compare_py_reports_a_bad_path_in_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "compare.py", str(tmp_path / "nope")], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "compare.py", str(tmp_path / "nope")], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "is not a directory" in result.stderr
     assert "Traceback" not in result.stderr

@@ -24,8 +24,11 @@ def logged_losses(run_dir: Path) -> list[tuple[int, float]]:
 
 
 def run(tmp_path: Path, corpus: Path, name: str, seed: int) -> tuple[dict, Path]:
-    overrides = tiny_overrides("gpt", corpus, steps=12) + [f"seed={seed}", "trainer.log_every_n_steps=1",
-                                                           "model.dropout=0.1"]
+    overrides = tiny_overrides("gpt", corpus, steps=12) + [
+        f"seed={seed}",
+        "trainer.log_every_n_steps=1",
+        "model.dropout=0.1",
+    ]
     run_dir = tmp_path / name
     return train(compose_config(overrides, run_dir)), run_dir
 

@@ -75,8 +75,16 @@ def test_a_byte_budget_becomes_the_steps_that_read_it(tmp_path, bytes_per_token)
     cfg = compose_config(["trainer.max_bytes=100000", "trainer.accumulate_grad_batches=2"], tmp_path)
     max_bytes = pop_byte_budget(cfg)
     assert max_bytes == 100_000 and "max_bytes" not in cfg.trainer  # not a Trainer argument
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1500, accumulate_grad_batches=2, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, val_check_interval=500)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=1500,
+        accumulate_grad_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        val_check_interval=500,
+    )
     steps = apply_byte_budget(trainer, cfg, _datamodule(bytes_per_token), max_bytes)
     per_step = 8 * 32 * 2 * bytes_per_token
     assert trainer.max_steps == steps == cfg.trainer.max_steps

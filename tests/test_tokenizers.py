@@ -38,7 +38,7 @@ def trained(request) -> Tokenizer:
 def test_ids_are_int32_within_vocab(trained):
     ids = trained.encode(HELD_OUT)
     assert ids.dtype == np.int32
-    assert 0 <= ids.min() and ids.max() < trained.vocab_size
+    assert ids.min() >= 0 and ids.max() < trained.vocab_size
 
 
 def test_char_round_trips_seen_text_exactly():

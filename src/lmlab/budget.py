@@ -38,8 +38,10 @@ def pop_byte_budget(cfg: DictConfig) -> int | None:
         raise ConfigError(f"trainer.max_bytes must be a positive number of bytes (got {max_bytes})")
     unbounded = cfg.trainer.get("max_steps", -1) in (None, -1) and cfg.trainer.get("max_epochs", -1) in (None, -1)
     if cfg.get("scheduler") and max_bytes is None and unbounded:
-        raise ConfigError("the learning-rate schedule needs a length: set trainer.max_steps or trainer.max_bytes "
-                          "(trainer.max_time may still stop the run earlier), or use scheduler=null")
+        raise ConfigError(
+            "the learning-rate schedule needs a length: set trainer.max_steps or trainer.max_bytes "
+            "(trainer.max_time may still stop the run earlier), or use scheduler=null"
+        )
     return None if max_bytes is None else int(max_bytes)
 
 
@@ -69,6 +71,8 @@ def apply_byte_budget(trainer: pl.Trainer, cfg: DictConfig, datamodule: TextData
         if isinstance(trainer.val_check_interval, int):
             trainer.val_check_interval = validation_interval(steps, trainer.val_check_interval)
             cfg.trainer.val_check_interval = trainer.val_check_interval
-    log.info(f"trainer.max_bytes={max_bytes:,}: {steps:,} steps of "
-             f"{bytes_per_step(datamodule, trainer):,.0f} bytes at {datamodule.train_bytes_per_token:.3f} bytes/token")
+    log.info(
+        f"trainer.max_bytes={max_bytes:,}: {steps:,} steps of "
+        f"{bytes_per_step(datamodule, trainer):,.0f} bytes at {datamodule.train_bytes_per_token:.3f} bytes/token"
+    )
     return steps

@@ -33,8 +33,9 @@ class SyncFreeProgressBar(RichProgressBar):
     without it, and this bar reads `show` from the callback metrics at its own, sparser interval.
     """
 
-    def __init__(self, metrics_every_n_steps: int = 10, show: tuple[str, ...] = ("train/loss", "train/tokens_per_s"),
-                 **kwargs) -> None:
+    def __init__(
+        self, metrics_every_n_steps: int = 10, show: tuple[str, ...] = ("train/loss", "train/tokens_per_s"), **kwargs
+    ) -> None:
         super().__init__(**kwargs)
         self.metrics_every_n_steps, self.show = metrics_every_n_steps, tuple(show)
         self._shown: dict[str, float] = {}
@@ -46,7 +47,7 @@ class SyncFreeProgressBar(RichProgressBar):
         return {**super().get_metrics(trainer, pl_module), **self._shown}
 
     def _get_train_description(self, current_epoch: int) -> str:
-        """"Epoch 2" when runs are bounded by steps (max_epochs=-1), not Lightning's "Epoch 2/-2"."""
+        """ "Epoch 2" when runs are bounded by steps (max_epochs=-1), not Lightning's "Epoch 2/-2"."""
         description = super()._get_train_description(current_epoch)
         return description.replace("/-2", "  ") if self.trainer.max_epochs == -1 else description
 
@@ -71,8 +72,13 @@ class TokenThroughput(pl.Callback):
         self._tokens += batch[1].numel() * trainer.world_size
         if trainer.global_step % self.every_n_steps == 0 and trainer.global_step > 0:
             elapsed = time.perf_counter() - self._start
-            pl_module.log("train/tokens_per_s", self._tokens / max(elapsed, 1e-9), on_step=True, on_epoch=False,
-                          rank_zero_only=True)
+            pl_module.log(
+                "train/tokens_per_s",
+                self._tokens / max(elapsed, 1e-9),
+                on_step=True,
+                on_epoch=False,
+                rank_zero_only=True,
+            )
             self._start, self._tokens = time.perf_counter(), 0
 
     def on_validation_start(self, trainer, pl_module) -> None:
@@ -112,8 +118,10 @@ class NonFiniteLossGuard(pl.Callback):
         self._check_losses(trainer)
         for name, tensor in checkpoint.get("state_dict", {}).items():
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise DivergedError(f"the weights became NaN or infinite by step {trainer.global_step} ({name}); "
-                                    f"{self._advice(trainer)}")
+                raise DivergedError(
+                    f"the weights became NaN or infinite by step {trainer.global_step} ({name}); "
+                    f"{self._advice(trainer)}"
+                )
 
     def _check_losses(self, trainer) -> None:
         if not self._pending:
@@ -123,8 +131,9 @@ class NonFiniteLossGuard(pl.Callback):
         finite = torch.isfinite(torch.stack(losses).float()).tolist()
         if not all(finite):
             first = finite.index(False)
-            raise DivergedError(f"the training loss became {float(losses[first])} at step {steps[first]}; "
-                                f"{self._advice(trainer)}")
+            raise DivergedError(
+                f"the training loss became {float(losses[first])} at step {steps[first]}; {self._advice(trainer)}"
+            )
 
     @staticmethod
     def _advice(trainer) -> str:
@@ -160,8 +169,12 @@ class CheckpointOnInterrupt(pl.Callback):
             self._restore()
             raise KeyboardInterrupt
         self._received = signal.Signals(signum).name
-        print(f"\n{self._received} received: stopping after this step with a checkpoint "
-              "(send it again to stop at once, without one)", file=sys.stderr, flush=True)
+        print(
+            f"\n{self._received} received: stopping after this step with a checkpoint "
+            "(send it again to stop at once, without one)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         stepped, self._last_step = trainer.global_step != self._last_step, trainer.global_step
@@ -171,8 +184,10 @@ class CheckpointOnInterrupt(pl.Callback):
         if not (stop and stepped):
             return
         path = self._save_last(trainer)
-        raise RunInterrupted(f"{self._received or 'a signal'} at step {trainer.global_step}: saved {path}; "
-                             f"resume by running the same command with ckpt_path={path}")
+        raise RunInterrupted(
+            f"{self._received or 'a signal'} at step {trainer.global_step}: saved {path}; "
+            f"resume by running the same command with ckpt_path={path}"
+        )
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._restore()
@@ -220,9 +235,13 @@ class ValidationCurve(pl.Callback):
             return
         scores = trainer.callback_metrics
         tokens = pl_module.tokens_seen * trainer.world_size
-        row = [trainer.global_step, tokens, round(tokens * trainer.datamodule.train_bytes_per_token),
-               round(time.perf_counter() - self._started, 2),
-               *(f"{float(scores[key]):.6g}" for key in self.FIELDS[4:])]
+        row = [
+            trainer.global_step,
+            tokens,
+            round(tokens * trainer.datamodule.train_bytes_per_token),
+            round(time.perf_counter() - self._started, 2),
+            *(f"{float(scores[key]):.6g}" for key in self.FIELDS[4:]),
+        ]
         new = not self.path.exists() or self.path.stat().st_size == 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", newline="") as f:
@@ -239,11 +258,13 @@ class ComparisonLayout(pl.Callback):
     runs under `--logdir`, so a sweep directory shows one chart per metric with a line per run.
     """
 
-    LAYOUT = {"lmlab comparison": {
-        "val bits per byte": ["Multiline", [r"^val/bpb$"]],
-        "val perplexity": ["Multiline", [r"^val/ppl$"]],
-        "training throughput (tokens/s)": ["Multiline", [r"^train/tokens_per_s$"]],
-    }}
+    LAYOUT = {
+        "lmlab comparison": {
+            "val bits per byte": ["Multiline", [r"^val/bpb$"]],
+            "val perplexity": ["Multiline", [r"^val/ppl$"]],
+            "training throughput (tokens/s)": ["Multiline", [r"^train/tokens_per_s$"]],
+        }
+    }
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
@@ -262,8 +283,14 @@ class ValidationSample(pl.Callback):
     Sampling uses its own generator, so it never changes the training run's random stream.
     """
 
-    def __init__(self, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 0.8,
-                 top_k: int | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        prompt: str = "\n",
+        max_new_tokens: int = 200,
+        temperature: float = 0.8,
+        top_k: int | None = None,
+        seed: int = 0,
+    ) -> None:
         check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
         self.prompt, self.max_new_tokens = prompt, max_new_tokens
         self.temperature, self.top_k, self.seed = temperature, top_k, seed
@@ -271,8 +298,15 @@ class ValidationSample(pl.Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit" or not trainer.is_global_zero:
             return
-        text = sample_text(pl_module.model, trainer.datamodule.tokenizer, self.prompt, self.max_new_tokens,
-                           temperature=self.temperature, top_k=self.top_k, seed=self.seed)
+        text = sample_text(
+            pl_module.model,
+            trainer.datamodule.tokenizer,
+            self.prompt,
+            self.max_new_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            seed=self.seed,
+        )
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_text"):

@@ -40,8 +40,13 @@ def run_record(cfg: DictConfig, tokenizer: Tokenizer) -> dict[str, Any]:
     resume_config = {**OmegaConf.to_container(cfg, resolve=False), "names": config["names"]}
     for tree in (config, resume_config):
         tree.pop("hydra", None)
-    return {"format_version": FORMAT_VERSION, "model": {**config["model"], "vocab_size": tokenizer.vocab_size},
-            "tokenizer": tokenizer.to_json(), "config": config, "resume_config": resume_config}
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": {**config["model"], "vocab_size": tokenizer.vocab_size},
+        "tokenizer": tokenizer.to_json(),
+        "config": config,
+        "resume_config": resume_config,
+    }
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -49,8 +54,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path).expanduser()
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
-        raise ConfigError(f"checkpoint {path} {what}: give the path of a .ckpt file, "
-                          "e.g. outputs/runs/<run>/checkpoints/last.ckpt")
+        raise ConfigError(
+            f"checkpoint {path} {what}: give the path of a .ckpt file, e.g. outputs/runs/<run>/checkpoints/last.ckpt"
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError, zipfile.BadZipFile) as err:
@@ -58,14 +64,20 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             reason = "it holds Python objects, and lmlab only reads plain data (weights_only=True) so that loading never runs code"
         else:
             reason = "it is truncated or not a PyTorch checkpoint"
-        raise ConfigError(f"checkpoint {path} cannot be read: {reason}; use another checkpoint, e.g. last.ckpt") from None
+        raise ConfigError(
+            f"checkpoint {path} cannot be read: {reason}; use another checkpoint, e.g. last.ckpt"
+        ) from None
     section = checkpoint.get(SECTION) if isinstance(checkpoint, dict) else None
     if not isinstance(section, dict):
-        raise ConfigError(f"checkpoint {path} has no '{SECTION}' section: it was not written by lmlab's train.py; "
-                          "use a checkpoint from an lmlab run")
+        raise ConfigError(
+            f"checkpoint {path} has no '{SECTION}' section: it was not written by lmlab's train.py; "
+            "use a checkpoint from an lmlab run"
+        )
     if section.get("format_version") != FORMAT_VERSION:
-        raise ConfigError(f"checkpoint {path} has lmlab format version {section.get('format_version')}, this lmlab "
-                          f"reads version {FORMAT_VERSION}: use the lmlab version that wrote it, or retrain")
+        raise ConfigError(
+            f"checkpoint {path} has lmlab format version {section.get('format_version')}, this lmlab "
+            f"reads version {FORMAT_VERSION}: use the lmlab version that wrote it, or retrain"
+        )
     _check_tokenizer_fits(section, path)
     return checkpoint
 
@@ -75,14 +87,19 @@ def _check_tokenizer_fits(section: dict[str, Any], path: Path) -> None:
     would turn every id into a different symbol, or index past the embedding."""
     tokenizer_ids, model_ids = load_tokenizer(section["tokenizer"]).vocab_size, section["model"]["vocab_size"]
     if tokenizer_ids != model_ids:
-        raise ConfigError(f"checkpoint {path} pairs a model trained on {model_ids} token ids with a tokenizer of "
-                          f"{tokenizer_ids}: the file was assembled from different runs; use a checkpoint written by train.py")
+        raise ConfigError(
+            f"checkpoint {path} pairs a model trained on {model_ids} token ids with a tokenizer of "
+            f"{tokenizer_ids}: the file was assembled from different runs; use a checkpoint written by train.py"
+        )
 
 
 def model_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The model's own state dict, out of the LightningModule's."""
-    return {key[len(MODEL_PREFIX):]: value for key, value in checkpoint["state_dict"].items()
-            if key.startswith(MODEL_PREFIX)}
+    return {
+        key[len(MODEL_PREFIX) :]: value
+        for key, value in checkpoint["state_dict"].items()
+        if key.startswith(MODEL_PREFIX)
+    }
 
 
 def build_model(model_config: dict[str, Any]) -> LanguageModel:
@@ -94,8 +111,10 @@ def build_model(model_config: dict[str, Any]) -> LanguageModel:
     except ImportError:
         cls = None
     if not (isinstance(cls, type) and issubclass(cls, LanguageModel)):
-        raise ConfigError(f"model _target_ {target!r} is not an lmlab language model (lmlab.models.*): "
-                          "the checkpoint's model config is damaged")
+        raise ConfigError(
+            f"model _target_ {target!r} is not an lmlab language model (lmlab.models.*): "
+            "the checkpoint's model config is damaged"
+        )
     try:
         return cls(**settings)
     except TypeError as err:
@@ -105,13 +124,18 @@ def build_model(model_config: dict[str, Any]) -> LanguageModel:
 def load_weights(model: LanguageModel, weights: dict[str, torch.Tensor], source: str | Path) -> None:
     """Copy `weights` into `model`, or say in one line which tensors do not fit its shape."""
     own = model.state_dict()
-    misfits = [f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}" for key, value in weights.items()
-               if key in own and own[key].shape != value.shape]
+    misfits = [
+        f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}"
+        for key, value in weights.items()
+        if key in own and own[key].shape != value.shape
+    ]
     missing = sorted(own.keys() - weights.keys())
     if misfits or missing:
         detail = misfits[0] if misfits else f"missing {missing[0]}"
-        raise ConfigError(f"the weights of {source} do not fit the model built here ({detail}): settings that "
-                          "change weight shapes (d_model, n_layer, ...) must stay as in the checkpoint; drop such model.* overrides")
+        raise ConfigError(
+            f"the weights of {source} do not fit the model built here ({detail}): settings that "
+            "change weight shapes (d_model, n_layer, ...) must stay as in the checkpoint; drop such model.* overrides"
+        )
     model.load_state_dict(weights)
 
 
@@ -150,6 +174,11 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
     section = checkpoint[SECTION]
     model = build_model(section["model"])
     load_weights(model, model_weights(checkpoint), path)
-    return LoadedCheckpoint(path=Path(path), model=model.to(device).eval(), tokenizer=load_tokenizer(section["tokenizer"]),
-                            model_config=section["model"], config=section["config"],
-                            step=int(section.get("step", checkpoint.get("global_step", 0))))
+    return LoadedCheckpoint(
+        path=Path(path),
+        model=model.to(device).eval(),
+        tokenizer=load_tokenizer(section["tokenizer"]),
+        model_config=section["model"],
+        config=section["config"],
+        step=int(section.get("step", checkpoint.get("global_step", 0))),
+    )

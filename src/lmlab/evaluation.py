@@ -43,18 +43,31 @@ class Scores:
 
 
 @torch.no_grad()
-def score_text(model: LanguageModel, tokenizer: Tokenizer, text: str, *, block_size: int, batch_size: int,
-               stateful: bool = False, context_token: int | None = None) -> Scores:
+def score_text(
+    model: LanguageModel,
+    tokenizer: Tokenizer,
+    text: str,
+    *,
+    block_size: int,
+    batch_size: int,
+    stateful: bool = False,
+    context_token: int | None = None,
+) -> Scores:
     """Score every token of `text`; `context_token` is what its first token is predicted from."""
     ids = tokenizer.encode(text)
     if len(ids) == 0:
         raise ConfigError("the text to evaluate has no tokens: give data.path a file with text in it")
     if model.context_length is not None and block_size > model.context_length:
-        raise ConfigError(f"data.block_size={block_size} is longer than the model's context ({model.context_length}): "
-                          f"set data.block_size to {model.context_length} or less")
+        raise ConfigError(
+            f"data.block_size={block_size} is longer than the model's context ({model.context_length}): "
+            f"set data.block_size to {model.context_length} or less"
+        )
     context = int(tokenizer.encode(START_TEXT)[0]) if context_token is None else context_token
-    windows = StreamBatches(ids, batch_size, block_size, context_token=context) if stateful else \
-        EvalWindows(ids, block_size, context_token=context)
+    windows = (
+        StreamBatches(ids, batch_size, block_size, context_token=context)
+        if stateful
+        else EvalWindows(ids, block_size, context_token=context)
+    )
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -62,13 +75,20 @@ def score_text(model: LanguageModel, tokenizer: Tokenizer, text: str, *, block_s
     for x, y in DataLoader(windows, batch_size=None if stateful else batch_size):
         logits, new_state = model(x.to(device), state)
         state = new_state if stateful else None
-        nats += F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), ignore_index=IGNORE_INDEX,
-                                reduction="sum").double()
+        nats += F.cross_entropy(
+            logits.flatten(0, 1).float(), y.to(device).flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        ).double()
     model.train(was_training)
     n_bytes, total = len(text.encode("utf-8")), float(nats)
     unk = None if tokenizer.unk_id is None else int((ids == tokenizer.unk_id).sum()) / len(ids)
-    return Scores(loss=total / len(ids), ppl=math.exp(total / len(ids)), bpb=total / LN2 / n_bytes,
-                  tokens=len(ids), bytes=n_bytes, unk_rate=unk)
+    return Scores(
+        loss=total / len(ids),
+        ppl=math.exp(total / len(ids)),
+        bpb=total / LN2 / n_bytes,
+        tokens=len(ids),
+        bytes=n_bytes,
+        unk_rate=unk,
+    )
 
 
 def default_output(ckpt: str | Path, data_path: str | Path) -> Path:
@@ -81,7 +101,9 @@ def default_output(ckpt: str | Path, data_path: str | Path) -> Path:
 def evaluate_from_config(cfg: DictConfig) -> dict[str, Any]:
     """`evaluate.py`: score the file, print a table, write the scores as JSON; returns them."""
     if OmegaConf.is_missing(cfg, "ckpt"):
-        raise ConfigError("ckpt is not set: pass ckpt=PATH of a checkpoint, e.g. outputs/runs/<run>/checkpoints/last.ckpt")
+        raise ConfigError(
+            "ckpt is not set: pass ckpt=PATH of a checkpoint, e.g. outputs/runs/<run>/checkpoints/last.ckpt"
+        )
     if OmegaConf.is_missing(cfg.data, "path"):
         raise ConfigError("data.path is not set: pass data.path=FILE (or a folder of text files) to score")
     loaded = load_checkpoint(cfg.ckpt, resolve_device(cfg.device))
@@ -92,11 +114,24 @@ def evaluate_from_config(cfg: DictConfig) -> dict[str, Any]:
         if value < 1:
             raise ConfigError(f"data.{key} must be >= 1 (got {value})")
     text = read_local_corpus(cfg.data.path)
-    scores = score_text(loaded.model, loaded.tokenizer, text, block_size=block_size, batch_size=batch_size,
-                        stateful=bool(trained["stateful"]))
-    result = {"checkpoint": str(cfg.ckpt), "step": loaded.step, "data": str(cfg.data.path),
-              "model": loaded.config["names"]["model"], "tokenizer": loaded.tokenizer.name,
-              "block_size": block_size, "stateful": bool(trained["stateful"]), **asdict(scores)}
+    scores = score_text(
+        loaded.model,
+        loaded.tokenizer,
+        text,
+        block_size=block_size,
+        batch_size=batch_size,
+        stateful=bool(trained["stateful"]),
+    )
+    result = {
+        "checkpoint": str(cfg.ckpt),
+        "step": loaded.step,
+        "data": str(cfg.data.path),
+        "model": loaded.config["names"]["model"],
+        "tokenizer": loaded.tokenizer.name,
+        "block_size": block_size,
+        "stateful": bool(trained["stateful"]),
+        **asdict(scores),
+    }
     output = Path(cfg.output) if cfg.get("output") else default_output(cfg.ckpt, cfg.data.path)
     atomic_write_json(output, result)
     _print_table(result, output, Console())
@@ -105,8 +140,13 @@ def evaluate_from_config(cfg: DictConfig) -> dict[str, Any]:
 
 def _print_table(result: dict[str, Any], output: Path, console: Console) -> None:
     table = Table(title=f"{result['model']} · {result['tokenizer']} · step {result['step']} · {result['data']}")
-    columns = {"loss (nats/token)": f"{result['loss']:.4f}", "perplexity": f"{result['ppl']:.3f}",
-               "bits per byte": f"{result['bpb']:.4f}", "tokens": f"{result['tokens']:,}", "bytes": f"{result['bytes']:,}"}
+    columns = {
+        "loss (nats/token)": f"{result['loss']:.4f}",
+        "perplexity": f"{result['ppl']:.3f}",
+        "bits per byte": f"{result['bpb']:.4f}",
+        "tokens": f"{result['tokens']:,}",
+        "bytes": f"{result['bytes']:,}",
+    }
     if result["unk_rate"] is not None:
         columns["unk rate"] = f"{result['unk_rate']:.4f}"
     for name in columns:

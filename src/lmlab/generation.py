@@ -19,8 +19,15 @@ from lmlab.models import KVCache, LanguageModel
 from lmlab.models.base import State
 
 
-def check_sampling(*, max_new_tokens: int = 0, temperature: float = 1.0, top_k: int | None = None,
-                   top_p: float | None = None, num_beams: int = 1, num_samples: int = 1) -> None:
+def check_sampling(
+    *,
+    max_new_tokens: int = 0,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    num_beams: int = 1,
+    num_samples: int = 1,
+) -> None:
     """Reject sampling settings that have no meaning, naming the key and its valid range."""
     problems = [
         (max_new_tokens < 0, f"max_new_tokens must be >= 0 (got {max_new_tokens})"),
@@ -29,8 +36,10 @@ def check_sampling(*, max_new_tokens: int = 0, temperature: float = 1.0, top_k: 
         (top_p is not None and not 0 < top_p <= 1, f"top_p must be in (0, 1], or null for no limit (got {top_p})"),
         (num_beams < 1, f"num_beams must be >= 1, 1 meaning no beam search (got {num_beams})"),
         (num_samples < 1, f"num_samples must be >= 1 (got {num_samples})"),
-        (num_beams > 1 and num_samples > num_beams,
-         f"num_samples={num_samples} exceeds num_beams={num_beams}: beam search returns at most num_beams texts"),
+        (
+            num_beams > 1 and num_samples > num_beams,
+            f"num_samples={num_samples} exceeds num_beams={num_beams}: beam search returns at most num_beams texts",
+        ),
     ]
     for bad, message in problems:
         if bad:
@@ -53,8 +62,13 @@ def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None 
     return logits
 
 
-def next_token(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-               generator: torch.Generator | None = None) -> Tensor:
+def next_token(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Pick the next token from last-position logits [B, V]; temperature 0 means greedy."""
     if temperature == 0:
         return logits.argmax(-1)
@@ -102,7 +116,7 @@ class IncrementalDecoder:
         self.logits = self._read(self.tokens)
 
     def _crop(self, tokens: Tensor) -> Tensor:
-        return tokens if self.window is None else tokens[:, -self.window:]
+        return tokens if self.window is None else tokens[:, -self.window :]
 
     def _read(self, tokens: Tensor) -> Tensor:
         """Run `tokens` from an empty state; returns the last position's logits [B, V]."""
@@ -118,7 +132,7 @@ class IncrementalDecoder:
         if not self.cached:
             self.logits = self._read(self.tokens)
         elif self.window is not None and self.fed + 1 > self.window:
-            self.logits = self._read(self.tokens[:, -max(1, self.window // 2):])
+            self.logits = self._read(self.tokens[:, -max(1, self.window // 2) :])
         else:
             logits, self.state = self.model(token[:, None], self.state)
             self.fed += 1
@@ -132,9 +146,17 @@ class IncrementalDecoder:
 
 
 @torch.no_grad()
-def stream_tokens(model: LanguageModel, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-                  top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
-                  cached: bool = True) -> Iterator[Tensor]:
+def stream_tokens(
+    model: LanguageModel,
+    prompt: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    cached: bool = True,
+) -> Iterator[Tensor]:
     """Yield each new token [B] as soon as it is chosen."""
     if max_new_tokens == 0:
         return

@@ -16,7 +16,6 @@ from typing import BinaryIO
 
 from lmlab.errors import ConfigError
 
-
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # the process's umask, read once (it can only be read by setting it)
 
@@ -81,7 +80,5 @@ def safe_output_path(root: str | Path, name: str | Path, key: str = "path") -> P
     root = Path(root).expanduser().resolve()
     path = (root / Path(name).expanduser()).resolve()
     if path != root and root not in path.parents:
-        raise ConfigError(f"{key}={name} would write to {path}, outside {root}: "
-                          f"give {key} a path inside {root}")
+        raise ConfigError(f"{key}={name} would write to {path}, outside {root}: give {key} a path inside {root}")
     return path
-

@@ -7,6 +7,7 @@ only hurts (GPT-2/nanoGPT practice), so those go in an undecayed group.
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
@@ -33,8 +34,9 @@ def _decay_progress(step: int, warmup_steps: int, total_steps: int) -> float:
     return min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 100,
-                  min_lr_ratio: float = 0.1) -> LambdaLR:
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 100, min_lr_ratio: float = 0.1
+) -> LambdaLR:
     """Linear warmup, then cosine decay to `min_lr_ratio` x the peak at `total_steps`."""
 
     def factor(step: int) -> float:
@@ -46,8 +48,9 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
     return LambdaLR(optimizer, factor)
 
 
-def warmup_linear(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 100,
-                  min_lr_ratio: float = 0.0) -> LambdaLR:
+def warmup_linear(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 100, min_lr_ratio: float = 0.0
+) -> LambdaLR:
     """Linear warmup, then linear decay to `min_lr_ratio` x the peak at `total_steps`."""
 
     def factor(step: int) -> float:

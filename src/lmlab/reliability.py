@@ -45,17 +45,23 @@ def continue_unfinished_run(cfg: DictConfig) -> DictConfig:
         return cfg
     run_dir = Path(cfg.paths.output_dir)
     if finished_status(run_dir) == "completed":
-        raise ConfigError(f"{run_dir} already holds a finished run (metrics.json): leave hydra.run.dir unset "
-                          "for a new directory, or pass ckpt_path= to continue training it")
+        raise ConfigError(
+            f"{run_dir} already holds a finished run (metrics.json): leave hydra.run.dir unset "
+            "for a new directory, or pass ckpt_path= to continue training it"
+        )
     last = run_dir / "checkpoints" / "last.ckpt"
     if not last.is_file():
         if any((run_dir / "checkpoints").glob("*.ckpt")):
-            raise ConfigError(f"{run_dir} holds another run's checkpoints but no last.ckpt to resume from: "
-                              "pass ckpt_path=<one of them> or choose a new hydra.run.dir")
+            raise ConfigError(
+                f"{run_dir} holds another run's checkpoints but no last.ckpt to resume from: "
+                "pass ckpt_path=<one of them> or choose a new hydra.run.dir"
+            )
         return cfg
     if cfg.get("init_from"):
-        raise ConfigError(f"{run_dir} holds an unfinished run: fine-tune (init_from=) into a new directory, "
-                          "leaving hydra.run.dir unset")
+        raise ConfigError(
+            f"{run_dir} holds an unfinished run: fine-tune (init_from=) into a new directory, "
+            "leaving hydra.run.dir unset"
+        )
     log.info("%s holds an unfinished run: resuming it from %s", run_dir, last)
     resumed = cfg.copy()
     with open_dict(resumed):
@@ -67,16 +73,20 @@ def check_training_length(trainer_cfg: Any) -> None:
     """A run that would train zero steps is a typo, not an experiment."""
     steps, epochs = int(trainer_cfg.get("max_steps", -1)), int(trainer_cfg.get("max_epochs", -1) or -1)
     if steps == 0 or steps < -1 or (steps == -1 and epochs == 0):
-        raise ConfigError(f"trainer.max_steps={steps} trains nothing: set trainer.max_steps to a positive number "
-                          "of optimizer steps (or -1 with trainer.max_epochs > 0)")
+        raise ConfigError(
+            f"trainer.max_steps={steps} trains nothing: set trainer.max_steps to a positive number "
+            "of optimizer steps (or -1 with trainer.max_epochs > 0)"
+        )
 
 
 def check_context_fits(model: LanguageModel, block_size: int) -> None:
     """The training windows must fit the model's positional table, or the first step would fail."""
     if model.context_length is not None and block_size > model.context_length:
-        raise ConfigError(f"data.block_size={block_size} is longer than the model's context "
-                          f"(model.block_size={model.context_length}): set model.block_size >= data.block_size, "
-                          "or leave it at its default ${data.block_size}")
+        raise ConfigError(
+            f"data.block_size={block_size} is longer than the model's context "
+            f"(model.block_size={model.context_length}): set model.block_size >= data.block_size, "
+            "or leave it at its default ${data.block_size}"
+        )
 
 
 def check_output_paths(trainer: pl.Trainer, run_dir: Path) -> None:

@@ -34,18 +34,49 @@ from lmlab.io import atomic_write_bytes, atomic_write_text
 MODEL_ORDER = ("rnn", "gru", "lstm", "transformer", "gpt")
 TOKENIZER_ORDER = ("char", "word", "bpe")
 SCORES = ("val/loss", "val/ppl", "val/bpb", "test/loss", "test/ppl", "test/bpb")
-RUN_COLUMNS = ("run", "model", "tokenizer", "seed", "params", "tokens_seen", "bytes_seen", "wall_time_s", *SCORES,
-               "test/unk_rate", "best_step", "status", "error", "path")
+RUN_COLUMNS = (
+    "run",
+    "model",
+    "tokenizer",
+    "seed",
+    "params",
+    "tokens_seen",
+    "bytes_seen",
+    "wall_time_s",
+    *SCORES,
+    "test/unk_rate",
+    "best_step",
+    "status",
+    "error",
+    "path",
+)
 OPTIONAL = ("test/unk_rate", "error")  # shown in the Markdown table only where some run has one
 AVERAGED = ("params", "bytes_seen", "wall_time_s", *SCORES)
 HEADERS = {
-    "params": "parameters", "tokens_seen": "tokens seen", "bytes_seen": "bytes seen", "wall_time_s": "wall time (s)",
-    "val/loss": "val loss", "val/ppl": "val ppl", "val/bpb": "val bpb", "test/loss": "test loss",
-    "test/ppl": "test ppl", "test/bpb": "test bpb", "test/unk_rate": "test unk rate", "best_step": "best step",
+    "params": "parameters",
+    "tokens_seen": "tokens seen",
+    "bytes_seen": "bytes seen",
+    "wall_time_s": "wall time (s)",
+    "val/loss": "val loss",
+    "val/ppl": "val ppl",
+    "val/bpb": "val bpb",
+    "test/loss": "test loss",
+    "test/ppl": "test ppl",
+    "test/bpb": "test bpb",
+    "test/unk_rate": "test unk rate",
+    "best_step": "best step",
     "runs": "completed runs",
 }
-DECIMALS = {"val/loss": 4, "test/loss": 4, "val/bpb": 4, "test/bpb": 4, "val/ppl": 2, "test/ppl": 2, "wall_time_s": 1,
-            "test/unk_rate": 4}
+DECIMALS = {
+    "val/loss": 4,
+    "test/loss": 4,
+    "val/bpb": 4,
+    "test/bpb": 4,
+    "val/ppl": 2,
+    "test/ppl": 2,
+    "wall_time_s": 1,
+    "test/unk_rate": 4,
+}
 NUMERIC = {"seed", "params", "tokens_seen", "bytes_seen", "wall_time_s", *SCORES, "test/unk_rate", "best_step"}
 LINESTYLES = ("-", "--", ":", "-.")
 PLOT_LABELS = {"test/bpb": "test bits per byte", "val/bpb": "validation bits per byte"}
@@ -109,8 +140,10 @@ def find_runs(paths: Iterable[str | Path]) -> list[Run]:
     roots = [Path(p).expanduser() for p in paths]
     for root in roots:
         if not root.is_dir():
-            raise ConfigError(f"{root} is not a directory: pass sweep directories (outputs/multirun/<time>) "
-                              "or run directories (outputs/runs/<run>)")
+            raise ConfigError(
+                f"{root} is not a directory: pass sweep directories (outputs/multirun/<time>) "
+                "or run directories (outputs/runs/<run>)"
+            )
     found = []  # (the sweep it belongs to, when several are compared; its path under it; its directory)
     for root in roots:
         prefix = f"{root.resolve().name}/" if len(roots) > 1 else ""
@@ -118,13 +151,18 @@ def find_runs(paths: Iterable[str | Path]) -> list[Run]:
             relative = run_dir.relative_to(root).as_posix()
             found.append(("", run_dir.name, run_dir) if relative == "." else (prefix, relative, run_dir))
     if not found:
-        raise ConfigError(f"no runs under {', '.join(map(str, roots))}: a run directory holds metrics.json or "
-                          "config.yaml; pass a sweep directory (outputs/multirun/<time>) or run directories")
+        raise ConfigError(
+            f"no runs under {', '.join(map(str, roots))}: a run directory holds metrics.json or "
+            "config.yaml; pass a sweep directory (outputs/multirun/<time>) or run directories"
+        )
     settings = [name.split(",") for _, name, _ in found]
     shared = set.intersection(*map(set, settings)) if len(found) > 1 else set()
-    return [replace(load_run(run_dir, prefix + name),
-                    label=prefix + (",".join(s for s in parts if s not in shared) or name))
-            for (prefix, name, run_dir), parts in zip(found, settings)]
+    return [
+        replace(
+            load_run(run_dir, prefix + name), label=prefix + (",".join(s for s in parts if s not in shared) or name)
+        )
+        for (prefix, name, run_dir), parts in zip(found, settings)
+    ]
 
 
 def _run_dirs(root: Path) -> list[Path]:
@@ -146,8 +184,13 @@ def load_run(run_dir: Path, name: str | None = None) -> Run:
     for key in ("model", "tokenizer"):
         metrics.setdefault(key, names.get(key, "?"))
     name = name or run_dir.name
-    return Run(name=name, path=run_dir, metrics=metrics, seed=config.get("seed"),
-               config_key=_config_key(config) if config else f"name:{name}")
+    return Run(
+        name=name,
+        path=run_dir,
+        metrics=metrics,
+        seed=config.get("seed"),
+        config_key=_config_key(config) if config else f"name:{name}",
+    )
 
 
 def _read_config(run_dir: Path) -> dict[str, Any]:
@@ -195,9 +238,19 @@ def _rank(test_bpb: float, name: str) -> tuple:
 
 def run_rows(runs: Iterable[Run]) -> list[dict[str, Any]]:
     """One row per run (RUN_COLUMNS), best first."""
-    rows = [{"run": run.label or run.name, "model": run.model, "tokenizer": run.tokenizer, "seed": run.seed,
-             **{key: run.metrics.get(key) for key in RUN_COLUMNS[4:-3]}, "status": run.status,
-             "error": run.metrics.get("error", ""), "path": str(run.path)} for run in runs]
+    rows = [
+        {
+            "run": run.label or run.name,
+            "model": run.model,
+            "tokenizer": run.tokenizer,
+            "seed": run.seed,
+            **{key: run.metrics.get(key) for key in RUN_COLUMNS[4:-3]},
+            "status": run.status,
+            "error": run.metrics.get("error", ""),
+            "path": str(run.path),
+        }
+        for run in runs
+    ]
     return sorted(rows, key=lambda r: _rank(_number(r["test/bpb"]), r["run"]))
 
 
@@ -233,9 +286,13 @@ def group_rows(runs: Iterable[Run]) -> list[dict[str, Any]]:
     rows = []
     for members in configurations(runs).values():
         done = [run for run in members if run.completed]
-        row: dict[str, Any] = {"configuration": members[0].configuration, "model": members[0].model,
-                               "tokenizer": members[0].tokenizer, "runs": f"{len(done)}/{len(members)}",
-                               "seeds": " ".join(str(run.seed) for run in members)}
+        row: dict[str, Any] = {
+            "configuration": members[0].configuration,
+            "model": members[0].model,
+            "tokenizer": members[0].tokenizer,
+            "runs": f"{len(done)}/{len(members)}",
+            "seeds": " ".join(str(run.seed) for run in members),
+        }
         for key in AVERAGED:
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([run.score(key) for run in done])
         rows.append(row)
@@ -254,8 +311,10 @@ def _format(key: str, value: Any) -> str:
 
 def markdown_table(rows: list[dict[str, Any]], columns: Iterable[str]) -> str:
     columns = list(columns)
-    lines = ["| " + " | ".join(HEADERS.get(c, c) for c in columns) + " |",
-             "|" + "|".join("---:" if c in NUMERIC else "---" for c in columns) + "|"]
+    lines = [
+        "| " + " | ".join(HEADERS.get(c, c) for c in columns) + " |",
+        "|" + "|".join("---:" if c in NUMERIC else "---" for c in columns) + "|",
+    ]
     lines += ["| " + " | ".join(_format(c, row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -288,16 +347,24 @@ def learning_curves(runs: Iterable[Run]) -> Figure:
     """Validation bits per byte against training bytes seen, one line per run (colour: model, dash: tokenizer)."""
     runs = list(runs)
     colors = {model: f"C{i % 10}" for i, model in enumerate(_ordered((r.model for r in runs), MODEL_ORDER))}
-    dashes = {tok: LINESTYLES[i % len(LINESTYLES)]
-              for i, tok in enumerate(_ordered((r.tokenizer for r in runs), TOKENIZER_ORDER))}
+    dashes = {
+        tok: LINESTYLES[i % len(LINESTYLES)]
+        for i, tok in enumerate(_ordered((r.tokenizer for r in runs), TOKENIZER_ORDER))
+    }
     fig = Figure(figsize=(10, 5.5), layout="constrained")
     ax = fig.subplots()
     drawn = 0
     for run in sorted(runs, key=lambda r: r.name):
         curve = read_curve(run.path)
         if curve:
-            ax.plot([p["bytes_seen"] for p in curve], [p["val/bpb"] for p in curve], marker=".",
-                    color=colors[run.model], linestyle=dashes[run.tokenizer], label=_shorten(run.label or run.name))
+            ax.plot(
+                [p["bytes_seen"] for p in curve],
+                [p["val/bpb"] for p in curve],
+                marker=".",
+                color=colors[run.model],
+                linestyle=dashes[run.tokenizer],
+                label=_shorten(run.label or run.name),
+            )
             drawn += 1
     ax.set_xlabel("training text seen (bytes)")
     ax.set_ylabel("validation bits per byte (lower is better)")
@@ -337,8 +404,14 @@ def bpb_by_model(runs: Iterable[Run], metric: str = "test/bpb") -> Figure:
         present = [(i, best[(model, tokenizer)]) for i, model in enumerate(models) if (model, tokenizer) in best]
         xs = [i - 0.4 + width * (j + 0.5) for i, _ in present]
         errors = [std if math.isfinite(std) else 0.0 for _, (_, std) in present]
-        bars = ax.bar(xs, [mean for _, (mean, _) in present], width, label=tokenizer,
-                      yerr=errors if any(errors) else None, capsize=3)
+        bars = ax.bar(
+            xs,
+            [mean for _, (mean, _) in present],
+            width,
+            label=tokenizer,
+            yerr=errors if any(errors) else None,
+            capsize=3,
+        )
         ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
     ax.set_xticks(range(len(models)), models)
     label = PLOT_LABELS.get(metric, metric)
@@ -370,18 +443,34 @@ def _csv_text(rows: list[dict[str, Any]], columns: list[str]) -> str:
 def markdown_report(runs: list[Run], title: str = "Comparison") -> str:
     """comparison.md: how to read it, the mean ± std table when seeds repeat, the run table and the plots."""
     completed = sum(run.completed for run in runs)
-    parts = [f"# {title}", "",
-             f"{len(runs)} runs, {completed} completed; written {datetime.now():%Y-%m-%d %H:%M}.",
-             "Sorted by test bits per byte (lower is better): it does not depend on the tokenizer, so every row "
-             "is on one scale. Runs that did not complete are listed last, with their error.", ""]
+    parts = [
+        f"# {title}",
+        "",
+        f"{len(runs)} runs, {completed} completed; written {datetime.now():%Y-%m-%d %H:%M}.",
+        "Sorted by test bits per byte (lower is better): it does not depend on the tokenizer, so every row "
+        "is on one scale. Runs that did not complete are listed last, with their error.",
+        "",
+    ]
     if any(run.score("test/unk_rate") > 0 for run in runs):
-        parts += ["A nonzero unk rate means the tokenizer replaced rare words by `<unk>`: predicting `<unk>` is "
-                  "easier than spelling the word, so those runs' bits per byte are optimistic.", ""]
+        parts += [
+            "A nonzero unk rate means the tokenizer replaced rare words by `<unk>`: predicting `<unk>` is "
+            "easier than spelling the word, so those runs' bits per byte are optimistic.",
+            "",
+        ]
     if repeated(runs):
         parts += ["## Mean ± std over seeds", "", configurations_table(runs), ""]
-    parts += ["## Runs", "", runs_table(runs), "",
-              "## Plots", "", "![learning curves](learning_curves.png)", "",
-              "![bits per byte by model](bpb_by_model.png)", ""]
+    parts += [
+        "## Runs",
+        "",
+        runs_table(runs),
+        "",
+        "## Plots",
+        "",
+        "![learning curves](learning_curves.png)",
+        "",
+        "![bits per byte by model](bpb_by_model.png)",
+        "",
+    ]
     return "\n".join(parts)
 
 
@@ -393,8 +482,14 @@ def write_report(paths: Iterable[str | Path], out_dir: str | Path) -> Report:
     out = Path(out_dir)
     files = {"comparison.csv": _csv_text(run_rows(runs), list(RUN_COLUMNS))}
     if repeated(runs):
-        columns = ["configuration", "model", "tokenizer", "runs", "seeds",
-                   *(f"{key}_{stat}" for key in AVERAGED for stat in ("mean", "std"))]
+        columns = [
+            "configuration",
+            "model",
+            "tokenizer",
+            "runs",
+            "seeds",
+            *(f"{key}_{stat}" for key in AVERAGED for stat in ("mean", "std")),
+        ]
         files["comparison_by_configuration.csv"] = _csv_text(group_rows(runs), columns)
     title = "Comparison of " + ", ".join(p.name or str(p) for p in paths)
     files["comparison.md"] = markdown_report(runs, title)

@@ -82,8 +82,10 @@ def start_from_checkpoint(cfg: DictConfig) -> tuple[DictConfig, CheckpointStart 
     if resume == LAST:
         path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
         if not path.is_file():
-            raise ConfigError(f"ckpt_path=last: {path} does not exist: pass hydra.run.dir=<the run directory to resume> "
-                              "or ckpt_path=<path of a .ckpt file>")
+            raise ConfigError(
+                f"ckpt_path=last: {path} does not exist: pass hydra.run.dir=<the run directory to resume> "
+                "or ckpt_path=<path of a .ckpt file>"
+            )
     else:
         path = Path(resume or init_from).expanduser()
     start = CheckpointStart(path=path, resume=bool(resume), checkpoint=read_checkpoint(path))
@@ -98,8 +100,10 @@ def _check_choices(names: dict[str, str], overrides: list[Override], key: str) -
     for group in ("model", "tokenizer"):
         for override in overrides:
             if override.key_or_group == group and override.value() != names[group]:
-                raise ConfigError(f"{key}: the checkpoint holds a {names[group]} {group}, so {group}={override.value()} "
-                                  f"cannot apply: drop {group}={override.value()} (the {group} comes from the checkpoint)")
+                raise ConfigError(
+                    f"{key}: the checkpoint holds a {names[group]} {group}, so {group}={override.value()} "
+                    f"cannot apply: drop {group}={override.value()} (the {group} comes from the checkpoint)"
+                )
 
 
 def _resume_config(cfg: DictConfig, record: dict[str, Any], overrides: list[Override]) -> DictConfig:
@@ -129,8 +133,13 @@ def _finetune_config(cfg: DictConfig, record: dict[str, Any], overrides: list[Ov
     model = OmegaConf.create({key: value for key, value in record["model"].items() if key != "vocab_size"})
     for override in overrides:
         if override.key_or_group.startswith("model.") and not override.is_delete():
-            OmegaConf.update(model, override.key_or_group[len("model."):], OmegaConf.select(cfg, override.key_or_group),
-                             merge=False, force_add=True)
+            OmegaConf.update(
+                model,
+                override.key_or_group[len("model.") :],
+                OmegaConf.select(cfg, override.key_or_group),
+                merge=False,
+                force_add=True,
+            )
     adopted = cfg.copy()
     with open_dict(adopted):
         if not any(override.key_or_group == "data.block_size" for override in overrides):

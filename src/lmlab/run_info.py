@@ -18,8 +18,15 @@ from typing import Any
 from lmlab.config import REPO_ROOT
 
 # distribution name -> module: the version recorded is that of the code actually imported
-PACKAGES = {"lmlab": "lmlab", "torch": "torch", "pytorch-lightning": "pytorch_lightning", "hydra-core": "hydra",
-            "omegaconf": "omegaconf", "tokenizers": "tokenizers", "numpy": "numpy"}
+PACKAGES = {
+    "lmlab": "lmlab",
+    "torch": "torch",
+    "pytorch-lightning": "pytorch_lightning",
+    "hydra-core": "hydra",
+    "omegaconf": "omegaconf",
+    "tokenizers": "tokenizers",
+    "numpy": "numpy",
+}
 
 
 def package_versions() -> dict[str, str | None]:
@@ -39,9 +46,15 @@ def git_state(folder: Path = REPO_ROOT) -> dict[str, Any] | None:
     `--no-optional-locks` keeps `git status` from rewriting the index, so recording the state never
     collides with someone committing in the same checkout.
     """
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", "--no-optional-locks", "-C", str(folder), *args], capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "--no-optional-locks", "-C", str(folder), *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
 
     try:
         commit = git("rev-parse", "HEAD")
@@ -57,9 +70,14 @@ def collect_run_info(seed: int, corpus_sha256: str, resumed_from: str | None = N
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or platform.machine()
     return {
-        "seed": seed, "corpus_sha256": corpus_sha256, "git": git_state(), "versions": package_versions(),
-        "command": [Path(sys.argv[0]).name, *sys.argv[1:]], "device": device,
-        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "resumed_from": resumed_from,
+        "seed": seed,
+        "corpus_sha256": corpus_sha256,
+        "git": git_state(),
+        "versions": package_versions(),
+        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "device": device,
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "resumed_from": resumed_from,
     }
 
 

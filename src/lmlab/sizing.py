@@ -86,6 +86,8 @@ def apply_target_params(model_cfg: DictConfig, vocab_size: int) -> int | None:
     off = params / int(target) - 1
     log.info(f"model.target_params={int(target):,}: d_model={d_model} gives {params:,} parameters ({off:+.1%})")
     if abs(off) > 0.1:
-        log.warning(f"the closest width is {off:+.1%} off model.target_params={int(target):,}: "
-                    "change the depth (model.n_layer) or the vocabulary to get nearer")
+        log.warning(
+            f"the closest width is {off:+.1%} off model.target_params={int(target):,}: "
+            "change the depth (model.n_layer) or the vocabulary to get nearer"
+        )
     return int(target)

@@ -27,7 +27,9 @@ def print_summary(metrics: dict[str, Any], sample: str, console: Console | None 
     for split in ("val", "test"):
         table.add_row(split, *(_fmt(metrics[f"{split}/{key}"]) for key in ("loss", "ppl", "bpb", "unk_rate")))
     console.print(table)
-    facts = (f"parameters {_fmt(metrics['params'])} · tokens seen {_fmt(metrics['tokens_seen'])} "
-             f"({_fmt(metrics['bytes_seen'])} bytes) · steps {_fmt(metrics['steps'])} · wall time {metrics['wall_time_s']:.1f} s")
+    facts = (
+        f"parameters {_fmt(metrics['params'])} · tokens seen {_fmt(metrics['tokens_seen'])} "
+        f"({_fmt(metrics['bytes_seen'])} bytes) · steps {_fmt(metrics['steps'])} · wall time {metrics['wall_time_s']:.1f} s"
+    )
     console.print(facts)
     console.print(Panel(sample, title="sample", expand=False))

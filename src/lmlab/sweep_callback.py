@@ -30,5 +30,7 @@ class ComparisonReport(Callback):
         except LmlabError as err:
             log.warning(f"no comparison report: {err}")
             return
-        print(f"\n{runs_table(report.runs)}\n\nComparison of {len(report.runs)} runs written to "
-              f"{sweep_dir / 'comparison.md'} (table, plots: learning_curves.png, bpb_by_model.png)")
+        print(
+            f"\n{runs_table(report.runs)}\n\nComparison of {len(report.runs)} runs written to "
+            f"{sweep_dir / 'comparison.md'} (table, plots: learning_curves.png, bpb_by_model.png)"
+        )

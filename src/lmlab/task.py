@@ -31,9 +31,15 @@ class LanguageModelTask(pl.LightningModule):
     ranks char, word and BPE runs on the same scale.
     """
 
-    def __init__(self, model: LanguageModel, optimizer: Callable[..., torch.optim.Optimizer],
-                 scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
-                 label_smoothing: float = 0.0, stateful: bool = False, compile: bool = False) -> None:
+    def __init__(
+        self,
+        model: LanguageModel,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        label_smoothing: float = 0.0,
+        stateful: bool = False,
+        compile: bool = False,
+    ) -> None:
         super().__init__()
         self.model = model
         # What every checkpoint carries beside the weights (lmlab.checkpoint.run_record); train()
@@ -59,8 +65,13 @@ class LanguageModelTask(pl.LightningModule):
 
     def _next_token_loss(self, x: torch.Tensor, y: torch.Tensor, state, label_smoothing: float, reduction: str):
         logits, state = self.model(x, state)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX,
-                               label_smoothing=label_smoothing, reduction=reduction)
+        loss = F.cross_entropy(
+            logits.flatten(0, 1).float(),
+            y.flatten(),
+            ignore_index=IGNORE_INDEX,
+            label_smoothing=label_smoothing,
+            reduction=reduction,
+        )
         return loss, state
 
     def _step_loss(self, x: torch.Tensor, y: torch.Tensor, training: bool) -> torch.Tensor:
@@ -104,10 +115,16 @@ class LanguageModelTask(pl.LightningModule):
         # A full pass scores every token of the split; a partial one (limit_*_batches) is scaled by tokens.
         split_bytes = corpus.split_bytes[split] * min(1.0, tokens.item() / max(1, corpus.split_tokens[split]))
         loss = nats / tokens.clamp(min=1)
-        self.log_dict({f"{split}/loss": loss.float(), f"{split}/ppl": torch.exp(loss).float(),
-                       f"{split}/bpb": (nats / LN2 / split_bytes).float(),
-                       f"{split}/unk_rate": torch.tensor(corpus.unk_rate(split))},
-                      prog_bar=split == "val", sync_dist=False)
+        self.log_dict(
+            {
+                f"{split}/loss": loss.float(),
+                f"{split}/ppl": torch.exp(loss).float(),
+                f"{split}/bpb": (nats / LN2 / split_bytes).float(),
+                f"{split}/unk_rate": torch.tensor(corpus.unk_rate(split)),
+            },
+            prog_bar=split == "val",
+            sync_dist=False,
+        )
 
     def on_validation_epoch_start(self) -> None:
         self._eval_epoch_start()
@@ -132,8 +149,12 @@ class LanguageModelTask(pl.LightningModule):
         keywords = getattr(factory, "keywords", {})
         extra = {}
         accepts = inspect.signature(getattr(factory, "func", factory)).parameters
-        if "fused" in accepts and "fused" not in keywords and self.device.type == "cuda" \
-                and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+        if (
+            "fused" in accepts
+            and "fused" not in keywords
+            and self.device.type == "cuda"
+            and getattr(self.trainer.precision_plugin, "scaler", None) is None
+        ):
             extra["fused"] = True  # one kernel for the whole update (not with fp16's loss scaler)
         optimizer = factory(parameter_groups(self.model, keywords.get("weight_decay", 0.0)), **extra)
         if self.scheduler_factory is None:
@@ -161,8 +182,10 @@ class LanguageModelTask(pl.LightningModule):
         # For an exact resume: the recurrent state carried into the next batch, and the RNG that
         # draws the next dropout masks (Lightning restores neither).
         checkpoint["carried_state"] = self._train_state
-        checkpoint["rng_states"] = {"cpu": torch.get_rng_state(),
-                                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        checkpoint["rng_states"] = {
+            "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.tokens_seen = checkpoint.get("tokens_seen", 0)

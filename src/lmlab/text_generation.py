@@ -34,12 +34,16 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str, context_length: int | None, no
     symbols the tokenizer never saw (they become <unk>) and tokens beyond the model's context."""
     if unknown := tokenizer.unknown_symbols(prompt):
         shown = ", ".join(repr(symbol) for symbol in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
-        notify(f"warning: the prompt has {len(unknown)} symbol(s) the {tokenizer.name} tokenizer never saw in training: "
-               f"{shown}; each was mapped to <unk>")
+        notify(
+            f"warning: the prompt has {len(unknown)} symbol(s) the {tokenizer.name} tokenizer never saw in training: "
+            f"{shown}; each was mapped to <unk>"
+        )
     ids = tokenizer.encode(prompt).tolist() if prompt else tokenizer.encode(START_TEXT).tolist()
     if context_length is not None and len(ids) > context_length:
-        notify(f"notice: the prompt is {len(ids)} tokens, longer than the model's context of {context_length}: "
-               f"generating from its last {context_length} tokens")
+        notify(
+            f"notice: the prompt is {len(ids)} tokens, longer than the model's context of {context_length}: "
+            f"generating from its last {context_length} tokens"
+        )
         ids = ids[-context_length:]
     return ids
 
@@ -67,7 +71,7 @@ class TextStream:
         decoded = self.tokenizer.decode(self.ids)
         if decoded.endswith(UNFINISHED) and not final:
             return ""
-        piece, self.shown = decoded[self.shown:], len(decoded)
+        piece, self.shown = decoded[self.shown :], len(decoded)
         self.text += piece
         return piece
 
@@ -81,16 +85,32 @@ def continuation(tokenizer: Tokenizer, prompt: list[int], new: list[int]) -> str
     return stream.text
 
 
-def sample_text(model: LanguageModel, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, *,
-                temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> str:
+def sample_text(
+    model: LanguageModel,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+) -> str:
     """`prompt` and a seeded sample after it: what training shows at each validation and at the end."""
     ids = prompt_ids(tokenizer, prompt, model.context_length, notify=lambda message: None)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    new = stream_tokens(model, torch.tensor([ids], device=device), max_new_tokens, temperature=temperature,
-                        top_k=top_k, top_p=top_p, generator=generator)
+    new = stream_tokens(
+        model,
+        torch.tensor([ids], device=device),
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        generator=generator,
+    )
     text = continuation(tokenizer, ids, [int(token) for token in new])
     model.train(was_training)
     return prompt + text
@@ -123,9 +143,17 @@ def _samples(model: LanguageModel, ids: list[int], settings: Settings, device: t
         yield from (beam.tokens for beam in beams[: settings.num_samples])
         return
     generator = torch.Generator(device=device).manual_seed(settings.seed)
-    new = list(stream_tokens(model, prompt.expand(settings.num_samples, -1), settings.max_new_tokens,
-                             temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
-                             generator=generator))
+    new = list(
+        stream_tokens(
+            model,
+            prompt.expand(settings.num_samples, -1),
+            settings.max_new_tokens,
+            temperature=settings.temperature,
+            top_k=settings.top_k,
+            top_p=settings.top_p,
+            generator=generator,
+        )
+    )
     rows = torch.stack(new, dim=1).tolist() if new else [[] for _ in range(settings.num_samples)]
     yield from rows
 
@@ -133,19 +161,25 @@ def _samples(model: LanguageModel, ids: list[int], settings: Settings, device: t
 def generate_from_config(cfg: DictConfig) -> list[str]:
     """`generate.py`: load the checkpoint, sample, print (streaming a single sample), write JSON if asked."""
     if OmegaConf.is_missing(cfg, "ckpt"):
-        raise ConfigError("ckpt is not set: pass ckpt=PATH of a checkpoint, e.g. outputs/runs/<run>/checkpoints/last.ckpt")
+        raise ConfigError(
+            "ckpt is not set: pass ckpt=PATH of a checkpoint, e.g. outputs/runs/<run>/checkpoints/last.ckpt"
+        )
     settings = Settings.from_config(cfg)
     out = Console(highlight=False, soft_wrap=True)
     notices = Console(stderr=True, highlight=False, soft_wrap=True)
     device = resolve_device(cfg.device)
     loaded = load_checkpoint(cfg.ckpt, device)
     prompt = str(cfg.prompt or "")
-    ids = prompt_ids(loaded.tokenizer, prompt, loaded.model.context_length, notify=lambda m: notices.print(m, markup=False))
+    ids = prompt_ids(
+        loaded.tokenizer, prompt, loaded.model.context_length, notify=lambda m: notices.print(m, markup=False)
+    )
     streaming = settings.num_samples == 1 and settings.num_beams == 1
     if streaming:
         texts = [_stream_one(loaded.model, loaded.tokenizer, ids, prompt, settings, device, out)]
     else:
-        texts = [continuation(loaded.tokenizer, ids, tokens) for tokens in _samples(loaded.model, ids, settings, device)]
+        texts = [
+            continuation(loaded.tokenizer, ids, tokens) for tokens in _samples(loaded.model, ids, settings, device)
+        ]
         for number, text in enumerate(texts, 1):
             label = "beam" if settings.num_beams > 1 else "sample"
             out.rule(f"{label} {number}")
@@ -156,15 +190,28 @@ def generate_from_config(cfg: DictConfig) -> list[str]:
     return texts
 
 
-def _stream_one(model: LanguageModel, tokenizer: Tokenizer, ids: list[int], prompt: str, settings: Settings,
-                device: torch.device, out: Console) -> str:
+def _stream_one(
+    model: LanguageModel,
+    tokenizer: Tokenizer,
+    ids: list[int],
+    prompt: str,
+    settings: Settings,
+    device: torch.device,
+    out: Console,
+) -> str:
     """Print the prompt, then each piece of text as soon as its token is chosen."""
     stream, write = TextStream(tokenizer, ids), out.file.write
     write(prompt)
     generator = torch.Generator(device=device).manual_seed(settings.seed)
-    for token in stream_tokens(model, torch.tensor([ids], device=device), settings.max_new_tokens,
-                               temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
-                               generator=generator):
+    for token in stream_tokens(
+        model,
+        torch.tensor([ids], device=device),
+        settings.max_new_tokens,
+        temperature=settings.temperature,
+        top_k=settings.top_k,
+        top_p=settings.top_p,
+        generator=generator,
+    ):
         write(stream.push(int(token)))
         out.file.flush()
     write(stream.flush() + "\n")
@@ -172,5 +219,11 @@ def _stream_one(model: LanguageModel, tokenizer: Tokenizer, ids: list[int], prom
 
 
 def _record(cfg: DictConfig, step: int, prompt: str, texts: list[str], settings: Settings) -> dict[str, Any]:
-    return {"checkpoint": str(cfg.ckpt), "step": step, "prompt": prompt, **vars(settings),
-            "samples": [prompt + text for text in texts], "continuations": texts}
+    return {
+        "checkpoint": str(cfg.ckpt),
+        "step": step,
+        "prompt": prompt,
+        **vars(settings),
+        "samples": [prompt + text for text in texts],
+        "continuations": texts,
+    }

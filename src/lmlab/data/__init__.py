@@ -3,4 +3,4 @@
 from lmlab.data.datamodule import HFDataModule, TextDataModule
 from lmlab.data.windows import IGNORE_INDEX
 
-__all__ = ["HFDataModule", "IGNORE_INDEX", "TextDataModule"]
+__all__ = ["IGNORE_INDEX", "HFDataModule", "TextDataModule"]

@@ -51,8 +51,10 @@ def tokenizer_identity(tokenizer: Tokenizer) -> dict:
 
 
 def cache_key(corpus_sha256: str, splits: list[float], tokenizer_config: dict) -> str:
-    payload = json.dumps({"format": CACHE_FORMAT, "corpus": corpus_sha256, "splits": list(splits),
-                          "tokenizer": tokenizer_config}, sort_keys=True)
+    payload = json.dumps(
+        {"format": CACHE_FORMAT, "corpus": corpus_sha256, "splits": list(splits), "tokenizer": tokenizer_config},
+        sort_keys=True,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
@@ -69,14 +71,21 @@ def build_entry(folder: Path, tokenizer: Tokenizer, parts: dict[str, str], corpu
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        meta = {"format": CACHE_FORMAT, "corpus_sha256": corpus_sha256, "dtype": dtype.name,
-                "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.config(),
-                "bytes": {}, "tokens": {}, "unk_tokens": {}}
+        meta = {
+            "format": CACHE_FORMAT,
+            "corpus_sha256": corpus_sha256,
+            "dtype": dtype.name,
+            "vocab_size": tokenizer.vocab_size,
+            "tokenizer": tokenizer.config(),
+            "bytes": {},
+            "tokens": {},
+            "unk_tokens": {},
+        }
         for name in SPLITS:
             ids = tokenizer.encode(parts[name])
             ids.astype(dtype).tofile(tmp / f"{name}.bin")
             meta["bytes"][name] = len(parts[name].encode("utf-8"))
-            meta["tokens"][name] = int(len(ids))
+            meta["tokens"][name] = len(ids)
             meta["unk_tokens"][name] = 0 if tokenizer.unk_id is None else int(np.count_nonzero(ids == tokenizer.unk_id))
         tokenizer.save(tmp / "tokenizer.json")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -91,15 +100,25 @@ def build_entry(folder: Path, tokenizer: Tokenizer, parts: dict[str, str], corpu
 
 def load_entry(folder: Path) -> TokenizedCorpus:
     meta = json.loads((folder / "meta.json").read_text())
-    ids = {name: np.memmap(folder / f"{name}.bin", dtype=meta["dtype"], mode="r") if meta["tokens"][name]
-           else np.zeros(0, dtype=meta["dtype"]) for name in SPLITS}
-    return TokenizedCorpus(tokenizer=load_tokenizer(folder / "tokenizer.json"), ids=ids,
-                           split_bytes=meta["bytes"], unk_tokens=meta["unk_tokens"],
-                           corpus_sha256=meta["corpus_sha256"], path=folder)
+    ids = {
+        name: np.memmap(folder / f"{name}.bin", dtype=meta["dtype"], mode="r")
+        if meta["tokens"][name]
+        else np.zeros(0, dtype=meta["dtype"])
+        for name in SPLITS
+    }
+    return TokenizedCorpus(
+        tokenizer=load_tokenizer(folder / "tokenizer.json"),
+        ids=ids,
+        split_bytes=meta["bytes"],
+        unk_tokens=meta["unk_tokens"],
+        corpus_sha256=meta["corpus_sha256"],
+        path=folder,
+    )
 
 
-def tokenize_with_cache(corpus_name: str, parts: dict[str, str], splits: list[float], tokenizer: Tokenizer,
-                        cache_dir: str | Path) -> TokenizedCorpus:
+def tokenize_with_cache(
+    corpus_name: str, parts: dict[str, str], splits: list[float], tokenizer: Tokenizer, cache_dir: str | Path
+) -> TokenizedCorpus:
     """Return the cached entry for this corpus and tokenizer, building it on the first call."""
     digest = hashlib.sha256()
     for name in SPLITS:

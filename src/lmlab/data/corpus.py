@@ -32,10 +32,17 @@ def read_local_corpus(path: str | Path) -> str:
     if not path.exists():
         raise DataError(f"corpus path {path} does not exist: set data.path to a UTF-8 text file or a folder of them")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in TEXT_SUFFIXES
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
         if not files:
-            raise DataError(f"folder {path} holds no text files (.txt, .md, ...): put UTF-8 text files in it or set data.path to a file")
+            raise DataError(
+                f"folder {path} holds no text files (.txt, .md, ...): put UTF-8 text files in it or set data.path to a file"
+            )
         text = "\n".join(read_text_file(f) for f in files)
     else:
         text = read_text_file(path)
@@ -51,7 +58,9 @@ def split_by_bytes(text: str, fractions: tuple[float, ...] | list[float]) -> dic
     word or multi-byte character is cut in two and every split is valid text.
     """
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
-        raise DataError(f"data.splits={list(fractions)} must be three non-negative fractions summing to 1, e.g. [0.9, 0.05, 0.05]")
+        raise DataError(
+            f"data.splits={list(fractions)} must be three non-negative fractions summing to 1, e.g. [0.9, 0.05, 0.05]"
+        )
     raw = text.encode("utf-8")
     cuts = [0]
     for target in (fractions[0], fractions[0] + fractions[1]):

@@ -7,5 +7,11 @@ from lmlab.models.recurrent import RecurrentLM
 from lmlab.models.transformer import TransformerLM
 
 __all__ = [
-    "GPT", "KVCache", "LanguageModel", "RecurrentLM", "TransformerLM", "count_parameters", "detach_state",
+    "GPT",
+    "KVCache",
+    "LanguageModel",
+    "RecurrentLM",
+    "TransformerLM",
+    "count_parameters",
+    "detach_state",
 ]

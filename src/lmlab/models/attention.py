@@ -108,11 +108,27 @@ class AttentionLM(LanguageModel):
     feeds them and advances the cache once all layers have stored the new tokens.
     """
 
-    def __init__(self, vocab_size: int, d_model: int, n_layer: int, n_head: int, dropout: float,
-                 block_size: int, pad_vocab_to: int, **other_sizes: int) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        n_layer: int,
+        n_head: int,
+        dropout: float,
+        block_size: int,
+        pad_vocab_to: int,
+        **other_sizes: int,
+    ) -> None:
         super().__init__()
-        check_sizes(vocab_size=vocab_size, d_model=d_model, n_layer=n_layer, n_head=n_head, block_size=block_size,
-                    pad_vocab_to=pad_vocab_to, **other_sizes)
+        check_sizes(
+            vocab_size=vocab_size,
+            d_model=d_model,
+            n_layer=n_layer,
+            n_head=n_head,
+            block_size=block_size,
+            pad_vocab_to=pad_vocab_to,
+            **other_sizes,
+        )
         check_heads(d_model, n_head)
         check_dropout(dropout)
         self.vocab_size, self.context_length = vocab_size, block_size

@@ -11,11 +11,9 @@ from lmlab.tokenizers.bpe import BPETokenizer
 from lmlab.tokenizers.char import CharTokenizer
 from lmlab.tokenizers.word import WordTokenizer
 
-__all__ = ["Tokenizer", "CharTokenizer", "WordTokenizer", "BPETokenizer", "load_tokenizer"]
+__all__ = ["BPETokenizer", "CharTokenizer", "Tokenizer", "WordTokenizer", "load_tokenizer"]
 
-_CLASSES: dict[str, type[Tokenizer]] = {
-    cls.name: cls for cls in (CharTokenizer, WordTokenizer, BPETokenizer)
-}
+_CLASSES: dict[str, type[Tokenizer]] = {cls.name: cls for cls in (CharTokenizer, WordTokenizer, BPETokenizer)}
 
 
 def load_tokenizer(path_or_json: str | Path) -> Tokenizer:

@@ -37,12 +37,7 @@ def join_words(tokens: list[str]) -> str:
     parts: list[str] = []
     previous = "\n"
     for token in tokens:
-        if not (
-            token == "\n"
-            or previous == "\n"
-            or token in _NO_SPACE_BEFORE
-            or previous in _NO_SPACE_AFTER
-        ):
+        if not (token == "\n" or previous == "\n" or token in _NO_SPACE_BEFORE or previous in _NO_SPACE_AFTER):
             parts.append(" ")
         parts.append(token)
         previous = token
