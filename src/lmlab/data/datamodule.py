@@ -2,27 +2,36 @@
 
 from __future__ import annotations
 
-from functools import cached_property
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from lmlab.data.cache import TokenizedCorpus, tokenize_with_cache
-from lmlab.data.corpus import SPLITS, read_local_corpus, split_by_bytes
-from lmlab.data.sampling import EpochSampler, ResumableDataLoader
-from lmlab.data.windows import EvalWindows, StreamBatches, TrainWindows, already_batched
+from lmlab.data.cache import TokenizedCorpus
+from lmlab.data.corpus import SPLITS
+from lmlab.data.prepare import prepare_corpus
+from lmlab.data.sampling import EpochSampler, ResumableDataLoader, WindowSampler, check_sampling_mode
+from lmlab.data.sources import CorpusSource, local_source
+from lmlab.data.windows import EvalWindows, StreamBatches, TrainWindows, already_batched, shard_rows
 from lmlab.errors import ConfigError, DataError
 from lmlab.tokenizers import Tokenizer
 
 
 class TextDataModule(pl.LightningDataModule):
-    """A local UTF-8 file or folder as a language-modelling corpus.
+    """A local UTF-8 file or folder as a language-modelling corpus (see `lmlab.data.sources`):
+    one text cut by `splits`, or its own split files (`train`/`val`/`test`, or a folder of them).
 
-    `stateful=True` lays every split out as `batch_size` contiguous streams in order, so recurrent
-    models can carry their hidden state across batches; otherwise training windows are shuffled,
-    in an order fixed by `seed` and the epoch so that a resumed run continues it exactly.
+    `stateful=True` lays every split out as contiguous streams read in order, so recurrent models
+    can carry their hidden state across batches; otherwise training windows are drawn as `sampling`
+    says (`lmlab.data.sampling`), in an order fixed by `seed` and the epoch so that a resumed run
+    continues it exactly.
+
+    `batch_size` is per process (Lightning's convention): under DDP a step trains on world_size x
+    batch_size rows, and each rank cuts its own share of the data (Lightning's distributed sampler
+    must be off, `trainer.use_distributed_sampler=false`). Evaluation scores every token exactly once
+    whatever the number of processes; stateful evaluation always uses `eval_batch_size` streams in
+    all, split between the ranks, so its score does not depend on the process count either.
     """
 
     def __init__(
@@ -34,8 +43,13 @@ class TextDataModule(pl.LightningDataModule):
         block_size: int = 256,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
-        splits: tuple[float, float, float] = (0.9, 0.05, 0.05),
+        splits: tuple[float, float, float] | None = None,
+        train: str | None = None,
+        val: str | None = None,
+        test: str | None = None,
+        glob: str | None = None,
         stateful: bool = False,
+        sampling: str = "epoch",
         num_workers: int = 0,
         cache_dir: str = ".cache/lmlab",
         seed: int = 0,
@@ -48,26 +62,32 @@ class TextDataModule(pl.LightningDataModule):
         ):
             if value < 1:
                 raise ConfigError(f"data.{key} must be >= 1 (got {value}): set data.{key} to a positive integer")
+        if check_sampling_mode(sampling) != "epoch" and stateful:
+            raise ConfigError(
+                f"data.sampling={sampling} does not apply to data.stateful=true (its streams are read in order): "
+                "set data.sampling=epoch or data.stateful=false"
+            )
         if num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0 (got {num_workers})")
         self.tokenizer = tokenizer
         self.path, self.block_size, self.batch_size = path, block_size, batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.splits, self.stateful = list(splits), stateful
+        self.splits, self.stateful, self.sampling = None if splits is None else list(splits), stateful, sampling
+        self.split_paths, self.glob = {"train": train, "val": val, "test": test}, glob
         self.num_workers, self.cache_dir, self.seed = num_workers, cache_dir, seed
-        self.name = name or (Path(path).stem if path else "corpus")
+        self.name = name or (Path(path).stem if path else Path(train).parent.name if train else "corpus")
         self.corpus: TokenizedCorpus | None = None
 
-    def read_corpus(self) -> str:
-        if not self.path:
-            raise ConfigError("data.path is not set: pass data.path=FILE_OR_FOLDER")
-        return read_local_corpus(self.path)
+    def corpus_source(self) -> CorpusSource:
+        """Where the text is: resolved (files listed, splits recognised) but not read."""
+        return local_source(self.path, **self.split_paths, glob=self.glob, splits=self.splits)
 
     def prepare_data(self) -> None:
         if self.corpus is not None:
             return
-        parts = split_by_bytes(self.read_corpus(), self.splits)
-        self.corpus = tokenize_with_cache(self.name, parts, self.splits, self.tokenizer, self.cache_dir)
+        source = self.corpus_source()
+        self.predefined_splits = source.predefined
+        self.corpus = prepare_corpus(source, self.tokenizer, self.cache_dir, self.name)
         self.tokenizer = self.corpus.tokenizer
         self._check_sizes()
 
@@ -89,26 +109,50 @@ class TextDataModule(pl.LightningDataModule):
             )
         for split in ("val", "test"):
             if tokens[split] == 0:
-                raise DataError(
-                    f"the {split} split has no tokens: use a larger corpus or a larger fraction in data.splits"
+                fix = (
+                    "give it more text"
+                    if self.predefined_splits
+                    else "use a larger corpus or a larger fraction in data.splits"
                 )
+                raise DataError(f"the {split} split has no tokens: {fix}")
 
-    @cached_property
-    def train_set(self):
+    def _shard(self) -> tuple[int, int]:
+        """(rank, world size) of this process, by which the loaders cut their data."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return 0, 1
+        # Lightning keeps this flag on its (private) accelerator connector; on, it would re-shard our shards.
+        if getattr(trainer._accelerator_connector, "use_distributed_sampler", False):
+            raise ConfigError(
+                "lmlab shards the data by rank itself, so Lightning's distributed sampler would score tokens "
+                "twice and break stateful streams: set trainer.use_distributed_sampler=false"
+            )
+        return trainer.global_rank, trainer.world_size
+
+    def train_set(self, rank: int = 0, world_size: int = 1) -> TrainWindows | StreamBatches:
+        """The training windows (a sampler picks which), or this rank's `batch_size` of the
+        world_size x batch_size streams a stateful run reads."""
         ids = self.corpus.ids["train"]
-        return (
-            StreamBatches(ids, self.batch_size, self.block_size)
-            if self.stateful
-            else TrainWindows(ids, self.block_size)
-        )
+        if not self.stateful:
+            return TrainWindows(ids, self.block_size)
+        rows = range(rank * self.batch_size, (rank + 1) * self.batch_size)
+        return StreamBatches(ids, self.batch_size * world_size, self.block_size, rows=rows)
 
-    def eval_set(self, split: str):
+    def eval_set(self, split: str, rank: int = 0, world_size: int = 1) -> EvalWindows | StreamBatches:
+        """This rank's share of a full pass over `split`: windows, or some of `eval_batch_size` streams."""
         previous = self.corpus.ids[SPLITS[SPLITS.index(split) - 1]]
         context = int(previous[-1])
         ids = self.corpus.ids[split]
-        if self.stateful:
-            return StreamBatches(ids, self.eval_batch_size, self.block_size, context_token=context)
-        return EvalWindows(ids, self.block_size, context_token=context)
+        if not self.stateful:
+            return EvalWindows(ids, self.block_size, context_token=context, rank=rank, world_size=world_size)
+        if self.eval_batch_size < world_size:
+            raise ConfigError(
+                f"stateful evaluation reads data.eval_batch_size={self.eval_batch_size} streams in all, "
+                f"which leaves some of the {world_size} processes without rows: "
+                f"set data.eval_batch_size to {world_size} or more (a multiple of {world_size} balances them)"
+            )
+        rows = shard_rows(self.eval_batch_size, rank, world_size)
+        return StreamBatches(ids, self.eval_batch_size, self.block_size, context_token=context, rows=rows)
 
     def _loader(self, dataset, *, batch_size: int | None, sampler: EpochSampler | None = None) -> DataLoader:
         batched = isinstance(dataset, TrainWindows)
@@ -129,19 +173,35 @@ class TextDataModule(pl.LightningDataModule):
         return ResumableDataLoader(dataset, sampler=sampler, **options)
 
     def train_dataloader(self) -> DataLoader:
-        if len(self.train_set) < 1 or (not self.stateful and len(self.train_set) < self.batch_size):
-            raise DataError(
-                f"the train split holds {len(self.train_set)} windows of data.block_size={self.block_size}, "
-                f"fewer than one batch (data.batch_size={self.batch_size}): lower data.batch_size or use a larger corpus"
+        rank, world_size = self._shard()
+        dataset = self.train_set(rank, world_size)
+        processes = f" on each of {world_size} processes" if world_size > 1 else ""
+        if self.stateful:
+            if len(dataset) < 1:
+                raise DataError(
+                    f"the train split has {self.corpus.split_tokens['train']} tokens, too few for "
+                    f"{world_size * self.batch_size} streams (data.batch_size={self.batch_size}{processes}) "
+                    f"of one data.block_size={self.block_size} window each: lower data.batch_size or "
+                    "data.block_size" + (", or use fewer processes" if world_size > 1 else "")
+                )
+            sampler = EpochSampler(len(dataset), shuffle=False, seed=self.seed)
+        else:
+            sampler = WindowSampler(
+                len(dataset.ids), self.block_size, mode=self.sampling, seed=self.seed, rank=rank, world_size=world_size
             )
-        sampler = EpochSampler(len(self.train_set), shuffle=not self.stateful, seed=self.seed)
-        return self._loader(self.train_set, batch_size=self.batch_size, sampler=sampler)
+            if len(sampler) < self.batch_size:
+                raise DataError(
+                    f"the train split holds {sampler.count} windows of data.block_size={self.block_size}, "
+                    f"fewer than one batch (data.batch_size={self.batch_size}{processes}): "
+                    "lower data.batch_size or use a larger corpus"
+                )
+        return self._loader(dataset, batch_size=self.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_set("val"), batch_size=self.eval_batch_size)
+        return self._loader(self.eval_set("val", *self._shard()), batch_size=self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_set("test"), batch_size=self.eval_batch_size)
+        return self._loader(self.eval_set("test", *self._shard()), batch_size=self.eval_batch_size)
 
     @property
     def train_bytes_per_token(self) -> float:

@@ -1,10 +1,18 @@
-"""A training order that survives a restart: a seeded shuffle per epoch and a loader that knows its place.
+"""Which training windows an epoch visits, on which rank, in which order; and a loader that knows its place.
 
-Lightning saves the `state_dict()` of a train DataLoader that has one and hands it back through
-`load_state_dict()` before iterating again. `ResumableDataLoader` answers with the epoch and the
-number of batches it has delivered; `EpochSampler` recomputes that epoch's order from the seed and
-starts after those batches. A run resumed mid-epoch therefore sees exactly the batches the
-interrupted run had not reached, in the same order.
+Every order here is a function of (seed, epoch, rank, world size) only, never of the global RNG, so
+it can be recomputed after a restart. Lightning saves the `state_dict()` of a train DataLoader that
+has one and hands it back through `load_state_dict()` before iterating again: `ResumableDataLoader`
+answers with the epoch and the number of batches it has delivered, and the sampler recomputes that
+epoch's order and starts after those batches. A run resumed mid-epoch, on one process or under DDP,
+therefore sees exactly the batches the interrupted run had not reached, in the same order.
+
+Two ways to pick training windows (`data.sampling`):
+- `epoch`: non-overlapping windows on a grid shifted by a random offset in [0, block_size) each
+  epoch, visited in a shuffled order. Every epoch sees each training token at most once, and a
+  small corpus trained for many epochs never repeats the same windows.
+- `random`: windows starting at uniformly random positions, as nanoGPT draws them. An "epoch" is
+  as many windows as the `epoch` mode visits, so both modes count steps per epoch alike.
 """
 
 from __future__ import annotations
@@ -14,6 +22,24 @@ from typing import Any
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lmlab.errors import ConfigError
+
+SAMPLING_MODES = ("epoch", "random")
+
+
+def check_sampling_mode(mode: str) -> str:
+    """`mode` if it names a sampling mode; a one-line error saying the choices otherwise."""
+    if mode not in SAMPLING_MODES:
+        raise ConfigError(f"data.sampling={mode!r} is not a sampling mode: set data.sampling to 'epoch' or 'random'")
+    return mode
+
+
+def windows_per_epoch(n_tokens: int, block_size: int) -> int:
+    """Non-overlapping (x, y) windows that fit in `n_tokens` at any grid offset (at least one if one fits at all)."""
+    if n_tokens <= block_size:
+        return 0
+    return max(1, (n_tokens - block_size) // block_size)
 
 
 class EpochSampler(Sampler[int]):
@@ -55,13 +81,41 @@ class EpochSampler(Sampler[int]):
         yield from self.order()[start:].tolist()
 
 
+class WindowSampler(EpochSampler):
+    """Start positions of one rank's training windows for each epoch (`data.sampling`: epoch or random).
+
+    All ranks draw the same epoch-wide list of starts from (seed, epoch); rank r takes every
+    world_size-th of them from position r. So the windows of one step, over all ranks, are the
+    windows one process would take with world_size x the batch, and no window goes to two ranks.
+    """
+
+    def __init__(
+        self, n_tokens: int, block_size: int, *, mode: str = "epoch", seed: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
+        self.n_tokens, self.block_size, self.mode = n_tokens, block_size, check_sampling_mode(mode)
+        self.rank, self.world_size = rank, world_size
+        self.count = windows_per_epoch(n_tokens, block_size)
+        super().__init__(self.count // world_size, shuffle=True, seed=seed)  # equal shares: DDP steps stay in step
+
+    def epoch_starts(self) -> np.ndarray:
+        """This epoch's starts for all ranks together, in the order one process would visit them."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.mode == "random":
+            return rng.integers(0, self.n_tokens - self.block_size, size=self.count)
+        # the largest offset that still leaves room for `count` windows (block_size - 1 unless the corpus is tiny)
+        offset = rng.integers(min(self.block_size, self.n_tokens - self.count * self.block_size))
+        return offset + self.block_size * rng.permutation(self.count)
+
+    def order(self) -> np.ndarray:
+        return self.epoch_starts()[: self.length * self.world_size][self.rank :: self.world_size]
+
+
 class ResumableDataLoader(DataLoader):
     """A DataLoader over an `EpochSampler` whose position is saved in checkpoints.
 
     It counts the batches it has handed to the training loop (not those its workers prefetched),
-    so the saved position is exactly what training consumed. Under DDP Lightning replaces the
-    sampler by a distributed one, which orders each epoch itself: a resume then restarts the
-    interrupted epoch's order from its start.
+    so the saved position is exactly what training consumed. Every rank delivers the same number
+    of batches, so rank 0's count (the one a checkpoint holds) is every rank's place.
     """
 
     def __init__(self, dataset: Dataset, *, sampler: EpochSampler, **kwargs: Any) -> None:
