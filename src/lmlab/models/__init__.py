@@ -1,17 +1,30 @@
 """Language models behind one interface: forward(idx, state) -> (logits, state), init_state(B, device)."""
 
-from lmlab.models.attention import KVCache
-from lmlab.models.base import LanguageModel, count_parameters, detach_state
+from lmlab.models.base import LanguageModel, count_parameters
 from lmlab.models.gpt import GPT
+from lmlab.models.jamba import Jamba
+from lmlab.models.llama import Llama
+from lmlab.models.lstm_attn import LSTMAttentionLM
+from lmlab.models.mamba import Mamba
 from lmlab.models.recurrent import RecurrentLM
+from lmlab.models.state import HybridCache, KVCache, MemoryState, SSMCache, State, detach_state, select_state
 from lmlab.models.transformer import TransformerLM
 
 __all__ = [
     "GPT",
+    "HybridCache",
+    "Jamba",
     "KVCache",
+    "LSTMAttentionLM",
     "LanguageModel",
+    "Llama",
+    "Mamba",
+    "MemoryState",
     "RecurrentLM",
+    "SSMCache",
+    "State",
     "TransformerLM",
     "count_parameters",
     "detach_state",
+    "select_state",
 ]

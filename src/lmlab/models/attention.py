@@ -1,4 +1,5 @@
-"""Causal self-attention and its KV cache, shared by GPT and TransformerLM."""
+"""Causal self-attention over a KV cache: GPT/Transformer's multi-head form and Llama/Jamba's
+grouped-query form, and what the attention language models share (AttentionLM)."""
 
 from __future__ import annotations
 
@@ -7,43 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmlab.models.base import LanguageModel, check_dropout, check_heads, check_sizes
-
-
-class KVCache:
-    """Keys and values of the tokens seen so far, for every layer, preallocated (as in litgpt).
-
-    Generation then computes keys and values for the new tokens only: each step costs O(T)
-    instead of re-running the whole prefix at O(T^2). Fill it under torch.no_grad(): it is
-    written in place. Attention layer `layer` reads and writes k[layer] and v[layer]; the model
-    advances `length` once per forward, after all layers.
-    """
-
-    def __init__(
-        self,
-        n_layer: int,
-        batch_size: int,
-        n_head: int,
-        head_dim: int,
-        max_length: int,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        shape = (n_layer, batch_size, n_head, max_length, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # tokens cached so far
-
-    @property
-    def max_length(self) -> int:
-        return self.k.size(3)
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store the new tokens' k, v [B, H, T, head_dim] at positions length..length+T-1 and
-        return the keys and values of every token so far, [B, H, length+T, head_dim]."""
-        end = self.length + k.size(2)
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+from lmlab.models.rope import apply_rope
+from lmlab.models.state import KVCache
 
 
 def causal_mask(n_new: int, n_cached: int, device: torch.device) -> Tensor:
@@ -54,18 +20,31 @@ def causal_mask(n_new: int, n_cached: int, device: torch.device) -> Tensor:
     return torch.ones(n_new, n_cached + n_new, dtype=torch.bool, device=device).tril(diagonal=n_cached)
 
 
-def positions(idx: Tensor, cache: KVCache | None, context_length: int) -> Tensor:
+def positions(idx: Tensor, cache: KVCache | None, context_length: int, remedy: str | None = None) -> Tensor:
     """Positions of the new tokens (they start after the cached ones), checked against the
     context length, since position embeddings and the cache end there."""
     start = 0 if cache is None else cache.length
     end = start + idx.size(1)
     if end > context_length:
         cached = f" ({start} cached + {idx.size(1)} new)" if start else ""
-        raise ValueError(
-            f"sequence of {end} tokens{cached} exceeds the context length {context_length}: "
-            f"crop the input to the last {context_length} tokens or raise model.block_size"
-        )
+        remedy = remedy or f"crop the input to the last {context_length} tokens or raise model.block_size"
+        raise ValueError(f"sequence of {end} tokens{cached} exceeds the context length {context_length}: {remedy}")
     return torch.arange(start, end, device=idx.device)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, cache: KVCache | None, layer: int, dropout: float) -> Tensor:
+    """Causal attention of q [B, H, T, hd] over the cached keys plus k, v [B, H_kv, T, hd] (stored
+    in the cache first). H_kv < H shares each key/value head among H / H_kv query heads (GQA)."""
+    mask, is_causal = None, True
+    if cache is not None:
+        n_cached = cache.length
+        k, v = cache.update(layer, k, v)
+        if n_cached > 0:  # queries are the last T of the keys: is_causal would misalign
+            is_causal = False
+            mask = causal_mask(q.size(2), n_cached, q.device) if q.size(2) > 1 else None  # one token sees all
+    grouped = {"enable_gqa": True} if k.size(1) != q.size(1) else {}
+    # flash / memory-efficient kernels where available
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, **grouped)
 
 
 class CausalSelfAttention(nn.Module):
@@ -84,25 +63,57 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(C, dim=2)
         # [B, T, C] -> [B, H, T, head_dim]: each head attends independently
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-
-        mask, is_causal = None, True
-        if cache is not None:
-            n_cached = cache.length
-            k, v = cache.update(layer, k, v)
-            if n_cached > 0:  # queries are the last T of the keys: is_causal would misalign
-                is_causal = False
-                mask = causal_mask(T, n_cached, x.device) if T > 1 else None  # one token sees all
-
-        # flash / memory-efficient kernels where available
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
-        )
+        y = attend(q, k, v, cache, layer, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.proj(y))
 
 
+class GroupedQueryAttention(nn.Module):
+    """Llama's attention: no biases, n_kv_head key/value heads shared by groups of the n_head query
+    heads (Ainslie et al. 2023; a smaller KV cache), and rotary positions when `rope_base` is set
+    (Jamba's attention layers have none: its Mamba layers tell positions apart)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_head: int,
+        n_kv_head: int,
+        dropout: float = 0.0,
+        rope_base: float | None = None,
+        rope_scaling: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, d_model // n_head
+        self.dropout, self.rope_base, self.rope_scaling = dropout, rope_base, rope_scaling
+        self.q = nn.Linear(d_model, n_head * self.head_dim, bias=False)
+        self.kv = nn.Linear(d_model, 2 * n_kv_head * self.head_dim, bias=False)
+        self.proj = nn.Linear(n_head * self.head_dim, d_model, bias=False)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k, v = self.kv(x).view(B, T, 2, self.n_kv_head, self.head_dim).transpose(1, 3).unbind(2)
+        if self.rope_base is not None:
+            start = 0 if cache is None else cache.length  # every layer sees the same start
+            pos = torch.arange(start, start + T, device=x.device)
+            q = apply_rope(q, pos, self.rope_base, self.rope_scaling)
+            k = apply_rope(k, pos, self.rope_base, self.rope_scaling)
+        y = attend(q, k, v, cache, layer, self.dropout if self.training else 0.0)
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, -1)))
+
+
+def check_kv_heads(n_head: int, n_kv_head: int) -> None:
+    check_sizes(n_kv_head=n_kv_head)
+    if n_head % n_kv_head != 0:
+        raise ValueError(
+            f"n_kv_head must divide n_head (got n_head={n_head}, n_kv_head={n_kv_head}): each key/value head "
+            f"serves n_head / n_kv_head query heads; set model.n_kv_head to a divisor of model.n_head"
+        )
+
+
 class AttentionLM(LanguageModel):
-    """What GPT and TransformerLM share: their size checks, their context and their KV cache.
+    """What GPT, TransformerLM and Llama share: their size checks, their context and their KV cache.
 
     Subclasses build `wte` and `blocks` (each called as `block(x, cache, layer)`); `run_blocks`
     feeds them and advances the cache once all layers have stored the new tokens.
@@ -133,6 +144,7 @@ class AttentionLM(LanguageModel):
         check_dropout(dropout)
         self.vocab_size, self.context_length = vocab_size, block_size
         self.d_model, self.n_layer, self.n_head = d_model, n_layer, n_head
+        self.n_kv_head = n_head  # key/value heads the cache holds; fewer with grouped-query attention
 
     def run_blocks(self, x: Tensor, state: KVCache | None) -> Tensor:
         for layer, block in enumerate(self.blocks):
@@ -144,5 +156,10 @@ class AttentionLM(LanguageModel):
     def init_state(self, batch_size: int, device: torch.device | str) -> KVCache:
         head_dim = self.d_model // self.n_head
         return KVCache(
-            self.n_layer, batch_size, self.n_head, head_dim, self.context_length, device, self.wte.weight.dtype
+            self.n_layer, batch_size, self.n_kv_head, head_dim, self.context_length, device, self.wte.weight.dtype
         )
+
+    def mixing_flops(self, seq_len: int | None) -> int:
+        """Attention scores and weighted sums, 2 x 2 x n_head x head_dim FLOPs per key per layer,
+        with every query counted against seq_len keys (nanoGPT's 12LHQT, a causal upper bound)."""
+        return 4 * self.n_layer * self.d_model * seq_len

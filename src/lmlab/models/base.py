@@ -3,29 +3,20 @@
 A model maps token ids [B, T] and an optional state to logits [B, T, vocab_size] and a new state.
 The state is whatever lets the next call continue where this one stopped: the hidden state of a
 recurrent net (carried across batches for truncated BPTT) or the KV cache of an attention model
-(carried across calls during generation).
+(carried across calls during generation); see state.py. Bad sizes raise a plain ValueError that
+names the config key (`model.KEY`); the run layer turns it into a one-line message.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Union
 
 import torch
 from torch import Tensor, nn
 
-from lmlab.errors import ConfigError
-
-if TYPE_CHECKING:
-    from lmlab.models.attention import KVCache
-
-State = Union[Tensor, tuple[Tensor, ...], "KVCache"]
-
-
-class ModelConfigError(ConfigError, ValueError):
-    """A bad model size: a ValueError as PyTorch users expect, a ConfigError so entry points
-    print it as one line."""
+from lmlab.models.moe import MoE
+from lmlab.models.state import State, detach_state  # noqa: F401  (State and detach_state were defined here)
 
 
 class LanguageModel(nn.Module, ABC):
@@ -39,24 +30,40 @@ class LanguageModel(nn.Module, ABC):
         """idx: LongTensor [B, T] -> (logits [B, T, vocab_size], new_state)."""
 
     @abstractmethod
-    def init_state(self, batch_size: int, device: torch.device | str) -> State:
-        """The state before any token: zero hidden state (recurrent) or an empty KVCache."""
+    def init_state(self, batch_size: int, device: torch.device | str) -> State | None:
+        """The state before any token: zero hidden state (recurrent) or an empty cache."""
+
+    def aux_loss(self) -> Tensor | None:
+        """The weighted load-balancing loss of the last forward's mixture-of-experts layers (their
+        mean), to add to the training loss; None for a model without experts."""
+        losses = [m.weighted_loss for m in self.modules() if isinstance(m, MoE) and m.weighted_loss is not None]
+        return torch.stack(losses).mean() if losses else None
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token at sequence length `seq_len` (default: the context length):
+        6N for the weights (2 per weight forward, 4 backward) plus 3x the forward FLOPs of the
+        sequence mixing that no weight accounts for (attention scores, the SSM scan). docs/models.md."""
+        length = self.context_length if seq_len is None else seq_len
+        return 6 * self.matmul_parameters() + 3 * self.mixing_flops(length)
+
+    def matmul_parameters(self) -> int:
+        """N of 6N: every parameter a token passes through. Embedding tables that are only looked up
+        (position tables, an untied input embedding) are left out; a tied one counts once, as the
+        output layer. Experts a token is not routed to are left out (top_k of n_experts run)."""
+        in_linear = {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear)}
+        lookups = sum(
+            m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding) and id(m.weight) not in in_linear
+        )
+        idle_experts = sum(m.idle_parameters() for m in self.modules() if isinstance(m, MoE))
+        return count_parameters(self) - lookups - idle_experts
+
+    def mixing_flops(self, seq_len: int | None) -> int:
+        """Forward FLOPs per token of sequence mixing outside the weights; none for pure recurrences."""
+        return 0
 
     def _unpad(self, logits: Tensor) -> Tensor:
         """Drop the logits of padding rows, so padding never changes the probabilities."""
         return logits if logits.size(-1) == self.vocab_size else logits[..., : self.vocab_size]
-
-
-def detach_state(state: State | None) -> State | None:
-    """Cut the autograd history of a carried state, so truncated BPTT backpropagates through
-    one batch only instead of through every batch since the start of the epoch."""
-    if state is None:
-        return None
-    if isinstance(state, Tensor):
-        return state.detach()
-    if isinstance(state, tuple):
-        return tuple(detach_state(s) for s in state)
-    raise TypeError(f"detach_state expects None, a Tensor or a tuple of Tensors, got {type(state).__name__}")
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -74,18 +81,33 @@ def check_sizes(**sizes: int) -> None:
     """Reject sizes < 1 with a message naming the config key, before torch fails obscurely."""
     for key, value in sizes.items():
         if value < 1:
-            raise ModelConfigError(f"{key} must be >= 1 (got {value}): set model.{key} to a positive integer")
+            raise ValueError(f"{key} must be >= 1 (got {value}): set model.{key} to a positive integer")
 
 
 def check_dropout(dropout: float) -> None:
     if not 0.0 <= dropout < 1.0:
-        raise ModelConfigError(f"dropout must be in [0, 1) (got {dropout}): set model.dropout to e.g. 0.1")
+        raise ValueError(f"dropout must be in [0, 1) (got {dropout}): set model.dropout to e.g. 0.1")
 
 
 def check_heads(d_model: int, n_head: int) -> None:
     """Each head gets d_model / n_head channels, so the split must be exact."""
     if d_model % n_head != 0:
-        raise ModelConfigError(
+        raise ValueError(
             f"d_model must be divisible by n_head (got d_model={d_model}, n_head={n_head}): "
             f"set model.d_model to a multiple of model.n_head"
+        )
+
+
+def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {', '.join(choices)} (got {value!r}): set model.{key} to one of them")
+
+
+def check_period(key: str, every: int, n_layer: int, what: str) -> None:
+    """A layer pattern that repeats every `every` layers must fit the stack at least once."""
+    check_sizes(**{key: every})
+    if every > n_layer:
+        raise ValueError(
+            f"{key}={every} is longer than the stack (n_layer={n_layer}), so no layer would be {what}: "
+            f"set model.{key} <= model.n_layer"
         )

@@ -6,8 +6,10 @@ import math
 
 from torch import Tensor, nn
 
-from lmlab.models.attention import AttentionLM, CausalSelfAttention, KVCache, positions
+from lmlab.models.attention import AttentionLM, CausalSelfAttention, positions
 from lmlab.models.base import padded_vocab_size
+from lmlab.models.moe import MoE, check_moe, is_moe_layer
+from lmlab.models.state import KVCache
 
 
 class MLP(nn.Module):
@@ -26,14 +28,15 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """x = x + attn(ln1(x)); x = x + mlp(ln2(x)). Pre-norm keeps an identity path from input to
-    output, which is why deep GPTs train without the warm-up post-norm needs."""
+    output, which is why deep GPTs train without the warm-up post-norm needs. `mlp` is an MLP or a
+    mixture of MLP experts."""
 
-    def __init__(self, d_model: int, n_head: int, dropout: float, bias: bool) -> None:
+    def __init__(self, d_model: int, n_head: int, dropout: float, bias: bool, mlp: nn.Module) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model, bias=bias)
         self.attn = CausalSelfAttention(d_model, n_head, dropout, bias=bias)
         self.ln2 = nn.LayerNorm(d_model, bias=bias)
-        self.mlp = MLP(d_model, dropout, bias)
+        self.mlp = mlp
 
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
         x = x + self.attn(self.ln1(x), cache, layer)
@@ -44,6 +47,8 @@ class GPT(AttentionLM):
     """Token + learned position embeddings, pre-norm blocks, final LayerNorm, tied lm_head.
 
     bias=False drops the biases of linear layers and LayerNorms: a little faster, no worse.
+    n_experts > 0 replaces the MLP of every `moe_every`-th block by `n_experts` MLPs, each token
+    routed to `top_k` of them (moe.py); aux_loss() then returns their load-balancing loss.
     """
 
     def __init__(
@@ -56,14 +61,24 @@ class GPT(AttentionLM):
         block_size: int = 256,
         bias: bool = False,
         pad_vocab_to: int = 1,
+        n_experts: int = 0,
+        top_k: int = 2,
+        moe_every: int = 1,
+        aux_loss_weight: float = 0.01,
     ) -> None:
         super().__init__(vocab_size, d_model, n_layer, n_head, dropout, block_size, pad_vocab_to)
+        check_moe(n_experts, top_k, moe_every, n_layer, aux_loss_weight)
+
+        def mlp(layer: int) -> nn.Module:
+            if is_moe_layer(layer, n_experts, moe_every):
+                return MoE(d_model, n_experts, top_k, aux_loss_weight, lambda: MLP(d_model, dropout, bias))
+            return MLP(d_model, dropout, bias)
 
         n_rows = padded_vocab_size(vocab_size, pad_vocab_to)
         self.wte = nn.Embedding(n_rows, d_model)
         self.wpe = nn.Embedding(block_size, d_model)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(d_model, n_head, dropout, bias) for _ in range(n_layer))
+        self.blocks = nn.ModuleList(Block(d_model, n_head, dropout, bias, mlp(i)) for i in range(n_layer))
         self.ln_f = nn.LayerNorm(d_model, bias=bias)
         self.lm_head = nn.Linear(d_model, n_rows, bias=False)
         # weight tying: the output layer reuses the token embedding (Press & Wolf, 2017)
@@ -72,9 +87,9 @@ class GPT(AttentionLM):
         # GPT-2 init: N(0, 0.02); the projections that write into the residual stream get
         # 0.02 / sqrt(2 * n_layer), as 2 * n_layer of them add up along it
         self.apply(self._init_weights)
-        for block in self.blocks:
-            for proj in (block.attn.proj, block.mlp.proj):
-                nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+        for name, weight in self.blocks.named_parameters():
+            if name.endswith("proj.weight"):  # attention and MLP (or expert) output projections
+                nn.init.normal_(weight, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -87,12 +102,3 @@ class GPT(AttentionLM):
         pos = positions(idx, state, self.context_length)
         x = self.run_blocks(self.drop(self.wte(idx) + self.wpe(pos)), state)
         return self._unpad(self.lm_head(self.ln_f(x))), state
-
-    def flops_per_token(self) -> int:
-        """Training FLOPs per token, nanoGPT's estimate_mfu (PaLM paper, appendix B):
-        6*N + 12*L*H*Q*T, with N the parameters that take part in matmuls (all of them but the
-        position table, a lookup), L = n_layer, H = n_head, Q = head_dim, T = block_size.
-        6N is forward + backward through the weights; 12LHQT is the attention scores and sums."""
-        n_params = sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
-        head_dim = self.d_model // self.n_head
-        return 6 * n_params + 12 * self.n_layer * self.n_head * head_dim * self.context_length

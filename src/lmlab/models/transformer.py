@@ -12,8 +12,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from lmlab.models.attention import AttentionLM, CausalSelfAttention, KVCache, positions
+from lmlab.models.attention import AttentionLM, CausalSelfAttention, positions
 from lmlab.models.base import padded_vocab_size
+from lmlab.models.state import KVCache
 
 
 def sinusoidal_positions(n_positions: int, d_model: int) -> Tensor:

@@ -1,0 +1,165 @@
+"""A Jamba-style hybrid (Lieber et al. 2024): Mamba layers with an attention layer every `attn_every`
+layers, and a mixture-of-experts feed-forward on every `moe_every`-th layer.
+
+Mamba layers carry most of the sequence mixing at a fixed state size; the few attention layers
+give exact recall over the context. Every layer is two pre-norm residual sub-layers, a mixer
+(attention or Mamba) and a feed-forward (SwiGLU or MoE). No position encoding: the Mamba layers
+order the tokens, as in the paper.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lmlab.models.attention import GroupedQueryAttention, check_kv_heads, positions
+from lmlab.models.base import (
+    LanguageModel,
+    check_dropout,
+    check_heads,
+    check_period,
+    check_sizes,
+    padded_vocab_size,
+)
+from lmlab.models.ffn import SwiGLU, swiglu_hidden
+from lmlab.models.mamba import MambaMixer, check_mamba, empty_ssm_cache, init_residual_stack, stack_states
+from lmlab.models.moe import MoE, check_moe, is_moe_layer
+from lmlab.models.state import HybridCache, KVCache
+
+
+class JambaLayer(nn.Module):
+    """x = x + drop(mixer(norm1(x))); x = x + mlp(norm2(x)). The model feeds the mixer its state."""
+
+    def __init__(self, d_model: int, mixer: nn.Module, mlp: nn.Module, dropout: float, norm_eps: float) -> None:
+        super().__init__()
+        self.norm1 = nn.RMSNorm(d_model, eps=norm_eps)
+        self.mixer = mixer
+        self.drop = nn.Dropout(dropout)
+        self.norm2 = nn.RMSNorm(d_model, eps=norm_eps)
+        self.mlp = mlp
+
+    @property
+    def is_attention(self) -> bool:
+        return isinstance(self.mixer, GroupedQueryAttention)
+
+
+class Jamba(LanguageModel):
+    """Layer i is attention when i % attn_every == attn_offset (Jamba: 1 in 8, offset 4), Mamba
+    otherwise; n_experts > 0 makes every `moe_every`-th feed-forward a mixture of experts.
+
+    Its context is `block_size` (the attention layers' KV cache). Like the attention models it
+    returns a state only when given one (init_state: a HybridCache of the attention layers' KV cache
+    and the Mamba layers' SSMCache), so generation carries both.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int = 384,
+        n_layer: int = 8,
+        n_head: int = 6,
+        n_kv_head: int | None = None,
+        attn_every: int = 8,
+        attn_offset: int = 4,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | None = None,
+        d_ff: int | None = None,
+        multiple_of: int = 32,
+        n_experts: int = 0,
+        top_k: int = 2,
+        moe_every: int = 2,
+        aux_loss_weight: float = 0.01,
+        dropout: float = 0.0,
+        block_size: int = 256,
+        tie_weights: bool = True,
+        norm_eps: float = 1e-5,
+        scan: str = "parallel",
+        kernels: str = "auto",
+        pad_vocab_to: int = 1,
+    ) -> None:
+        super().__init__()
+        n_kv_head = n_head if n_kv_head is None else n_kv_head
+        check_sizes(
+            vocab_size=vocab_size,
+            d_model=d_model,
+            n_layer=n_layer,
+            n_head=n_head,
+            block_size=block_size,
+            multiple_of=multiple_of,
+            pad_vocab_to=pad_vocab_to,
+            **({} if d_ff is None else {"d_ff": d_ff}),
+        )
+        check_heads(d_model, n_head)
+        check_kv_heads(n_head, n_kv_head)
+        check_period("attn_every", attn_every, n_layer, "attention")
+        if not 0 <= attn_offset < attn_every:
+            raise ValueError(
+                f"attn_offset must be in [0, attn_every) (got attn_offset={attn_offset}, attn_every={attn_every}): "
+                f"set model.attn_offset between 0 and model.attn_every - 1"
+            )
+        check_mamba(d_state, d_conv, expand, dt_rank, scan, kernels)
+        check_moe(n_experts, top_k, moe_every, n_layer, aux_loss_weight)
+        check_dropout(dropout)
+        self.vocab_size, self.context_length = vocab_size, block_size
+        self.d_model, self.n_layer, self.n_head, self.n_kv_head = d_model, n_layer, n_head, n_kv_head
+        d_ff = swiglu_hidden(d_model, multiple_of) if d_ff is None else d_ff
+
+        def mixer(layer: int) -> nn.Module:
+            if layer % attn_every == attn_offset:
+                return GroupedQueryAttention(d_model, n_head, n_kv_head, dropout)
+            return MambaMixer(d_model, d_state, d_conv, expand, dt_rank, scan, kernels)
+
+        def mlp(layer: int) -> nn.Module:
+            if is_moe_layer(layer, n_experts, moe_every):
+                return MoE(d_model, n_experts, top_k, aux_loss_weight, lambda: SwiGLU(d_model, d_ff, dropout))
+            return SwiGLU(d_model, d_ff, dropout)
+
+        n_rows = padded_vocab_size(vocab_size, pad_vocab_to)
+        self.wte = nn.Embedding(n_rows, d_model)
+        self.drop = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(JambaLayer(d_model, mixer(i), mlp(i), dropout, norm_eps) for i in range(n_layer))
+        self.norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.lm_head = nn.Linear(d_model, n_rows, bias=False)
+        init_residual_stack(self, n_layer)
+        if tie_weights:
+            self.lm_head.weight = self.wte.weight
+
+    def forward(self, idx: Tensor, state: HybridCache | None = None) -> tuple[Tensor, HybridCache | None]:
+        kv = None if state is None else state.kv
+        positions(idx, kv, self.context_length)  # the KV cache ends at block_size
+        x, conv, ssm, n_attention = self.drop(self.wte(idx)), [], [], 0
+        for layer in self.layers:
+            h = layer.norm1(x)
+            if layer.is_attention:
+                h = layer.mixer(h, kv, n_attention)
+                n_attention += 1
+            else:
+                m = len(conv)
+                h, c, s = layer.mixer(h, *((None, None) if state is None else (state.ssm.conv[m], state.ssm.ssm[m])))
+                conv.append(c)
+                ssm.append(s)
+            x = x + layer.drop(h)
+            x = x + layer.mlp(layer.norm2(x))
+        logits = self._unpad(self.lm_head(self.norm(x)))
+        if state is None:
+            return logits, None
+        kv.length += idx.size(1)
+        return logits, HybridCache(kv, stack_states(conv, ssm) if conv else state.ssm)
+
+    def init_state(self, batch_size: int, device: torch.device | str) -> HybridCache:
+        dtype = self.wte.weight.dtype
+        n_attention = sum(layer.is_attention for layer in self.layers)
+        kv = KVCache(
+            n_attention, batch_size, self.n_kv_head, self.d_model // self.n_head, self.context_length, device, dtype
+        )
+        mixers = [layer.mixer for layer in self.layers if not layer.is_attention]
+        return HybridCache(kv, empty_ssm_cache(mixers, batch_size, device, dtype))
+
+    def mixing_flops(self, seq_len: int | None) -> int:
+        """Attention layers: 4 x d_model FLOPs per key over seq_len keys (nanoGPT's convention);
+        Mamba layers: their scan."""
+        return sum(
+            4 * self.d_model * seq_len if layer.is_attention else layer.mixer.mixing_flops() for layer in self.layers
+        )

@@ -1,0 +1,147 @@
+"""What a model carries from one call to the next, and the two things callers do to it.
+
+A state is None, a Tensor or tuple of Tensors with the batch on dim 1 (recurrent hidden states,
+[n_layer, B, d]), or one of the containers below. Callers never look inside: truncated BPTT
+cuts its history (`detach_state`) and beam search or batching keeps some rows (`select_state`).
+Every container therefore implements `detach()` and `index_select(index)`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, for every attention layer, preallocated (as in litgpt).
+
+    Generation then computes keys and values for the new tokens only: each step costs O(T)
+    instead of re-running the whole prefix at O(T^2). Fill it under torch.no_grad(): it is
+    written in place. Attention layer `layer` reads and writes k[layer] and v[layer]; the model
+    advances `length` once per forward, after all layers.
+    """
+
+    def __init__(
+        self,
+        n_layer: int,
+        batch_size: int,
+        n_head: int,
+        head_dim: int,
+        max_length: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        shape = (n_layer, batch_size, n_head, max_length, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # tokens cached so far
+
+    @property
+    def max_length(self) -> int:
+        return self.k.size(3)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the new tokens' k, v [B, H, T, head_dim] at positions length..length+T-1 and
+        return the keys and values of every token so far, [B, H, length+T, head_dim]."""
+        end = self.length + k.size(2)
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def index_select(self, index: Tensor) -> KVCache:
+        """A new cache holding batch rows `index` (repeats allowed), the same length."""
+        cache = copy.copy(self)
+        cache.k, cache.v = self.k.index_select(1, index), self.v.index_select(1, index)
+        return cache
+
+    def detach(self) -> KVCache:
+        cache = copy.copy(self)
+        cache.k, cache.v = self.k.detach(), self.v.detach()
+        return cache
+
+
+@dataclass
+class SSMCache:
+    """Mamba's constant-size recurrent state: the last d_conv-1 inputs of every layer's causal
+    convolution [n_layer, B, d_inner, d_conv-1] and the SSM state [n_layer, B, d_inner, d_state].
+    It never grows with the context, which is why Mamba's generation cost per token stays flat."""
+
+    conv: Tensor
+    ssm: Tensor
+
+    def index_select(self, index: Tensor) -> SSMCache:
+        return SSMCache(self.conv.index_select(1, index), self.ssm.index_select(1, index))
+
+    def detach(self) -> SSMCache:
+        return SSMCache(self.conv.detach(), self.ssm.detach())
+
+
+@dataclass
+class HybridCache:
+    """A hybrid stack's state: its attention layers' KV cache and its Mamba layers' SSMCache."""
+
+    kv: KVCache
+    ssm: SSMCache
+
+    def index_select(self, index: Tensor) -> HybridCache:
+        return HybridCache(self.kv.index_select(index), self.ssm.index_select(index))
+
+    def detach(self) -> HybridCache:
+        return HybridCache(self.kv.detach(), self.ssm.detach())
+
+
+@dataclass
+class MemoryState:
+    """An LSTM with attention over its past: the LSTM's (h, c) [n_layer, B, d] and the keys and
+    values of at most `window` previous top-layer outputs [B, n_head, m, head_dim], m <= window."""
+
+    hidden: tuple[Tensor, Tensor]
+    keys: Tensor
+    values: Tensor
+
+    def index_select(self, index: Tensor) -> MemoryState:
+        h, c = self.hidden
+        return MemoryState(
+            (h.index_select(1, index), c.index_select(1, index)),
+            self.keys.index_select(0, index),
+            self.values.index_select(0, index),
+        )
+
+    def detach(self) -> MemoryState:
+        h, c = self.hidden
+        return MemoryState((h.detach(), c.detach()), self.keys.detach(), self.values.detach())
+
+
+Container = KVCache | SSMCache | HybridCache | MemoryState
+State = Tensor | tuple["State", ...] | Container
+
+
+def detach_state(state: State | None) -> State | None:
+    """Cut the autograd history of a carried state, so truncated BPTT backpropagates through
+    one batch only instead of through every batch since the start of the epoch."""
+    if state is None:
+        return None
+    if isinstance(state, Tensor):
+        return state.detach()
+    if isinstance(state, tuple):
+        return tuple(detach_state(s) for s in state)
+    if isinstance(state, Container):
+        return state.detach()
+    raise TypeError(f"detach_state expects None, a Tensor, a tuple or a model state, got {type(state).__name__}")
+
+
+def select_state(state: State | None, index: Tensor) -> State | None:
+    """Batch rows `index` of a state (repeats allowed): beam search follows its surviving beams
+    this way, and a batch can drop finished rows. Tensors keep the batch on dim 1."""
+    if state is None:
+        return None
+    if isinstance(state, Tensor):
+        return state.index_select(1, index)
+    if isinstance(state, tuple):
+        return tuple(select_state(s, index) for s in state)
+    if isinstance(state, Container):
+        return state.index_select(index)
+    raise TypeError(f"select_state expects None, a Tensor, a tuple or a model state, got {type(state).__name__}")
