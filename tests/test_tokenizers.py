@@ -25,7 +25,12 @@ TRAIN = SHAKESPEARE[:100_000]
 HELD_OUT = SHAKESPEARE[500_000:520_000]
 NON_ASCII = "naïve café — 日本語 🙂\n"
 
-FACTORIES = {"char": CharTokenizer, "word": WordTokenizer, "bpe": lambda: BPETokenizer(512)}
+FACTORIES = {
+    "char": CharTokenizer,
+    "word": WordTokenizer,
+    "word-closed": lambda: WordTokenizer(unk=True),
+    "bpe": lambda: BPETokenizer(512),
+}
 
 
 @pytest.fixture(scope="module", params=list(FACTORIES))
@@ -66,8 +71,8 @@ def test_bpe_round_trips_any_text_exactly():
     assert tokenizer.unknown_symbols(NON_ASCII) == []
 
 
-def test_word_round_trip_is_normalize_spacing():
-    tokenizer = WordTokenizer(min_frequency=1)
+def test_closed_word_round_trip_is_normalize_spacing():
+    tokenizer = WordTokenizer(min_frequency=1, unk=True)
     tokenizer.train(TRAIN)
     text = (
         "First Citizen:\nYou are all resolved rather to die than to famish?\n\n"
@@ -90,17 +95,18 @@ def test_word_splits_words_punctuation_and_newlines():
     assert split_words("It's  fine.\n\tOK") == ["It", "'", "s", "fine", ".", "\n", "OK"]
 
 
-def test_word_min_frequency_and_max_vocab_size():
-    all_words = WordTokenizer(min_frequency=1)
+@pytest.mark.parametrize("unk, cap", [(True, 100), (False, 300)])
+def test_word_min_frequency_and_max_vocab_size(unk, cap):
+    all_words = WordTokenizer(min_frequency=1, unk=unk)
     all_words.train(TRAIN)
-    frequent = WordTokenizer(min_frequency=2)
+    frequent = WordTokenizer(min_frequency=2, unk=unk)
     frequent.train(TRAIN)
-    capped = WordTokenizer(min_frequency=1, max_vocab_size=100)
+    capped = WordTokenizer(min_frequency=1, max_vocab_size=cap, unk=unk)
     capped.train(TRAIN)
-    assert all_words.vocab_size > frequent.vocab_size > capped.vocab_size == 100
+    assert all_words.vocab_size > frequent.vocab_size > capped.vocab_size == cap
 
 
-@pytest.mark.parametrize("make", [CharTokenizer, WordTokenizer])
+@pytest.mark.parametrize("make", [CharTokenizer, lambda: WordTokenizer(unk=True)])
 def test_unknowns_map_to_unk(make):
     tokenizer = make()
     tokenizer.train("ab ab ab\nba ba\n")
@@ -109,7 +115,8 @@ def test_unknowns_map_to_unk(make):
     assert tokenizer.unknown_symbols(text) == unknown
     ids = tokenizer.encode(text)
     assert tokenizer.unk_id == 0
-    assert (ids == tokenizer.unk_id).sum() == len(unknown)
+    assert (ids == tokenizer.unk_id).sum() == len(unknown) == tokenizer.count_unknown(text)
+    assert tokenizer.emits_unk
     expected = {"char": "ab \ufffd\ufffd ab\n", "word": "ab <unk> ab\n"}[tokenizer.name]
     assert tokenizer.decode(ids) == expected
 
@@ -127,6 +134,18 @@ def test_save_load_is_exact_json(trained, tmp_path):
         assert loaded.unk_id == trained.unk_id
         assert np.array_equal(loaded.encode(HELD_OUT), trained.encode(HELD_OUT))
         assert loaded.to_json() == trained.to_json()
+
+
+def test_version_1_word_files_load_as_the_closed_vocabulary_they_were():
+    closed = WordTokenizer(min_frequency=1, max_vocab_size=500, unk=True)
+    closed.train(TRAIN)
+    document = json.loads(closed.to_json())
+    document["format"] = "lmlab-tokenizer/1"
+    document["config"] = {"name": "word", "min_frequency": 1, "max_vocab_size": 500}  # what version 1 wrote
+    loaded = load_tokenizer(json.dumps(document))
+    assert loaded.config() == closed.config()
+    assert np.array_equal(loaded.encode(HELD_OUT), closed.encode(HELD_OUT))
+    assert loaded.decode(loaded.encode(HELD_OUT)) == closed.decode(closed.encode(HELD_OUT))
 
 
 def test_load_rejects_other_json():
@@ -152,7 +171,10 @@ def test_bpe_vocab_size_is_respected():
     [
         (lambda: BPETokenizer(100), "tokenizer.vocab_size=100"),
         (lambda: WordTokenizer(min_frequency=0), "tokenizer.min_frequency=0"),
-        (lambda: WordTokenizer(max_vocab_size=1), "tokenizer.max_vocab_size=1"),
+        (lambda: WordTokenizer(max_vocab_size=1, unk=True), "tokenizer.max_vocab_size=1"),
+        (lambda: WordTokenizer(max_vocab_size=256), "tokenizer.max_vocab_size=256"),
+        (lambda: WordTokenizer(split="spaces"), "tokenizer.split='spaces'"),
+        (lambda: WordTokenizer(eos_per_line=True), "tokenizer.eos_per_line=true needs a closed vocabulary"),
     ],
 )
 def test_bad_settings_raise_config_error(make, key):
@@ -188,7 +210,6 @@ def test_chunked_encoding_equals_whole_text_encoding(trained):
     ids = trained.encode(text)
     pieces = np.concatenate([trained.encode(c) for c in split_chunks(text, size=777)])
     assert np.array_equal(ids, pieces)
-    if trained.name != "char":
-        assert ids.tolist() == trained._hf.encode(text).ids
-    if trained.name == "bpe":
+    assert ids.tolist() == trained.hf_tokenizer().encode(text).ids  # what an export to transformers gives
+    if trained.name == "bpe" or not trained.emits_unk:
         assert trained.decode(ids) == text

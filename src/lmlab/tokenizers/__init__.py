@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from lmlab.errors import ConfigError
-from lmlab.tokenizers.base import FORMAT, Tokenizer
+from lmlab.tokenizers.base import FORMAT, FORMAT_V1, Tokenizer
 from lmlab.tokenizers.bpe import BPETokenizer
 from lmlab.tokenizers.char import CharTokenizer
 from lmlab.tokenizers.word import WordTokenizer
@@ -14,6 +14,9 @@ from lmlab.tokenizers.word import WordTokenizer
 __all__ = ["BPETokenizer", "CharTokenizer", "Tokenizer", "WordTokenizer", "load_tokenizer"]
 
 _CLASSES: dict[str, type[Tokenizer]] = {cls.name: cls for cls in (CharTokenizer, WordTokenizer, BPETokenizer)}
+
+# Settings that version-1 files predate, with the behaviour those files had: word tokenizers were closed.
+_V1_SETTINGS = {"word": {"unk": True}}
 
 
 def load_tokenizer(path_or_json: str | Path) -> Tokenizer:
@@ -23,9 +26,12 @@ def load_tokenizer(path_or_json: str | Path) -> Tokenizer:
     else:
         text, source = Path(path_or_json).read_text(encoding="utf-8"), str(path_or_json)
     document = json.loads(text)
-    if not isinstance(document, dict) or document.get("format") != FORMAT:
+    if not isinstance(document, dict) or document.get("format") not in (FORMAT, FORMAT_V1):
         raise ConfigError(f"{source} is not an lmlab tokenizer (expected format {FORMAT!r})")
     settings = dict(document["config"])
-    tokenizer = _CLASSES[settings.pop("name")](**settings)
+    name = settings.pop("name")
+    if document["format"] == FORMAT_V1:
+        settings = {**_V1_SETTINGS.get(name, {}), **settings}
+    tokenizer = _CLASSES[name](**settings)
     tokenizer._load_state(document["state"])
     return tokenizer

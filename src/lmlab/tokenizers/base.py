@@ -21,7 +21,10 @@ from tokenizers.trainers import Trainer
 from lmlab.errors import DataError
 from lmlab.io import atomic_write_text
 
-FORMAT = "lmlab-tokenizer/1"
+# Version 2 added the word tokenizer's open vocabulary (settings unk, split, eos_per_line);
+# version-1 files still load, their word tokenizers as the closed vocabulary they were.
+FORMAT = "lmlab-tokenizer/2"
+FORMAT_V1 = "lmlab-tokenizer/1"
 
 # Chunks of ~16 KB let HF's encode_batch spread a large corpus over every core.
 CHUNK_CHARS = 1 << 14
@@ -59,7 +62,7 @@ class Tokenizer(ABC):
         self._train(text)
 
     def encode(self, text: str) -> np.ndarray:
-        """The ids of `text` as an int32 array; unseen symbols become `unk_id`."""
+        """The ids of `text` as an int32 array; symbols the vocabulary lacks become `unk_id`, if any."""
         self._require_trained()
         return self._encode(text)
 
@@ -99,6 +102,20 @@ class Tokenizer(ABC):
     def unk_id(self) -> int | None:
         """The id of anything the vocabulary lacks; None when nothing can be unknown."""
 
+    @property
+    def emits_unk(self) -> bool:
+        """Whether some text can encode to `<unk>`: such runs skip the cost of the unknown bytes, so
+        their scores are optimistic wherever the `<unk>` rate is not zero."""
+        return self.unk_id is not None
+
+    def special_tokens(self) -> dict[str, str]:
+        """transformers' names for this vocabulary's special tokens (e.g. eos_token), for export."""
+        return {}
+
+    @abstractmethod
+    def hf_tokenizer(self) -> HFTokenizer:
+        """A HF `tokenizers.Tokenizer` giving the same ids and decoding: what transformers loads."""
+
     @abstractmethod
     def config(self) -> dict[str, Any]:
         """The constructor settings plus "name": what cache keys and checkpoints record."""
@@ -106,6 +123,11 @@ class Tokenizer(ABC):
     @abstractmethod
     def unknown_symbols(self, text: str) -> list[str]:
         """The distinct characters or words of `text` that the vocabulary lacks, in order."""
+
+    @abstractmethod
+    def count_unknown(self, text: str) -> int:
+        """How many tokens of `text` become `<unk>` because the vocabulary lacks them (`<unk>`
+        written in the text itself, as Penn Treebank has it, is not counted)."""
 
     @abstractmethod
     def _train(self, text: str) -> None: ...
@@ -160,6 +182,10 @@ class HFBackedTokenizer(Tokenizer):
         # encode_batch runs the chunks on all cores (Rust threads; no GIL, no processes).
         encodings = self._hf.encode_batch(list(split_chunks(text)), add_special_tokens=False)
         return np.concatenate([np.asarray(e.ids, dtype=np.int32) for e in encodings])
+
+    def hf_tokenizer(self) -> HFTokenizer:
+        self._require_trained()
+        return HFTokenizer.from_str(self._hf.to_str())
 
     def _state(self) -> dict[str, Any]:
         return {"hf": json.loads(self._hf.to_str())}

@@ -64,3 +64,9 @@ class BPETokenizer(HFBackedTokenizer):
 
     def unknown_symbols(self, text: str) -> list[str]:
         return []
+
+    def count_unknown(self, text: str) -> int:
+        return 0
+
+    def special_tokens(self) -> dict[str, str]:
+        return {"eos_token": END_OF_TEXT}

@@ -5,10 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from tokenizers import Regex, decoders, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.models import WordLevel
 
 from lmlab.tokenizers.base import Tokenizer
 
 UNK_TEXT = "\ufffd"  # what <unk> decodes to: the Unicode replacement character
+UNK = "<unk>"  # id 0's name in the HF export: no single character can be mistaken for it
 
 
 def _code_points(text: str) -> np.ndarray:
@@ -67,6 +71,19 @@ class CharTokenizer(Tokenizer):
         self._require_trained()
         known = set(self._chars)
         return [c for c in dict.fromkeys(text) if c not in known]
+
+    def count_unknown(self, text: str) -> int:
+        self._require_trained()
+        return int(np.count_nonzero(self._encode(text) == 0))
+
+    def hf_tokenizer(self) -> HFTokenizer:
+        """One piece per character, looked up in a word-level vocabulary; id 0 decodes to U+FFFD."""
+        self._require_trained()
+        vocab = {UNK: 0, **{c: i for i, c in enumerate(self._chars, start=1)}}
+        hf = HFTokenizer(WordLevel(vocab=vocab, unk_token=UNK))
+        hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        hf.decoder = decoders.Sequence([decoders.Replace(UNK, UNK_TEXT), decoders.Fuse()])
+        return hf
 
     def _state(self) -> dict[str, Any]:
         return {"chars": self._chars}
