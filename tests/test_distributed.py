@@ -1,0 +1,144 @@
+"""DDP on 2 CPU processes (gloo) gives the numbers one process gives.
+
+Both processes are started here with torch.multiprocessing and told their rank through LOCAL_RANK,
+so Lightning's `ddp` strategy joins them instead of relaunching the test command. Each runs the
+same three checks as the single process in the test: validation and test bits per byte of a GPT
+(an odd number of 61-token windows, so a naive shard would pad with a duplicate), three stateful
+LSTM steps (2 rows per rank against 4 rows on one process), and stateful validation.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lmlab.data import TextDataModule
+from lmlab.models import GPT, RecurrentLM
+from lmlab.task import LanguageModelTask
+from lmlab.tokenizers import CharTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+ROWS = 4  # stateful training rows in all: ROWS // world_size per rank
+
+
+class BatchRecorder(pl.Callback):
+    """Keeps every training batch this process received, in order."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self.batches.append((batch[0].clone(), batch[1].clone()))
+
+
+def _trainer(devices: int, callbacks=(), **kwargs) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        use_distributed_sampler=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=list(callbacks),
+        **kwargs,
+    )
+
+
+def _datamodule(corpus: Path, **kwargs) -> TextDataModule:
+    module = TextDataModule(CharTokenizer(), str(corpus), cache_dir=str(corpus.parent / "cache"), seed=5, **kwargs)
+    module.prepare_data()
+    return module
+
+
+def _task(model: torch.nn.Module, stateful: bool = False) -> LanguageModelTask:
+    return LanguageModelTask(model, optimizer=partial(torch.optim.AdamW, lr=1e-2), stateful=stateful)
+
+
+def _run_checks(devices: int, corpus: Path) -> dict:
+    """What the test compares between 1 and 2 processes."""
+    results = {}
+    data = _datamodule(corpus, block_size=61, batch_size=4, eval_batch_size=4)
+    torch.manual_seed(0)
+    gpt = _task(GPT(data.tokenizer.vocab_size, d_model=16, n_layer=1, n_head=2, block_size=61))
+    results["val/bpb"] = _trainer(devices).validate(gpt, datamodule=data, verbose=False)[0]["val/bpb"]
+    results["test/bpb"] = _trainer(devices).test(gpt, datamodule=data, verbose=False)[0]["test/bpb"]
+
+    data = _datamodule(corpus, block_size=16, batch_size=ROWS // devices, eval_batch_size=3, stateful=True)
+    torch.manual_seed(0)
+    lstm = _task(RecurrentLM(data.tokenizer.vocab_size, cell="lstm", d_model=16, n_layer=1, dropout=0.0), True)
+    results["initial"] = {k: v.detach().clone() for k, v in lstm.model.state_dict().items()}
+    recorder = BatchRecorder()
+    _trainer(devices, [recorder], max_steps=3, limit_val_batches=0).fit(lstm, datamodule=data)
+    results["batches"] = recorder.batches
+    results["weights"] = {k: v.detach().clone() for k, v in lstm.model.state_dict().items()}
+    results["stateful val/bpb"] = _trainer(devices).validate(lstm, datamodule=data, verbose=False)[0]["val/bpb"]
+    return results
+
+
+def _rank_main(rank: int, port: int, corpus: Path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0")
+    torch.set_num_threads(1)
+    try:
+        torch.save(_run_checks(2, corpus), corpus.parent / f"rank{rank}.pt")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def one_and_two_processes(tmp_path_factory) -> tuple[dict, list[dict], TextDataModule]:
+    corpus = tmp_path_factory.mktemp("ddp") / "corpus.txt"
+    corpus.write_text((REPO / "data" / "tinyshakespeare.txt").read_text()[:30_000])
+    torch.set_num_threads(1)
+    single = _run_checks(1, corpus)  # also fills the token cache the two processes then read
+    mp.spawn(_rank_main, args=(_free_port(), corpus), nprocs=2, join=True)
+    ranks = [torch.load(corpus.parent / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return single, ranks, _datamodule(corpus, block_size=61)
+
+
+def test_distributed_evaluation_scores_every_token_once(one_and_two_processes):
+    single, ranks, data = one_and_two_processes
+    windows = -(-data.corpus.split_tokens["val"] // 61)
+    assert windows % 2 == 1  # the case a distributed sampler pads with a duplicate window
+    for key in ("val/bpb", "test/bpb", "stateful val/bpb"):
+        assert ranks[0][key] == ranks[1][key]  # every rank reports the all-reduced score
+        assert abs(ranks[0][key] - single[key]) < 1e-6, key
+
+
+def test_stateful_ranks_read_their_own_contiguous_streams(one_and_two_processes):
+    single, ranks, _ = one_and_two_processes
+    for rank in ranks:
+        assert len(rank["batches"]) == 3 and rank["batches"][0][0].shape == (ROWS // 2, 16)
+        for (_, y0), (x1, _) in zip(rank["batches"], rank["batches"][1:], strict=False):
+            assert torch.equal(x1[:, 0], y0[:, -1])  # row i of batch k+1 continues row i of batch k
+    for step, (x, y) in enumerate(single["batches"]):  # rank r holds rows 2r, 2r+1 of the one-process layout
+        assert torch.equal(torch.cat([rank["batches"][step][0] for rank in ranks]), x)
+        assert torch.equal(torch.cat([rank["batches"][step][1] for rank in ranks]), y)
+
+
+def test_stateful_training_on_two_processes_matches_one_with_twice_the_rows(one_and_two_processes):
+    single, ranks, _ = one_and_two_processes
+    moved = 0.0
+    for name, weight in single["weights"].items():
+        assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name])  # DDP keeps the replicas equal
+        np.testing.assert_allclose(ranks[0]["weights"][name].numpy(), weight.numpy(), atol=1e-5, err_msg=name)
+        moved = max(moved, (weight - single["initial"][name]).abs().max().item())
+    assert moved > 1e-3  # three AdamW steps at lr 1e-2 moved the weights: the match is not trivial
