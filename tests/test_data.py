@@ -8,7 +8,7 @@ import torch
 
 from lmlab.data import HFDataModule, TextDataModule
 from lmlab.data.corpus import read_local_corpus, split_by_bytes
-from lmlab.data.windows import IGNORE_INDEX, EvalWindows, StreamBatches, TrainWindows
+from lmlab.data.windows import IGNORE_INDEX, EvalWindows, StreamBatches
 from lmlab.errors import DataError
 from lmlab.tokenizers import BPETokenizer, CharTokenizer
 
@@ -58,14 +58,6 @@ def test_folder_corpus_joins_text_files_in_order(tmp_path):
     (tmp_path / "b.txt").write_text("second")
     (tmp_path / "a.txt").write_text("first")
     assert read_local_corpus(tmp_path) == "first\nsecond"
-
-
-def test_train_windows_are_shifted_by_one_and_do_not_overlap():
-    ids = np.arange(100, dtype=np.uint16)
-    data = TrainWindows(ids, block_size=8)
-    assert len(data) == 99 // 8
-    x, y = data.__getitems__([0, 3])
-    assert torch.equal(x[1], torch.arange(24, 32)) and torch.equal(y[1], torch.arange(25, 33))
 
 
 def test_eval_windows_score_every_token_exactly_once():
@@ -136,9 +128,10 @@ def test_hugging_face_dataset_saved_to_disk_loads_offline(tmp_path, monkeypatch)
         {"train": datasets.Dataset.from_dict({"text": lines, "id": list(range(len(lines)))})}
     ).save_to_disk(str(tmp_path / "ds"))
     dm = HFDataModule(CharTokenizer(), str(tmp_path / "ds"), cache_dir=str(tmp_path / "cache"), block_size=16)
-    assert dm.read_corpus() == "\n".join(lines[:400])  # empty and missing rows dropped
+    (text,) = dm.corpus_source().texts["all"].files
+    assert text.read_text() == "\n".join(lines[:400])  # empty and missing rows dropped
     dm.prepare_data()
-    assert dm.name == "ds" and sum(dm.corpus.split_bytes.values()) == len(dm.read_corpus().encode())
+    assert dm.name == "ds" and sum(dm.corpus.split_bytes.values()) == text.stat().st_size
 
 
 def test_hugging_face_dataset_errors_are_one_line(tmp_path, monkeypatch):
@@ -147,7 +140,7 @@ def test_hugging_face_dataset_errors_are_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     datasets.Dataset.from_dict({"body": ["some text"] * 10}).save_to_disk(str(tmp_path / "ds"))
     with pytest.raises(DataError, match="no column 'text'.*data.text_column"):
-        HFDataModule(CharTokenizer(), str(tmp_path / "ds")).read_corpus()
+        HFDataModule(CharTokenizer(), str(tmp_path / "ds"), cache_dir=str(tmp_path / "c")).corpus_source()
     with pytest.raises(DataError, match="could not load Hugging Face dataset") as err:
-        HFDataModule(CharTokenizer(), str(tmp_path / "no-such-dataset")).read_corpus()
+        HFDataModule(CharTokenizer(), str(tmp_path / "no-such-dataset"), cache_dir=str(tmp_path / "c")).corpus_source()
     assert "\n" not in str(err.value)

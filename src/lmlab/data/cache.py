@@ -1,8 +1,8 @@
 """Token ids computed once per (corpus, split, tokenizer) and memory-mapped afterwards.
 
 A cache entry is a folder holding the trained tokenizer, one binary array of ids per split and a
-`meta.json`. It is built in a temporary folder and renamed into place, so an interrupted build
-never leaves an entry that a later run would trust.
+`meta.json`. It is built in a temporary folder (ids appended piece by piece, never all in memory),
+synced and renamed into place, so an interrupted build never leaves an entry a later run would trust.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,9 @@ from lmlab.data.corpus import SPLITS
 from lmlab.tokenizers import Tokenizer, load_tokenizer
 
 CACHE_FORMAT = 1
+
+Pieces = Callable[[], Iterable[str]]  # a split's text, as pieces its tokenizer may encode one by one
+Advance = Callable[[str, int], None]  # progress: (phase, bytes done)
 
 
 @dataclass(frozen=True)
@@ -50,23 +54,65 @@ def tokenizer_identity(tokenizer: Tokenizer) -> dict:
     return {**tokenizer.config(), "vocabulary_sha256": hashlib.sha256(tokenizer.to_json().encode()).hexdigest()}
 
 
-def cache_key(corpus_sha256: str, splits: list[float], tokenizer_config: dict) -> str:
+def cache_key(corpus_sha256: str, splits: list[float] | None, tokenizer_config: dict) -> str:
+    """`splits` is None for a corpus with its own split files (their hash already says where they part)."""
     payload = json.dumps(
-        {"format": CACHE_FORMAT, "corpus": corpus_sha256, "splits": list(splits), "tokenizer": tokenizer_config},
+        {
+            "format": CACHE_FORMAT,
+            "corpus": corpus_sha256,
+            "splits": None if splits is None else list(splits),
+            "tokenizer": tokenizer_config,
+        },
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def entry_folder(cache_dir: str | Path, corpus_name: str, tokenizer: Tokenizer, key: str) -> Path:
+    slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in corpus_name)[:40]
+    return Path(cache_dir).expanduser() / f"{slug}-{tokenizer.name}-{key}"
 
 
 def _id_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
 
 
-def build_entry(folder: Path, tokenizer: Tokenizer, parts: dict[str, str], corpus_sha256: str) -> None:
-    """Train the tokenizer on the training split only (unless it arrives trained), encode every split,
-    write the entry atomically."""
+def train_tokenizer(tokenizer: Tokenizer, pieces: Iterable[str], advance: Advance | None = None) -> None:
+    """Train on the training split only. Tokenizers learn from one string today, so the training
+    split is joined in memory here (the one step of preparation that is not streamed)."""
+    parts = []
+    for piece in pieces:
+        parts.append(piece)
+        if advance:
+            advance("training tokenizer", len(piece.encode("utf-8")))
+    tokenizer.train("".join(parts))
+
+
+def _encode_split(tokenizer: Tokenizer, pieces: Iterable[str], out, dtype, advance: Advance | None) -> tuple[int, ...]:
+    """Append the ids of every piece to `out`; returns (bytes, tokens, unknown tokens)."""
+    nbytes = ntokens = nunk = 0
+    for piece in pieces:
+        ids = tokenizer.encode(piece)
+        ids.astype(dtype).tofile(out)
+        size = len(piece.encode("utf-8"))
+        nbytes, ntokens = nbytes + size, ntokens + len(ids)
+        nunk += 0 if tokenizer.unk_id is None else int(np.count_nonzero(ids == tokenizer.unk_id))
+        if advance:
+            advance("encoding", size)
+    return nbytes, ntokens, nunk
+
+
+def build_entry(
+    folder: Path,
+    tokenizer: Tokenizer,
+    splits: Mapping[str, Pieces],
+    corpus_sha256: str,
+    advance: Advance | None = None,
+) -> None:
+    """Train the tokenizer on the training split only (unless it arrives trained), encode every split
+    piece by piece into its ids file, and move the finished entry into place atomically."""
     if not tokenizer.is_trained:
-        tokenizer.train(parts["train"])
+        train_tokenizer(tokenizer, splits["train"](), advance)
     dtype = _id_dtype(tokenizer.vocab_size)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -82,11 +128,11 @@ def build_entry(folder: Path, tokenizer: Tokenizer, parts: dict[str, str], corpu
             "unk_tokens": {},
         }
         for name in SPLITS:
-            ids = tokenizer.encode(parts[name])
-            ids.astype(dtype).tofile(tmp / f"{name}.bin")
-            meta["bytes"][name] = len(parts[name].encode("utf-8"))
-            meta["tokens"][name] = len(ids)
-            meta["unk_tokens"][name] = 0 if tokenizer.unk_id is None else int(np.count_nonzero(ids == tokenizer.unk_id))
+            with open(tmp / f"{name}.bin", "wb") as out:
+                counts = _encode_split(tokenizer, splits[name](), out, dtype, advance)
+                out.flush()
+                os.fsync(out.fileno())
+            meta["bytes"][name], meta["tokens"][name], meta["unk_tokens"][name] = counts
         tokenizer.save(tmp / "tokenizer.json")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         try:
@@ -117,16 +163,18 @@ def load_entry(folder: Path) -> TokenizedCorpus:
 
 
 def tokenize_with_cache(
-    corpus_name: str, parts: dict[str, str], splits: list[float], tokenizer: Tokenizer, cache_dir: str | Path
+    corpus_name: str, parts: dict[str, str], splits: list[float] | None, tokenizer: Tokenizer, cache_dir: str | Path
 ) -> TokenizedCorpus:
-    """Return the cached entry for this corpus and tokenizer, building it on the first call."""
+    """The cached entry for split texts already in memory, built on the first call."""
     digest = hashlib.sha256()
     for name in SPLITS:
         digest.update(parts[name].encode("utf-8"))
     corpus_sha256 = digest.hexdigest()
-    slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in corpus_name)[:40]
-    key = cache_key(corpus_sha256, splits, tokenizer_identity(tokenizer))
-    folder = Path(cache_dir).expanduser() / f"{slug}-{tokenizer.name}-{key}"
+    folder = entry_folder(
+        cache_dir, corpus_name, tokenizer, cache_key(corpus_sha256, splits, tokenizer_identity(tokenizer))
+    )
     if not (folder / "meta.json").exists():
-        build_entry(folder, tokenizer, parts, corpus_sha256)
+        build_entry(
+            folder, tokenizer, {name: (lambda part=part: [part]) for name, part in parts.items()}, corpus_sha256
+        )
     return load_entry(folder)

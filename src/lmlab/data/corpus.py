@@ -1,17 +1,30 @@
-"""Reading a corpus and cutting it into train/val/test by bytes, before any tokenizer sees it.
+"""Cutting a corpus into train/val/test by bytes, before any tokenizer sees it.
 
 Splitting the raw text (not the token ids) is what makes bits per byte comparable across
-tokenizers: every tokenizer is scored on exactly the same validation and test text.
+tokenizers: every tokenizer is scored on exactly the same validation and test text. The cut
+points are found by `byte_cuts`, which reads only the bytes it needs, so a corpus on disk is cut
+exactly as the same text in memory (`split_by_bytes`) without ever being loaded.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from lmlab.errors import DataError
 
 SPLITS = ("train", "val", "test")
-TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ".csv", ".tsv", ".json", ".jsonl", ".py", ".html", ".xml", ""}
+DEFAULT_FRACTIONS = (0.9, 0.05, 0.05)
+
+ReadBytes = Callable[[int, int], bytes]  # read(start, end) -> the bytes in [start, end)
+
+
+def not_utf8(path: Path | str, byte: int, offset: int) -> DataError:
+    """The error for a file that does not decode as UTF-8, naming where it stops decoding."""
+    return DataError(
+        f"{path} is not UTF-8 text (invalid byte 0x{byte:02x} at byte offset {offset}): "
+        "convert it to UTF-8 (e.g. `iconv -t UTF-8`) or point data.path at a text file"
+    )
 
 
 def read_text_file(path: Path) -> str:
@@ -20,62 +33,69 @@ def read_text_file(path: Path) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise DataError(
-            f"{path} is not UTF-8 text (invalid byte 0x{raw[err.start]:02x} at byte offset {err.start}): "
-            "convert it to UTF-8 (e.g. `iconv -t UTF-8`) or point data.path at a text file"
-        ) from None
+        raise not_utf8(path, raw[err.start], err.start) from None
 
 
-def read_local_corpus(path: str | Path) -> str:
-    """Read a UTF-8 file, or every text file under a folder (sorted, joined by newlines)."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise DataError(f"corpus path {path} does not exist: set data.path to a UTF-8 text file or a folder of them")
-    if path.is_dir():
-        files = sorted(
-            p
-            for p in path.rglob("*")
-            if p.is_file()
-            and p.suffix.lower() in TEXT_SUFFIXES
-            and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        )
-        if not files:
-            raise DataError(
-                f"folder {path} holds no text files (.txt, .md, ...): put UTF-8 text files in it or set data.path to a file"
-            )
-        text = "\n".join(read_text_file(f) for f in files)
-    else:
-        text = read_text_file(path)
+def read_local_corpus(path: str | Path, glob: str | None = None) -> str:
+    """Read a UTF-8 file, or every text file under a folder (sorted, joined by newlines), into memory."""
+    from lmlab.data.sources import local_files  # sources imports this module
+
+    files = local_files(path, glob)
+    text = "\n".join(read_text_file(f) for f in files)
     if not text.strip():
         raise DataError(f"corpus {path} is empty: give data.path a file with text in it")
     return text
 
 
-def split_by_bytes(text: str, fractions: tuple[float, ...] | list[float]) -> dict[str, str]:
-    """Cut text into train/val/test holding the given fractions of its UTF-8 bytes.
-
-    Each cut moves forward to the next line break (or, failing that, the next character), so no
-    word or multi-byte character is cut in two and every split is valid text.
-    """
+def check_fractions(fractions: Sequence[float]) -> None:
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
         raise DataError(
             f"data.splits={list(fractions)} must be three non-negative fractions summing to 1, e.g. [0.9, 0.05, 0.05]"
         )
-    raw = text.encode("utf-8")
+
+
+def _find(read: ReadBytes, needle: bytes, start: int, end: int, block: int = 1 << 20) -> int:
+    """The offset of the first `needle` byte in [start, end), or -1; reads `block` bytes at a time."""
+    while start < end:
+        data = read(start, min(start + block, end))
+        if not data:
+            break
+        found = data.find(needle)
+        if found >= 0:
+            return start + found
+        start += len(data)
+    return -1
+
+
+def byte_cuts(size: int, fractions: Sequence[float], read: ReadBytes) -> list[int]:
+    """The offsets [0, a, b, size] that cut `size` bytes of UTF-8 into train/val/test by `fractions`.
+
+    Each cut moves forward to the next line break within 1% of the text (or, failing that, past
+    any continuation bytes), so no line or multi-byte character is cut in two and every split is
+    valid text. Only the bytes near each cut are read.
+    """
+    check_fractions(fractions)
     cuts = [0]
+    window = max(1, size // 100)
     for target in (fractions[0], fractions[0] + fractions[1]):
-        cut = max(int(len(raw) * target), cuts[-1])
-        newline = raw.find(b"\n", cut, cut + max(1, len(raw) // 100))
+        cut = max(int(size * target), cuts[-1])
+        newline = _find(read, b"\n", cut, min(cut + window, size))
         cut = newline + 1 if newline >= 0 else cut
-        while cut < len(raw) and (raw[cut] & 0xC0) == 0x80:  # never inside a multi-byte character
-            cut += 1
-        cuts.append(min(cut, len(raw)))
-    cuts.append(len(raw))
-    parts = {name: raw[a:b].decode("utf-8") for name, a, b in zip(SPLITS, cuts, cuts[1:])}
-    for name, part in parts.items():
-        if not part:
+        tail = read(cut, min(cut + 4, size))
+        cut += next((i for i, b in enumerate(tail) if (b & 0xC0) != 0x80), len(tail))  # never inside a character
+        cuts.append(min(cut, size))
+    cuts.append(size)
+    for name, start, end in zip(SPLITS, cuts, cuts[1:]):
+        if start == end:
             raise DataError(
-                f"the {name} split is empty: the corpus ({len(raw)} bytes) is too small for data.splits={list(fractions)}; "
+                f"the {name} split is empty: the corpus ({size} bytes) is too small for data.splits={list(fractions)}; "
                 "use a larger corpus or give that split a larger fraction"
             )
-    return parts
+    return cuts
+
+
+def split_by_bytes(text: str, fractions: Sequence[float]) -> dict[str, str]:
+    """Cut text into train/val/test holding the given fractions of its UTF-8 bytes (see `byte_cuts`)."""
+    raw = text.encode("utf-8")
+    cuts = byte_cuts(len(raw), fractions, lambda start, end: raw[start:end])
+    return {name: raw[a:b].decode("utf-8") for name, a, b in zip(SPLITS, cuts, cuts[1:])}

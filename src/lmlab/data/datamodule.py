@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -10,9 +11,10 @@ from torch.utils.data import DataLoader
 
 from lmlab.data.cache import TokenizedCorpus
 from lmlab.data.corpus import SPLITS
+from lmlab.data.hf_text import dataset_text
 from lmlab.data.prepare import prepare_corpus
 from lmlab.data.sampling import EpochSampler, ResumableDataLoader, WindowSampler, check_sampling_mode
-from lmlab.data.sources import CorpusSource, local_source
+from lmlab.data.sources import CorpusSource, check_split_names, local_source
 from lmlab.data.windows import EvalWindows, StreamBatches, TrainWindows, already_batched, shard_rows
 from lmlab.errors import ConfigError, DataError
 from lmlab.tokenizers import Tokenizer
@@ -213,7 +215,9 @@ class HFDataModule(TextDataModule):
 
     A folder written by `Dataset.save_to_disk` loads with `load_from_disk`; anything else goes to
     `load_dataset` (hub names use the local cache first; set HF_DATASETS_OFFLINE=1 offline).
-    The joined text is split by bytes like any other corpus, so scores stay comparable.
+    `split` is cut by bytes like any other corpus; or `train`/`val`/`test` name the dataset's own
+    splits (e.g. train, validation, test). `streaming=True` reads the rows without downloading the
+    dataset first. Each split's text is written once into the cache (`lmlab.data.hf_text`).
     """
 
     def __init__(
@@ -225,35 +229,23 @@ class HFDataModule(TextDataModule):
         config_name: str | None = None,
         split: str = "train",
         text_column: str = "text",
+        streaming: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(tokenizer, path, name or (Path(path).name if path else None), **kwargs)
-        self.config_name, self.split, self.text_column = config_name, split, text_column
+        self.config_name, self.split, self.text_column, self.streaming = config_name, split, text_column, streaming
 
-    def read_corpus(self) -> str:
-        import datasets
-
+    def corpus_source(self) -> CorpusSource:
         if not self.path:
             raise ConfigError("data.path is not set: pass data.path=DATASET_NAME_OR_FOLDER")
-        try:
-            local = Path(self.path).expanduser()
-            if (local / "dataset_info.json").exists() or (local / "dataset_dict.json").exists():
-                loaded = datasets.load_from_disk(str(local))
-                table = loaded[self.split] if isinstance(loaded, datasets.DatasetDict) else loaded
-            else:
-                table = datasets.load_dataset(self.path, self.config_name, split=self.split)
-        except Exception as err:  # datasets raises many types; all mean "cannot load this corpus"
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise DataError(
-                f"could not load Hugging Face dataset '{self.path}' (split '{self.split}'): {reason}; "
-                "check data.path/data.split, or set HF_DATASETS_OFFLINE=1 to use the local cache"
-            ) from None
-        if self.text_column not in table.column_names:
-            raise DataError(
-                f"dataset '{self.path}' has no column '{self.text_column}' (columns: {table.column_names}): "
-                "set data.text_column"
-            )
-        text = "\n".join(t for t in table[self.text_column] if t)
-        if not text.strip():
-            raise DataError(f"dataset '{self.path}' has no text in column '{self.text_column}'")
-        return text
+        if self.glob:
+            raise ConfigError(f"data.glob={self.glob!r} selects files of a folder, not rows of a dataset: drop it")
+        named = check_split_names(None, self.split_paths, self.splits)
+        wanted = self.split_paths if named else {"all": self.split}
+        text = partial(dataset_text, self.path, self.config_name, text_column=self.text_column)
+        files = {
+            role: str(text(split, streaming=self.streaming, cache_dir=self.cache_dir)) for role, split in wanted.items()
+        }
+        if named:
+            return local_source(**files)
+        return local_source(files["all"], splits=self.splits)
