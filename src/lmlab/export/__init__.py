@@ -1,0 +1,26 @@
+"""Export trained lmlab models to Hugging Face transformers (GPT -> GPT2LMHeadModel, Llama -> LlamaForCausalLM)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from lmlab.checkpoint import load_checkpoint
+from lmlab.export.hf_dir import EXPORTERS, export_model, exporter_for
+from lmlab.models import count_parameters
+
+__all__ = ["EXPORTERS", "export_from_config", "export_model", "exporter_for"]
+
+
+def export_from_config(cfg: DictConfig) -> Path:
+    """What `python export.py ckpt=... out=...` runs: the checkpoint's model and tokenizer to `out`."""
+    loaded = load_checkpoint(cfg.ckpt)
+    out = export_model(loaded.model, loaded.tokenizer, cfg.out)
+    exporter = exporter_for(loaded.model)
+    print(
+        f"wrote {out}: {exporter.hf_model} ({count_parameters(loaded.model):,} parameters) and its "
+        f"{loaded.tokenizer.name} tokenizer; load it with "
+        f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}) and AutoTokenizer.from_pretrained(...)"
+    )
+    return out

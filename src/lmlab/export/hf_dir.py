@@ -1,0 +1,105 @@
+"""Write a transformers model directory: config.json, model.safetensors and the tokenizer files.
+
+The directory is built beside `out` and renamed into place, so an interrupted export never leaves a
+half-written model that transformers would load.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from lmlab.errors import ConfigError
+from lmlab.export.gpt2 import gpt2_config, gpt2_weights
+from lmlab.export.llama import llama_config, llama_weights
+from lmlab.models import GPT, LanguageModel, Llama
+from lmlab.tokenizers import Tokenizer
+
+
+@dataclass(frozen=True)
+class Exporter:
+    """How one lmlab model class becomes one transformers class."""
+
+    model_name: str  # the model=... choice that builds it
+    hf_model: str  # transformers class names
+    hf_config: str
+    config: Callable[[Any], dict[str, Any]]
+    weights: Callable[[Any], dict[str, Tensor]]
+
+
+EXPORTERS: dict[type[LanguageModel], Exporter] = {
+    GPT: Exporter("gpt", "GPT2LMHeadModel", "GPT2Config", gpt2_config, gpt2_weights),
+    Llama: Exporter("llama", "LlamaForCausalLM", "LlamaConfig", llama_config, llama_weights),
+}
+
+
+def exporter_for(model: LanguageModel) -> Exporter:
+    """The exporter of `model`'s class, or a one-line error naming the classes that can be exported."""
+    exporter = EXPORTERS.get(type(model))
+    if exporter is None:
+        choices = ", ".join(f"{e.model_name} (as {e.hf_model})" for e in EXPORTERS.values())
+        raise ConfigError(
+            f"a {type(model).__name__} model cannot be exported to transformers: only {choices} can; "
+            "train one of those (model=gpt or model=llama) to export it"
+        )
+    return exporter
+
+
+def _transformers() -> Any:
+    try:
+        import safetensors  # noqa: F401  (save_pretrained writes model.safetensors with it)
+        import transformers
+    except ImportError:
+        raise ConfigError(
+            "export needs the transformers and safetensors packages: pip install transformers safetensors "
+            "(or pip install -e '.[dev]')"
+        ) from None
+    return transformers
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"out={out} already exists and is not an empty folder: choose a new folder")
+
+
+def export_model(model: LanguageModel, tokenizer: Tokenizer, out: str | Path) -> Path:
+    """Write `model` and `tokenizer` as a transformers directory `out` (from_pretrained loads it)."""
+    exporter = exporter_for(model)
+    out = Path(out).expanduser()
+    _check_out(out)
+    transformers = _transformers()
+    if tokenizer.vocab_size != model.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {tokenizer.vocab_size} ids but the model {model.vocab_size}: "
+            "export a model with the tokenizer it was trained with"
+        )
+    hf_tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer.hf_tokenizer(),
+        model_max_length=model.context_length,
+        clean_up_tokenization_spaces=False,  # decoding must give the text back as lmlab does
+        **tokenizer.special_tokens(),
+    )
+    eos = hf_tokenizer.eos_token_id  # None when the vocabulary has no end-of-text token
+    config = getattr(transformers, exporter.hf_config)(
+        **exporter.config(model), bos_token_id=eos, eos_token_id=eos, architectures=[exporter.hf_model]
+    )
+    hf_model = getattr(transformers, exporter.hf_model)(config)
+    hf_model.load_state_dict(exporter.weights(model), strict=True)
+    hf_model.eval()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        hf_model.save_pretrained(tmp)
+        hf_tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out)  # an empty `out` is replaced; anything else was refused above
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
