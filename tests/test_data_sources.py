@@ -273,3 +273,16 @@ def test_spooled_dataset_text_is_reused(tmp_path, monkeypatch):
     (again,) = make().corpus_source().texts["all"].files
     assert again == first and again.stat().st_mtime_ns == stamp  # found again, not rewritten
     assert first.read_text() == TEXT.rstrip("\n").replace("\n\n", "\n")  # empty rows dropped
+
+
+def test_ptb_shaped_text_counts_words_and_eos_and_no_unknowns_for_its_own_unk(tmp_path):
+    folder = tmp_path / "ptb"
+    folder.mkdir()
+    lines = {"train": " the <unk> rose N \n a <unk> fell \n", "valid": " the rose fell \n", "test": " a rose \n"}
+    for name, text in lines.items():
+        (folder / f"ptb.{name}.txt").write_text(text * 20)
+    tokenizer = WordTokenizer(min_frequency=1, unk=True, split="whitespace", eos_per_line=True)
+    dm = prepared(tmp_path, tokenizer, path=str(folder))
+    assert dm.corpus.split_tokens == {"train": (5 + 4) * 20, "val": 4 * 20, "test": 3 * 20}  # words + <eos> per line
+    assert dm.corpus.unk_tokens == {"train": 0, "val": 0, "test": 0}  # <unk> written in PTB is a word of it
+    assert dm.tokenizer.vocab_size == 7  # the, <unk>, rose, N, a, fell + <eos>

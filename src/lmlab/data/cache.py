@@ -96,7 +96,8 @@ def _encode_split(tokenizer: Tokenizer, pieces: Iterable[str], out, dtype, advan
         ids.astype(dtype).tofile(out)
         size = len(piece.encode("utf-8"))
         nbytes, ntokens = nbytes + size, ntokens + len(ids)
-        nunk += 0 if tokenizer.unk_id is None else int(np.count_nonzero(ids == tokenizer.unk_id))
+        if tokenizer.emits_unk and np.any(ids == tokenizer.unk_id):  # unknowns are some of the <unk> ids
+            nunk += tokenizer.count_unknown(piece)  # (PTB's own written <unk>s are not unknown)
         if advance:
             advance("encoding", size)
     return nbytes, ntokens, nunk
