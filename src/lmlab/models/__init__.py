@@ -7,7 +7,17 @@ from lmlab.models.llama import Llama
 from lmlab.models.lstm_attn import LSTMAttentionLM
 from lmlab.models.mamba import Mamba
 from lmlab.models.recurrent import RecurrentLM
-from lmlab.models.state import HybridCache, KVCache, MemoryState, SSMCache, State, detach_state, select_state
+from lmlab.models.state import (
+    HybridCache,
+    KVCache,
+    MemoryState,
+    SSMCache,
+    State,
+    detach_state,
+    select_state,
+    state_from_data,
+    state_to_data,
+)
 from lmlab.models.transformer import TransformerLM
 
 __all__ = [
@@ -27,4 +37,6 @@ __all__ = [
     "count_parameters",
     "detach_state",
     "select_state",
+    "state_from_data",
+    "state_to_data",
 ]

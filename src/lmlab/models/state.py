@@ -3,13 +3,14 @@
 A state is None, a Tensor or tuple of Tensors with the batch on dim 1 (recurrent hidden states,
 [n_layer, B, d]), or one of the containers below. Callers never look inside: truncated BPTT
 cuts its history (`detach_state`) and beam search or batching keeps some rows (`select_state`).
-Every container therefore implements `detach()` and `index_select(index)`.
+Every container therefore implements `detach()` and `index_select(index)`. Checkpoints hold only
+plain data (read with weights_only=True), so `state_to_data`/`state_from_data` convert for them.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -145,3 +146,33 @@ def select_state(state: State | None, index: Tensor) -> State | None:
     if isinstance(state, Container):
         return state.index_select(index)
     raise TypeError(f"select_state expects None, a Tensor, a tuple or a model state, got {type(state).__name__}")
+
+
+def state_to_data(state: State | None) -> object:
+    """Tensors, tuples, dicts and ints only, so a checkpoint can carry the state and still be read
+    with torch.load(weights_only=True), which never runs code from the file."""
+    if state is None or isinstance(state, Tensor):
+        return state
+    if isinstance(state, tuple):
+        return tuple(state_to_data(s) for s in state)
+    if isinstance(state, KVCache):
+        return {"kind": "KVCache", "k": state.k, "v": state.v, "length": state.length}
+    if isinstance(state, Container):
+        return {"kind": type(state).__name__, **{f.name: state_to_data(getattr(state, f.name)) for f in fields(state)}}
+    raise TypeError(f"state_to_data expects None, a Tensor, a tuple or a model state, got {type(state).__name__}")
+
+
+def state_from_data(data: object) -> State | None:
+    """The state that `state_to_data` turned into `data`."""
+    if data is None or isinstance(data, Tensor):
+        return data
+    if isinstance(data, (tuple, list)):
+        return tuple(state_from_data(d) for d in data)
+    kinds = {cls.__name__: cls for cls in (KVCache, SSMCache, HybridCache, MemoryState)}
+    if not isinstance(data, dict) or data.get("kind") not in kinds:
+        raise ValueError(f"not a saved model state: {type(data).__name__} {str(data)[:60]!r}")
+    if data["kind"] == "KVCache":
+        cache = KVCache.__new__(KVCache)
+        cache.k, cache.v, cache.length = data["k"], data["v"], data["length"]
+        return cache
+    return kinds[data["kind"]](**{key: state_from_data(value) for key, value in data.items() if key != "kind"})
