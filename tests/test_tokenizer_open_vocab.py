@@ -59,6 +59,26 @@ def test_known_words_are_one_token_and_others_are_spelled_in_bytes(open_word):
     assert len(open_word.encode(" the")) == 1 < len(open_word.encode(" thé"))
 
 
+def test_open_vocabulary_bits_per_byte_equal_a_hand_computation():
+    """Under any model of the ids (here a random unigram model), the text costs what its pieces cost
+    by hand: a known word its own probability, an unseen one the probabilities of each of its bytes."""
+    tokenizer = WordTokenizer()  # split="words"
+    tokenizer.train(TRAIN)
+    text = "the people quixotically said: naïve!\n"
+    pieces = ["the", " people", " quixotically", " said", ":", " naïve", "!", "\n"]
+    log2_p = np.log2(np.random.default_rng(0).dirichlet(np.ones(tokenizer.vocab_size)))
+    vocab, symbols = tokenizer._hf.get_vocab(), byte_symbols()
+    bits_by_hand = 0.0
+    for piece in pieces:
+        utf8 = piece.encode("utf-8")
+        as_symbols = "".join(symbols[b] for b in utf8)
+        bits_by_hand -= log2_p[vocab[as_symbols]] if as_symbols in vocab else log2_p[list(utf8)].sum()
+    ids = tokenizer.encode(text)
+    assert tokenizer.count_unknown(text) == 0 and "Ġquixotically" not in vocab and "Ġsaid" in vocab
+    bpb = -log2_p[ids].sum() / len(text.encode("utf-8"))
+    assert bpb == pytest.approx(bits_by_hand / len(text.encode("utf-8")), rel=1e-12)
+
+
 def test_open_vocabulary_counts_bytes_plus_frequent_pieces():
     tokenizer = WordTokenizer(min_frequency=2)
     tokenizer.train("b a b b a c\n")

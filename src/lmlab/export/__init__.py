@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -15,6 +16,8 @@ __all__ = ["EXPORTERS", "export_from_config", "export_model", "exporter_for"]
 
 def export_from_config(cfg: DictConfig) -> Path:
     """What `python export.py ckpt=... out=...` runs: the checkpoint's model and tokenizer to `out`."""
+    # the command says what it wrote in one line; a progress bar for saving one file is noise
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     loaded = load_checkpoint(cfg.ckpt)
     out = export_model(loaded.model, loaded.tokenizer, cfg.out)
     exporter = exporter_for(loaded.model)
