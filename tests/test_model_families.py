@@ -284,8 +284,12 @@ def test_parallel_scan_is_the_recurrence() -> None:
     torch.testing.assert_close(sequential_scan(a, b), expected)
 
 
-def test_mamba_scans_agree_through_the_model() -> None:
-    parallel, sequential = make("mamba", scan="parallel"), make("mamba", scan="sequential")
+@pytest.mark.parametrize("recompute_scan", [True, False])
+def test_mamba_scans_agree_through_the_model(recompute_scan: bool) -> None:
+    """Same weights: the parallel scan (stored or recomputed for the backward) gives the sequential
+    reference's loss and every parameter's gradient."""
+    parallel = make("mamba", scan="parallel", recompute_scan=recompute_scan)
+    sequential = make("mamba", scan="sequential", recompute_scan=False)
     idx = tokens(2, 20)
     losses = [m(idx)[0].logsumexp(-1).mean() for m in (parallel, sequential)]
     for loss in losses:

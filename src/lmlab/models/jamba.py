@@ -77,6 +77,7 @@ class Jamba(LanguageModel):
         norm_eps: float = 1e-5,
         scan: str = "parallel",
         kernels: str = "auto",
+        recompute_scan: bool = True,
         pad_vocab_to: int = 1,
     ) -> None:
         super().__init__()
@@ -109,7 +110,7 @@ class Jamba(LanguageModel):
         def mixer(layer: int) -> nn.Module:
             if layer % attn_every == attn_offset:
                 return GroupedQueryAttention(d_model, n_head, n_kv_head, dropout)
-            return MambaMixer(d_model, d_state, d_conv, expand, dt_rank, scan, kernels)
+            return MambaMixer(d_model, d_state, d_conv, expand, dt_rank, scan, kernels, recompute_scan)
 
         def mlp(layer: int) -> nn.Module:
             if is_moe_layer(layer, n_experts, moe_every):

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from lmlab.models.base import LanguageModel, check_choice, check_dropout, check_sizes, padded_vocab_size
 from lmlab.models.scan import SCANS, selective_scan
@@ -45,7 +46,12 @@ def check_mamba(d_state: int, d_conv: int, expand: int, dt_rank: int | None, sca
 
 
 class MambaMixer(nn.Module):
-    """in_proj -> (causal depthwise conv -> silu -> selective SSM) gated by silu(z) -> out_proj."""
+    """in_proj -> (causal depthwise conv -> silu -> selective SSM) gated by silu(z) -> out_proj.
+
+    The pure-PyTorch scan materialises [B, T, d_inner, d_state] tensors; `recompute_scan` keeps only
+    its [B, T, d_inner] inputs for the backward pass and recomputes the rest there (as mamba-ssm's
+    kernel does), trading a second scan for d_state times less activation memory.
+    """
 
     def __init__(
         self,
@@ -56,13 +62,14 @@ class MambaMixer(nn.Module):
         dt_rank: int | None = None,
         scan: str = "parallel",
         kernels: str = "auto",
+        recompute_scan: bool = True,
         dt_min: float = 1e-3,
         dt_max: float = 0.1,
     ) -> None:
         super().__init__()
         self.d_inner, self.d_state, self.d_conv = expand * d_model, d_state, d_conv
         self.dt_rank = math.ceil(d_model / 16) if dt_rank is None else dt_rank
-        self.scan, self.kernels = scan, kernels
+        self.scan, self.kernels, self.recompute_scan = scan, kernels, recompute_scan
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
         self.conv = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner)  # padded by hand: causal
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
@@ -112,6 +119,8 @@ class MambaMixer(nn.Module):
                 return_last_state=True,
             )
             y = y.transpose(1, 2)
+        elif self.recompute_scan and torch.is_grad_enabled():  # keep the inputs, recompute the rest
+            y, h = checkpoint(selective_scan, u, dt, A, B, C, self.D, z, ssm_state, self.scan, use_reentrant=False)
         else:
             y, h = selective_scan(u, dt, A, B, C, self.D, z, ssm_state, self.scan)
         return self.out_proj(y), new_conv_state, h
@@ -163,6 +172,7 @@ class Mamba(LanguageModel):
         norm_eps: float = 1e-5,
         scan: str = "parallel",
         kernels: str = "auto",
+        recompute_scan: bool = True,
         pad_vocab_to: int = 1,
     ) -> None:
         super().__init__()
@@ -176,7 +186,12 @@ class Mamba(LanguageModel):
         self.wte = nn.Embedding(n_rows, d_model)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            MambaBlock(d_model, MambaMixer(d_model, d_state, d_conv, expand, dt_rank, scan, kernels), dropout, norm_eps)
+            MambaBlock(
+                d_model,
+                MambaMixer(d_model, d_state, d_conv, expand, dt_rank, scan, kernels, recompute_scan),
+                dropout,
+                norm_eps,
+            )
             for _ in range(n_layer)
         )
         self.norm = nn.RMSNorm(d_model, eps=norm_eps)

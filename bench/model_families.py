@@ -1,0 +1,167 @@
+"""Training throughput, peak memory and generation latency of gpt, llama, mamba and jamba at about the
+same parameter count (issue 11's benchmark).
+
+    python bench/model_families.py                                   # GPU: ~100M parameters, bf16, 8 x 1024 tokens
+    python bench/model_families.py --compile                         # the same, torch.compile'd
+    python bench/model_families.py --device cpu --target-params 1e6 --vocab 256 --batch 2 --seq-len 128 \\
+        --contexts 128 512 --steps 2 --gen-tokens 4                  # a quick check that it runs
+
+Each family keeps its depth (gpt and llama 12 layers, mamba 24, jamba 8 with one attention layer
+at offset 4 and 8 experts, top-2, on every other layer) and gets the width (a multiple of 128: heads
+of 64, two query heads per key/value head) whose parameter count is closest to --target-params; MoE runs also report the parameters a
+token passes through. Training: AdamW steps on random tokens under bf16 autocast, tokens/s over
+--steps steps after 3 warm-up steps, and peak GPU memory. Generation: the model cast to bf16, batch 1, the state
+filled with C tokens, then the median time of one more token, for each context C in --contexts (Mamba's
+state does not grow, so its time should stay flat). Writes bench/results/model_families_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import table, write_results
+from mamba_scan import git_commit
+
+from lmlab.models import GPT, Jamba, LanguageModel, Llama, Mamba, count_parameters
+
+FAMILIES = {
+    "gpt": lambda d, v, ctx: GPT(v, d_model=d, n_layer=12, n_head=d // 64, block_size=ctx),
+    "llama": lambda d, v, ctx: Llama(v, d_model=d, n_layer=12, n_head=d // 64, n_kv_head=d // 128, block_size=ctx),
+    "mamba": lambda d, v, ctx: Mamba(v, d_model=d, n_layer=24),
+    "jamba": lambda d, v, ctx: Jamba(
+        v, d_model=d, n_layer=8, n_head=d // 64, n_kv_head=d // 128, n_experts=8, top_k=2, block_size=ctx
+    ),
+}
+
+
+def sized(family: str, target: float, vocab: int, context: int) -> tuple[int, int]:
+    """(d_model, parameters): the multiple of 128 closest to `target` parameters, counted on the meta device."""
+    with torch.device("meta"):
+        counts = {d: count_parameters(FAMILIES[family](d, vocab, context)) for d in range(128, 4097, 128)}
+    return min(counts.items(), key=lambda item: abs(item[1] - target))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def train_speed(model: LanguageModel, args: argparse.Namespace, device: torch.device) -> dict:
+    """Tokens/s of full training steps (forward, loss + aux loss, backward, AdamW) and peak memory."""
+    fused = {"fused": True} if device.type == "cuda" else {}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
+    forward = torch.compile(model) if args.compile else model
+    x = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), device=device)
+
+    def step() -> None:
+        with autocast(device, args.dtype):
+            logits, _ = forward(x[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
+            aux = model.aux_loss()
+            loss = loss if aux is None else loss + aux
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(device)
+    seconds = time.perf_counter() - start
+    row = {"train tok/s": args.batch * args.seq_len * args.steps / seconds}
+    if device.type == "cuda":
+        row["peak GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    return row
+
+
+@torch.no_grad()
+def generation_ms(model: LanguageModel, context: int, args: argparse.Namespace, device: torch.device) -> float:
+    """Median ms for one more token once `context` tokens are in the state (KV cache or SSM state)."""
+    prompt = torch.randint(0, args.vocab, (1, context), device=device)
+    logits, state = model(prompt, model.init_state(1, device))
+    times = []
+    for _ in range(args.gen_tokens):
+        token = logits[:, -1:].argmax(-1)
+        sync(device)
+        start = time.perf_counter()
+        logits, state = model(token, state)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--target-params", type=float, default=100e6)
+    parser.add_argument("--vocab", type=int, default=50304, help="GPT-2's BPE vocabulary, padded to a multiple of 64")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192])
+    parser.add_argument("--gen-tokens", type=int, default=32, help="tokens timed after each context")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    context = max(args.seq_len, *args.contexts) + args.gen_tokens  # attention models' KV cache and positions
+    rows = []
+    for family in args.families:
+        d_model, params = sized(family, args.target_params, args.vocab, context)
+        torch.manual_seed(0)
+        model = FAMILIES[family](d_model, args.vocab, context).to(device)
+        row = {"family": family, "d_model": d_model, "params": params, "active params": model.matmul_parameters()}
+        row["train GFLOP/token"] = model.flops_per_token(args.seq_len) / 1e9
+        try:
+            row.update(train_speed(model.train(), args, device))
+            model = model.eval().to(torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+            for c in args.contexts:
+                row[f"gen ms/token @{c}"] = generation_ms(model, c, args, device)
+        except torch.cuda.OutOfMemoryError as err:
+            row["error"] = f"out of memory: {str(err).splitlines()[0]}"
+        rows.append(row)
+        print(row, flush=True)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    print(
+        f"{device.type}, {args.dtype}{', compiled' if args.compile else ''}, batch {args.batch} x {args.seq_len} "
+        f"tokens, vocab {args.vocab}, {args.steps} steps"
+    )
+    print(table(rows, list(dict.fromkeys(k for r in rows for k in r))))
+    settings = {k: getattr(args, k) for k in ("target_params", "vocab", "batch", "seq_len", "steps", "contexts")}
+    settings |= {"dtype": args.dtype, "compile": args.compile, "gen_tokens": args.gen_tokens, "threads": args.threads}
+    suffix = "_compiled" if args.compile else ""
+    path = write_results(
+        f"model_families_{device.type}{suffix}", {"commit": git_commit(), "settings": settings, "rows": rows}
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
