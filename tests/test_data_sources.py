@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 
 import numpy as np
 import pytest
@@ -136,9 +138,43 @@ def test_the_cache_is_written_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr(tokenizer, "encode", crash_on_test_split)
     with pytest.raises(KeyboardInterrupt):
         prepare_corpus(local_source(str(tmp_path / "t.txt")), tokenizer, tmp_path / "cache", "t")
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["corpus-hashes"]  # no entry, no temporary folder
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
+        "corpus-hashes",
+        "locks",
+    ]  # no entry, no temporary
     corpus = prepare_corpus(local_source(str(tmp_path / "t.txt")), CharTokenizer(), tmp_path / "cache", "t")
     assert corpus.tokenizer.decode(corpus.ids["test"]) == split_by_bytes(TEXT, [0.9, 0.05, 0.05])["test"]
+
+
+def _prepare_in_child(path, cache, markers):
+    import lmlab.data.prepare as prepare
+
+    real_build = prepare.build_entry
+
+    def build_and_mark(*args, **kwargs):
+        (markers / str(os.getpid())).touch()
+        real_build(*args, **kwargs)
+
+    prepare.build_entry = build_and_mark
+    prepare_corpus(local_source(path), CharTokenizer(), cache, "t")
+
+
+def test_processes_preparing_one_corpus_at_once_build_its_entry_once(tmp_path):
+    (tmp_path / "t.txt").write_text(TEXT * 20)
+    (tmp_path / "markers").mkdir()
+    context = multiprocessing.get_context("fork")
+    workers = [
+        context.Process(
+            target=_prepare_in_child, args=(str(tmp_path / "t.txt"), tmp_path / "cache", tmp_path / "markers")
+        )
+        for _ in range(3)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert [worker.exitcode for worker in workers] == [0, 0, 0]
+    assert len(list((tmp_path / "markers").iterdir())) == 1  # one built it, the others waited and loaded it
 
 
 def test_a_cached_corpus_starts_without_reading_its_text_until_a_file_changes(tmp_path, monkeypatch):

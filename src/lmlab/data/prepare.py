@@ -10,6 +10,7 @@ without reading the text at all.
 from __future__ import annotations
 
 import codecs
+import fcntl
 import hashlib
 import json
 import logging
@@ -111,6 +112,19 @@ def corpus_sha256(source: CorpusSource, cache_dir: Path, advance: Advance | None
 
 
 @contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (a lock file), so that processes preparing the same corpus,
+    e.g. the ranks of a DDP run, wait for the first one's cache entry instead of each building it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
 def progress_bar(totals: dict[str, int], enabled: bool) -> Iterator[Advance | None]:
     """An `advance(phase, bytes)` that drives one bar per phase (hashing, training, encoding), or None."""
     if not enabled:
@@ -144,7 +158,11 @@ def prepare_corpus(
     cache_dir = Path(cache_dir).expanduser()
     totals = {"hashing": source.size}
     started = time.perf_counter()
-    with progress_bar(totals, source.size >= PROGRESS_MIN_BYTES if progress is None else progress) as advance:
+    slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:40]
+    with (
+        locked(cache_dir / "locks" / f"{slug}.lock"),
+        progress_bar(totals, source.size >= PROGRESS_MIN_BYTES if progress is None else progress) as advance,
+    ):
         sha = corpus_sha256(source, cache_dir, advance, chunk_bytes)
         fractions = None if source.predefined else list(source.fractions)
         folder = entry_folder(cache_dir, name, tokenizer, cache_key(sha, fractions, tokenizer_identity(tokenizer)))
