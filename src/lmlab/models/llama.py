@@ -73,8 +73,12 @@ class Llama(AttentionLM):
                 f"rope_scaling must be >= 1 (got {rope_scaling}): set model.rope_scaling to the factor by which "
                 "to extend the trained context, or null"
             )
-        self.n_kv_head, self.trained_context = n_kv_head, block_size
-        self.context_length = math.floor(block_size * (rope_scaling or 1))
+        self.n_kv_head, self.context_length = n_kv_head, math.floor(block_size * (rope_scaling or 1))
+        self.too_long = (
+            f"the model was trained on {block_size} positions; set model.rope_scaling=F to read "
+            f"F x {block_size} tokens (RoPE position interpolation), or crop the input to the last "
+            f"{self.context_length} tokens"
+        )
 
         def mlp(layer: int) -> nn.Module:
             if is_moe_layer(layer, n_experts, moe_every):
@@ -107,11 +111,6 @@ class Llama(AttentionLM):
             self.lm_head.weight = self.wte.weight
 
     def forward(self, idx: Tensor, state: KVCache | None = None) -> tuple[Tensor, KVCache | None]:
-        remedy = (
-            f"the model was trained on {self.trained_context} positions; set model.rope_scaling=F to read "
-            f"F x {self.trained_context} tokens (RoPE position interpolation), or crop the input to the last "
-            f"{self.context_length} tokens"
-        )
-        positions(idx, state, self.context_length, remedy)  # RoPE places the tokens; this checks the length
+        positions(idx, state, self.context_length, self.too_long)  # RoPE places the tokens; this checks the length
         x = self.run_blocks(self.drop(self.wte(idx)), state)
         return self._unpad(self.lm_head(self.norm(x))), state
