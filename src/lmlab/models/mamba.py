@@ -76,6 +76,7 @@ class MambaMixer(nn.Module):
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner)
         # S4D-real init: A = -(1, 2, ..., N) for every channel, stored as log(-A) so A stays negative
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(self.d_inner, 1))
+        self.A_log._no_weight_decay = True  # a decay rate, not a weight: decaying it would shorten every memory
         self.D = nn.Parameter(torch.ones(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
         self._init_dt(dt_min, dt_max)
