@@ -13,9 +13,11 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from lmlab.errors import LmlabError
+from lmlab.cli import user_errors
+from lmlab.report import runs_table, write_report
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Compare lmlab runs: comparison.csv, comparison.md and plots.")
     parser.add_argument("paths", nargs="+", type=Path, help="sweep directories and/or run directories")
@@ -30,13 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         args.paths[0] if len(args.paths) == 1 else Path("outputs/comparisons") / f"{datetime.now():%Y-%m-%d_%H-%M-%S}"
     )
 
-    from lmlab.report import runs_table, write_report
-
-    try:
-        report = write_report(args.paths, out)
-    except LmlabError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    report = write_report(args.paths, out)
     print(runs_table(report.runs))
     print(f"\nwrote {', '.join(str(path) for path in report.files)}")
     return 0

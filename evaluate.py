@@ -3,23 +3,19 @@
 python evaluate.py ckpt=outputs/runs/<run>/checkpoints/last.ckpt data.path=other.txt
 """
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
-from lmlab.errors import LmlabError
+from lmlab.cli import register_resolvers, user_errors
+from lmlab.run.evaluate import evaluate_from_config
+
+register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+@user_errors
 def main(cfg: DictConfig) -> None:
-    from lmlab.evaluation import evaluate_from_config
-
-    try:
-        evaluate_from_config(cfg)
-    except LmlabError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    evaluate_from_config(cfg)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Sample text from a trained model:
+"""Sample text from a trained model.
 
 python generate.py ckpt=outputs/runs/<run>/checkpoints/last.ckpt prompt="ROMEO:"
 python generate.py ckpt=... temperature=0                  # greedy
@@ -6,23 +6,19 @@ python generate.py ckpt=... top_p=0.9 num_samples=3 seed=7  # nucleus sampling, 
 python generate.py ckpt=... num_beams=4                     # beam search
 """
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
-from lmlab.errors import LmlabError
+from lmlab.cli import register_resolvers, user_errors
+from lmlab.generate import generate_from_config
+
+register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="generate")
+@user_errors
 def main(cfg: DictConfig) -> None:
-    from lmlab.text_generation import generate_from_config
-
-    try:
-        generate_from_config(cfg)
-    except LmlabError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    generate_from_config(cfg)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table, write_results
 
-from lmlab.generation import IncrementalDecoder
+from lmlab.generate import IncrementalDecoder
 from lmlab.models import GPT, count_parameters
 
 

@@ -192,7 +192,9 @@ def real_data_loader(p: Preset, steps: int):
 
 def lightning_loop(p: Preset, model: torch.nn.Module, data, warmup: int, device: torch.device, loader=None) -> float:
     """lmlab's path: LanguageModelTask + Trainer.fit with the default callbacks (progress bar, tokens/s)."""
-    task = LanguageModelTask(model, optimizer=optimizer_factory(p, device), stateful=p.stateful, compile=p.compile)
+    task = LanguageModelTask(
+        model, optimizer=optimizer_factory(p, device), weight_decay=0.1, stateful=p.stateful, compile=p.compile
+    )
     timer = StepTimer(warmup, device)
     loader = loader or torch.utils.data.DataLoader(data, batch_size=None, shuffle=False)
     trainer = pl.Trainer(

@@ -1,4 +1,4 @@
-"""Shared fixtures: a small corpus and Hydra configs composed from the real conf/ tree, shrunk for CPU."""
+"""Shared fixtures: a small corpus, a tiny sweep and a trained run (helpers live in tests/helpers.py)."""
 
 from __future__ import annotations
 
@@ -7,18 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
 
-import lmlab.config  # noqa: F401  (registers resolvers)
-
-REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
-SHAKESPEARE = REPO / "data" / "tinyshakespeare.txt"
-MODELS = ["rnn", "gru", "lstm", "transformer", "gpt"]
-TOKENIZERS = ["char", "word", "bpe"]
+from tests.helpers import REPO, SHAKESPEARE, SWEEP_BYTES, SWEEP_PARAMS, compose_config, sweep_overrides, tiny_overrides
 
 
 @pytest.fixture(scope="session")
@@ -29,63 +19,6 @@ def small_corpus(tmp_path_factory) -> Path:
     return path
 
 
-def tiny_overrides(model: str, corpus: Path, steps: int = 20) -> list[str]:
-    """Command-line overrides that shrink any model x tokenizer run to a few seconds on CPU."""
-    size = ["model.d_model=32", "model.n_layer=1"] + (["model.n_head=2"] if model in ("gpt", "transformer") else [])
-    return [
-        f"model={model}",
-        "data=text",
-        f"data.path={corpus}",
-        "data.block_size=32",
-        "data.batch_size=8",
-        f"trainer.max_steps={steps}",
-        f"trainer.val_check_interval={steps // 2}",
-        "trainer.accelerator=cpu",
-        "trainer.devices=1",
-        "scheduler.warmup_steps=2",
-        "sample.max_new_tokens=20",
-        *size,
-    ]
-
-
-def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
-    """compose() the real config as `python train.py OVERRIDES` would, with the run writing to output_dir."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[o for o in overrides if o], return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        cfg.paths.cache_dir = str(output_dir.parent / "cache")
-        del cfg["hydra"]
-    return cfg
-
-
-SWEEP_BYTES, SWEEP_PARAMS = 5120, 50_000  # the tiny sweep's training text per run and parameter target
-
-
-def sweep_overrides(corpus: Path, sweep_dir: Path, swept: list[str], fixed: tuple[str, ...] = ()) -> list[str]:
-    """`train.py -m` overrides for a seconds-long sweep; only the `swept` settings name its run folders."""
-    given = {o.split("=")[0] for o in (*swept, *fixed)}
-    tiny = ("model.n_layer=1", "trainer.max_steps=10")
-    fixed = (
-        "data=text",
-        f"data.path={corpus}",
-        "data.block_size=32",
-        "data.batch_size=8",
-        "trainer.val_check_interval=10",
-        "trainer.accelerator=cpu",
-        "trainer.devices=1",
-        "scheduler.warmup_steps=2",
-        "sample.max_new_tokens=20",
-        f"paths.cache_dir={sweep_dir.parent / 'cache'}",
-        *fixed,
-        *(o for o in tiny if o.split("=")[0] not in given),
-    )
-    names = ",".join(o.split("=")[0] for o in fixed)
-    return [*fixed, *swept, f"hydra.sweep.dir={sweep_dir}", f"hydra.job.config.override_dirname.exclude_keys=[{names}]"]
-
-
 @pytest.fixture(scope="session")
 def tiny_sweep(tmp_path_factory, small_corpus) -> Path:
     """model=gpt,lstm x tokenizer=char,bpe, parameter-matched on equal bytes: the sweep and notebook tests share it."""
@@ -94,7 +27,7 @@ def tiny_sweep(tmp_path_factory, small_corpus) -> Path:
         small_corpus,
         sweep,
         ["model=gpt,lstm", "tokenizer=char,bpe"],
-        (f"trainer.max_bytes={SWEEP_BYTES}", f"model.target_params={SWEEP_PARAMS}"),
+        (f"budget.max_bytes={SWEEP_BYTES}", f"budget.target_params={SWEEP_PARAMS}"),
     )
     result = subprocess.run(
         [sys.executable, "train.py", "-m", *overrides], cwd=REPO, capture_output=True, text=True, timeout=600
@@ -107,7 +40,7 @@ def tiny_sweep(tmp_path_factory, small_corpus) -> Path:
 def trained_run(tmp_path_factory, small_corpus) -> Path:
     """The run directory of a tiny GPT trained 20 steps on characters: the checkpoint, generation and
     evaluation tests share its checkpoints."""
-    from lmlab.train import train
+    from lmlab.run.train import train
 
     run = tmp_path_factory.mktemp("trained") / "run"
     train(compose_config(tiny_overrides("gpt", small_corpus), run))

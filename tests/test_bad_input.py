@@ -18,9 +18,9 @@ from hydra.errors import HydraException
 
 from lmlab.checkpoint import load_checkpoint
 from lmlab.errors import ConfigError, DataError
+from lmlab.run.train import train
 from lmlab.tokenizers import CharTokenizer
-from lmlab.train import train
-from tests.conftest import REPO, compose_config, tiny_overrides
+from tests.helpers import REPO, compose_config, tiny_overrides
 
 pytestmark = pytest.mark.reliability
 
@@ -73,8 +73,8 @@ SETTING_CASES = {
     ),
     "zero steps": (["trainer.max_steps=0"], ConfigError, "trains nothing"),
     "negative steps": (["trainer.max_steps=-5"], ConfigError, "trains nothing"),
-    "negative learning rate": (["optimizer.lr=-0.1"], ConfigError, "Invalid learning rate"),
-    "label smoothing above 1": (["label_smoothing=2"], ConfigError, "label_smoothing must be in [0, 1]"),
+    "negative learning rate": (["task.optimizer.lr=-0.1"], ConfigError, "Invalid learning rate"),
+    "label smoothing above 1": (["task.label_smoothing=2"], ConfigError, "label_smoothing must be in [0, 1]"),
     "unknown precision": (["trainer.precision=bogus"], ConfigError, "invalid trainer config: Precision 'bogus'"),
     "missing accelerator library": (["trainer.accelerator=tpu"], ConfigError, "invalid trainer config"),
     "end-of-run sample with top_k=0": (["sample.top_k=0"], ConfigError, "top_k must be >= 1"),

@@ -10,14 +10,14 @@ import pytorch_lightning as pl
 import torch
 
 from lmlab.checkpoint import FORMAT_VERSION, SECTION, load_checkpoint, read_checkpoint
+from lmlab.checkpoint.resume import checkpoint_run_dir
 from lmlab.data.cache import tokenize_with_cache
 from lmlab.data.corpus import split_by_bytes
 from lmlab.data.sampling import EpochSampler, ResumableDataLoader
 from lmlab.errors import ConfigError
-from lmlab.resume import checkpoint_run_dir
+from lmlab.run.train import train
 from lmlab.tokenizers import CharTokenizer, load_tokenizer
-from lmlab.train import train
-from tests.conftest import SHAKESPEARE, compose_config, tiny_overrides
+from tests.helpers import SHAKESPEARE, compose_config, tiny_overrides
 
 
 class StopAtStep(pl.Callback):
@@ -136,7 +136,7 @@ def test_fine_tuning_reuses_the_model_config_and_tokenizer_on_new_text(trained_r
         "trainer.max_steps=4",
         "trainer.val_check_interval=2",
         "trainer.accelerator=cpu",
-        "scheduler.warmup_steps=1",
+        "task.scheduler.warmup_steps=1",
         "sample.max_new_tokens=5",
         f"init_from={ckpt}",
     ]

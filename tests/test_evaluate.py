@@ -15,10 +15,10 @@ from omegaconf import OmegaConf
 from lmlab.checkpoint import load_checkpoint
 from lmlab.data.corpus import split_by_bytes
 from lmlab.errors import ConfigError
-from lmlab.evaluation import evaluate_from_config, score_text
 from lmlab.models import GPT, RecurrentLM
+from lmlab.run.evaluate import evaluate_from_config, score_text
 from lmlab.tokenizers import WordTokenizer
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_evaluate_py_prints_and_writes_the_scores_of_a_whole_file(trained_run, r
 
 
 def test_word_level_scores_report_the_unknown_rate(tmp_path):
-    tokenizer = WordTokenizer(min_frequency=1)
+    tokenizer = WordTokenizer(min_frequency=1, unk=True)
     tokenizer.train("the cat sat on the mat\n" * 10)
     model = GPT(tokenizer.vocab_size, d_model=16, n_layer=1, n_head=2, block_size=8).eval()
     scores = score_text(model, tokenizer, "the dog sat on the rug\n", block_size=8, batch_size=2)

@@ -11,13 +11,21 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lmlab.beam_search import beam_search
 from lmlab.errors import ConfigError
-from lmlab.generation import IncrementalDecoder, check_sampling, filter_logits, next_token, stream_tokens
+from lmlab.generate import (
+    START_TEXT,
+    IncrementalDecoder,
+    SamplingConfig,
+    TextStream,
+    beam_search,
+    filter_logits,
+    next_token,
+    prompt_ids,
+    stream_tokens,
+)
 from lmlab.models import GPT, LanguageModel, RecurrentLM, TransformerLM
-from lmlab.text_generation import START_TEXT, TextStream, prompt_ids
 from lmlab.tokenizers import BPETokenizer, CharTokenizer, WordTokenizer
-from tests.conftest import MODELS, REPO
+from tests.helpers import MODELS, REPO
 
 VOCAB, CONTEXT = 13, 24
 
@@ -134,7 +142,7 @@ def test_beam_search_scores_are_the_log_probabilities_of_its_texts():
 )
 def test_meaningless_sampling_settings_are_refused(settings, message):
     with pytest.raises(ConfigError) as raised:
-        check_sampling(**settings)
+        SamplingConfig(**settings)
     assert message in str(raised.value) and "\n" not in str(raised.value)
 
 
@@ -146,7 +154,7 @@ def test_next_token_greedy_matches_argmax():
 @pytest.fixture(scope="module")
 def tokenizers():
     text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 20
-    char, word, bpe = CharTokenizer(), WordTokenizer(min_frequency=1), BPETokenizer(vocab_size=300)
+    char, word, bpe = CharTokenizer(), WordTokenizer(min_frequency=1, unk=True), BPETokenizer(vocab_size=300)
     for tokenizer in (char, word, bpe):
         tokenizer.train(text)
     return {"char": char, "word": word, "bpe": bpe}

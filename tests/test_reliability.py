@@ -18,15 +18,14 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-import lmlab.resume  # noqa: F401  (registers lmlab_run_dir)
 from lmlab.callbacks import NonFiniteLossGuard
-from lmlab.checkpoint_io import AtomicCheckpointIO
+from lmlab.checkpoint.atomic_io import AtomicCheckpointIO
 from lmlab.errors import ConfigError, DivergedError, RunInterrupted
 from lmlab.io import atomic_open, atomic_write_json, safe_output_path
-from lmlab.run_dirs import ClaimFreshDirs
+from lmlab.run.dirs import ClaimFreshDirs
+from lmlab.run.train import train
 from lmlab.task import LanguageModelTask
-from lmlab.train import train
-from tests.conftest import REPO, compose_config, tiny_overrides
+from tests.helpers import REPO, compose_config, tiny_overrides
 
 pytestmark = pytest.mark.reliability
 
@@ -73,7 +72,7 @@ def test_a_checkpoint_save_that_fails_midway_keeps_the_previous_checkpoint(tmp_p
 
 KILLED_WRITER = """
 import sys, torch
-from lmlab.checkpoint_io import AtomicCheckpointIO
+from lmlab.checkpoint.atomic_io import AtomicCheckpointIO
 io, big = AtomicCheckpointIO(), torch.randn(4_000_000)
 for step in range(10_000):
     io.save_checkpoint({"global_step": step, "weights": big}, sys.argv[1])
@@ -139,7 +138,7 @@ def test_a_checkpoint_with_non_finite_weights_is_refused():
 def test_a_huge_learning_rate_fails_with_one_line_and_a_failed_metrics_json(tmp_path, small_corpus):
     run = tmp_path / "run"
     args = tiny_overrides("gpt", small_corpus, steps=20) + [
-        "optimizer.lr=1e30",
+        "task.optimizer.lr=1e30",
         f"hydra.run.dir={run}",
         f"paths.cache_dir={tmp_path / 'cache'}",
     ]
@@ -321,7 +320,7 @@ def test_a_finished_run_directory_is_never_trained_over(tmp_path, small_corpus):
 
 
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
-    script = "import sys; from lmlab.run_dirs import claim_fresh_dir; print(claim_fresh_dir(sys.argv[1]))"
+    script = "import sys; from lmlab.run.dirs import claim_fresh_dir; print(claim_fresh_dir(sys.argv[1]))"
     default = str(tmp_path / "2026-01-01_00-00-00_gpt-char")
     processes = [
         subprocess.Popen([sys.executable, "-c", script, default], stdout=subprocess.PIPE, text=True) for _ in range(3)

@@ -14,7 +14,7 @@ import yaml
 
 from lmlab.errors import ConfigError
 from lmlab.report import find_runs, group_rows, read_curve, run_rows, write_report
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

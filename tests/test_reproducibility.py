@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lmlab.run_info import git_state
-from lmlab.train import train
-from tests.conftest import REPO, compose_config, tiny_overrides
+from lmlab.run.info import git_state
+from lmlab.run.train import train
+from tests.helpers import REPO, compose_config, tiny_overrides
 
 pytestmark = pytest.mark.reliability
 

@@ -1,4 +1,4 @@
-"""Fair by construction: parameter-matched widths (lmlab.sizing) and equal-byte budgets (lmlab.budget)."""
+"""Fair by construction: parameter-matched widths and equal-byte budgets (lmlab.run.budgets)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,11 @@ import pytest
 import pytorch_lightning as pl
 from omegaconf import open_dict
 
-from lmlab.budget import apply_byte_budget, pop_byte_budget, validation_interval
-from lmlab.config import build
 from lmlab.errors import ConfigError
 from lmlab.models import count_parameters
-from lmlab.sizing import apply_target_params, match_width
-from tests.conftest import MODELS, compose_config
+from lmlab.run.budgets import apply_byte_budget, apply_target_params, byte_budget, match_width, validation_interval
+from lmlab.run.build import build
+from tests.helpers import MODELS, compose_config
 
 VOCABS = {"char": 65, "bpe": 1024, "word": 6000}
 
@@ -38,10 +37,9 @@ def test_matched_width_lands_within_ten_percent_of_the_target(model, target, voc
 
 
 def test_the_reported_count_is_the_built_model_s_count(tmp_path):
-    cfg = compose_config(["model=transformer", "model.target_params=300000"], tmp_path)
+    cfg = compose_config(["model=transformer", "budget.target_params=300000"], tmp_path)
     ratio = cfg.model.d_ff / cfg.model.d_model
-    assert apply_target_params(cfg.model, 1024) == 300_000
-    assert "target_params" not in cfg.model
+    assert apply_target_params(cfg.model, 1024, cfg.budget.target_params) == 300_000
     model = build(cfg.model, "model", vocab_size=1024)
     assert cfg.model.d_ff / cfg.model.d_model == pytest.approx(ratio, rel=0.02)  # the d_ff/d_model ratio is kept
     assert abs(count_parameters(model) / 300_000 - 1) < 0.10
@@ -49,21 +47,21 @@ def test_the_reported_count_is_the_built_model_s_count(tmp_path):
 
 
 def test_depth_and_other_settings_are_kept(tmp_path):
-    cfg = compose_config(["model=lstm", "model.target_params=500000", "model.n_layer=3"], tmp_path)
-    apply_target_params(cfg.model, 65)
+    cfg = compose_config(["model=lstm", "model.n_layer=3"], tmp_path)
+    apply_target_params(cfg.model, 65, 500_000)
     assert (cfg.model.n_layer, cfg.model.cell, cfg.model.dropout) == (3, "lstm", 0.2)
 
 
 def test_without_a_target_the_width_is_untouched(tmp_path):
     cfg = compose_config(["model=gpt"], tmp_path)
-    assert apply_target_params(cfg.model, 65) is None
-    assert cfg.model.d_model == 128 and "target_params" not in cfg.model
+    assert apply_target_params(cfg.model, 65, None) is None
+    assert cfg.model.d_model == 128
 
 
 def test_a_non_positive_target_is_a_config_error(tmp_path):
-    cfg = compose_config(["model=gru", "model.target_params=0"], tmp_path)
-    with pytest.raises(ConfigError, match="model.target_params must be a positive"):
-        apply_target_params(cfg.model, 65)
+    cfg = compose_config(["model=gru", "budget.target_params=0"], tmp_path)
+    with pytest.raises(ConfigError, match="budget.target_params must be a positive"):
+        apply_target_params(cfg.model, 65, cfg.budget.target_params)
 
 
 def _datamodule(bytes_per_token: float):
@@ -72,9 +70,9 @@ def _datamodule(bytes_per_token: float):
 
 @pytest.mark.parametrize("bytes_per_token", [1.0, 1.37, 3.9])
 def test_a_byte_budget_becomes_the_steps_that_read_it(tmp_path, bytes_per_token):
-    cfg = compose_config(["trainer.max_bytes=100000", "trainer.accumulate_grad_batches=2"], tmp_path)
-    max_bytes = pop_byte_budget(cfg)
-    assert max_bytes == 100_000 and "max_bytes" not in cfg.trainer  # not a Trainer argument
+    cfg = compose_config(["budget.max_bytes=100000", "trainer.accumulate_grad_batches=2"], tmp_path)
+    max_bytes = byte_budget(cfg)
+    assert max_bytes == 100_000
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
@@ -101,10 +99,10 @@ def test_the_last_validation_lands_on_the_final_step(steps, interval, expected):
 def test_a_time_budget_needs_a_step_horizon_for_the_schedule(tmp_path):
     cfg = compose_config(["trainer.max_time=00:00:01:00", "trainer.max_steps=-1"], tmp_path)
     with pytest.raises(ConfigError, match="learning-rate schedule needs a length"):
-        pop_byte_budget(cfg)
-    for fix in (["trainer.max_steps=100000"], ["trainer.max_bytes=1000000", "trainer.max_steps=-1"]):
-        assert pop_byte_budget(compose_config(["trainer.max_time=00:00:01:00", *fix], tmp_path)) in (None, 1_000_000)
+        byte_budget(cfg)
+    for fix in (["trainer.max_steps=100000"], ["budget.max_bytes=1000000", "trainer.max_steps=-1"]):
+        assert byte_budget(compose_config(["trainer.max_time=00:00:01:00", *fix], tmp_path)) in (None, 1_000_000)
     no_schedule = compose_config(["trainer.max_time=00:00:01:00", "trainer.max_steps=-1"], tmp_path)
     with open_dict(no_schedule):
-        no_schedule.scheduler = None
-    assert pop_byte_budget(no_schedule) is None
+        no_schedule.task.scheduler = None
+    assert byte_budget(no_schedule) is None

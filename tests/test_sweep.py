@@ -19,7 +19,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from lmlab.errors import RunInterrupted
 from lmlab.io import atomic_write_json
-from tests.conftest import CONF, REPO, SWEEP_BYTES, SWEEP_PARAMS, sweep_overrides
+from tests.helpers import CONF, REPO, SWEEP_BYTES, SWEEP_PARAMS, sweep_overrides
 
 RUNS = ["model=gpt,tokenizer=bpe", "model=gpt,tokenizer=char", "model=lstm,tokenizer=bpe", "model=lstm,tokenizer=char"]
 FINAL_METRICS = {f"final/{split}_{metric}" for split in ("val", "test") for metric in ("loss", "ppl", "bpb")}
@@ -120,7 +120,7 @@ def test_a_failing_job_is_reported_and_the_sweep_goes_on(tmp_path, small_corpus)
 
 
 def test_an_unexpected_crash_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
-    import lmlab.train
+    import lmlab.run.train
 
     def train_or_crash(cfg):
         if cfg.names.model == "lstm":
@@ -131,7 +131,7 @@ def test_an_unexpected_crash_is_recorded_and_the_sweep_goes_on(tmp_path, monkeyp
         )
         return {"val/bpb": 2.0}
 
-    monkeypatch.setattr(lmlab.train, "train", train_or_crash)
+    monkeypatch.setattr(lmlab.run.train, "train", train_or_crash)
     monkeypatch.setattr(sys, "argv", ["train.py", "-m", "model=gpt,lstm", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
     GlobalHydra.instance().clear()
     runpy.run_path(str(REPO / "train.py"), run_name="__main__")  # the sweep, in this process, with train() patched
@@ -141,7 +141,7 @@ def test_an_unexpected_crash_is_recorded_and_the_sweep_goes_on(tmp_path, monkeyp
 
 
 def test_an_interrupt_stops_the_whole_sweep(tmp_path, monkeypatch):
-    import lmlab.train
+    import lmlab.run.train
 
     started = []
 
@@ -149,7 +149,7 @@ def test_an_interrupt_stops_the_whole_sweep(tmp_path, monkeypatch):
         started.append(cfg.names.model)
         raise RunInterrupted("SIGINT at step 3: saved last.ckpt")
 
-    monkeypatch.setattr(lmlab.train, "train", interrupted)
+    monkeypatch.setattr(lmlab.run.train, "train", interrupted)
     monkeypatch.setattr(sys, "argv", ["train.py", "-m", "model=gpt,lstm", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
     GlobalHydra.instance().clear()
     with pytest.raises(SystemExit) as stopped:
@@ -172,7 +172,7 @@ def test_optuna_search_runs_trials_and_reports_the_best(tmp_path, small_corpus):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    assert set(best["best_params"]) == {"optimizer.lr", "model.dropout", "model.d_model"}
+    assert set(best["best_params"]) == {"task.optimizer.lr", "model.dropout", "model.d_model"}
     rows = report_rows(sweep)
     assert len(rows) == 2 and all(row["status"] == "completed" for row in rows)
     assert math.isclose(best["best_value"], min(float(row["val/bpb"]) for row in rows), rel_tol=1e-6)
@@ -191,11 +191,11 @@ def test_experiment_recipes_sweep_every_model_and_tokenizer_fairly(recipe):
     params = cfg.hydra.sweeper.params
     assert params.model.split(",") == ["rnn", "gru", "lstm", "transformer", "gpt"]
     assert params.tokenizer.split(",") == ["char", "word", "bpe"]
-    assert cfg.model.target_params > 0 and cfg.trainer.max_bytes > 0
+    assert cfg.budget.target_params > 0 and cfg.budget.max_bytes > 0
 
 
 def test_the_optuna_recipe_tunes_lr_dropout_and_width_against_val_bpb():
     cfg = _compose_with_hydra(["hparams_search=optuna"])
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
     assert cfg.hydra.sweeper.direction == "minimize"
-    assert set(cfg.hydra.sweeper.params) == {"optimizer.lr", "model.dropout", "model.d_model"}
+    assert set(cfg.hydra.sweeper.params) == {"task.optimizer.lr", "model.dropout", "model.d_model"}

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from lmlab.train import train
-from tests.conftest import MODELS, REPO, TOKENIZERS, compose_config, tiny_overrides
+from lmlab.run.train import train
+from tests.helpers import MODELS, REPO, TOKENIZERS, compose_config, tiny_overrides
 
 METRIC_KEYS = {
     "val/loss",

@@ -20,9 +20,9 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 
+from lmlab.checkpoint import SECTION
 from lmlab.errors import ConfigError, DivergedError, RunInterrupted
-from lmlab.generation import check_sampling
-from lmlab.text_generation import sample_text
+from lmlab.generate import SamplingConfig, sample_text
 
 
 class SyncFreeProgressBar(RichProgressBar):
@@ -283,31 +283,26 @@ class ValidationSample(pl.Callback):
     Sampling uses its own generator, so it never changes the training run's random stream.
     """
 
-    def __init__(
-        self,
-        prompt: str = "\n",
-        max_new_tokens: int = 200,
-        temperature: float = 0.8,
-        top_k: int | None = None,
-        seed: int = 0,
-    ) -> None:
-        check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
-        self.prompt, self.max_new_tokens = prompt, max_new_tokens
-        self.temperature, self.top_k, self.seed = temperature, top_k, seed
+    def __init__(self, sample: Any, max_new_tokens: int = 120) -> None:
+        """`sample`: the run's sampling node (prompt, temperature, ...); samples here are `max_new_tokens` long."""
+        self.sampling = SamplingConfig.from_config(sample, max_new_tokens=max_new_tokens)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit" or not trainer.is_global_zero:
             return
-        text = sample_text(
-            pl_module.model,
-            trainer.datamodule.tokenizer,
-            self.prompt,
-            self.max_new_tokens,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            seed=self.seed,
-        )
+        text = sample_text(pl_module.model, trainer.datamodule.tokenizer, self.sampling)
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_text"):
                 experiment.add_text("val/sample", f"```\n{text}\n```", global_step=trainer.global_step)
+
+
+class SelfContainedCheckpoints(pl.Callback):
+    """Adds the run's record (model config, tokenizer, settings; lmlab.checkpoint.run_record) to every
+    checkpoint, so that one file is enough to generate, evaluate, resume or fine-tune."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.record = record
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[SECTION] = {**self.record, "step": trainer.global_step, "tokens_seen": pl_module.tokens_seen}

@@ -21,7 +21,9 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+        # a model marks matrices that are not weights (Mamba's A_log: decay rates) with _no_weight_decay
+        decayed = p.dim() >= 2 and id(p) not in embeddings and not getattr(p, "_no_weight_decay", False)
+        (decay if decayed else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

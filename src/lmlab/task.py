@@ -6,21 +6,17 @@ The model is any `lmlab.models.LanguageModel`; nothing below branches on its arc
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from pytorch_lightning.utilities import move_data_to_device
 from torchmetrics import SumMetric
 
-from lmlab.checkpoint import SECTION
 from lmlab.data.windows import IGNORE_INDEX
-from lmlab.models import LanguageModel, count_parameters, detach_state
+from lmlab.metrics import split_scores, token_nats
+from lmlab.models import LanguageModel, count_parameters, detach_state, state_from_data, state_to_data
 from lmlab.optim import parameter_groups
-
-LN2 = math.log(2)
 
 
 class LanguageModelTask(pl.LightningModule):
@@ -36,18 +32,20 @@ class LanguageModelTask(pl.LightningModule):
         model: LanguageModel,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        weight_decay: float = 0.0,
         label_smoothing: float = 0.0,
         stateful: bool = False,
         compile: bool = False,
     ) -> None:
         super().__init__()
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(
+                f"label_smoothing must be in [0, 1] (got {label_smoothing}): e.g. task.label_smoothing=0.1"
+            )
         self.model = model
-        # What every checkpoint carries beside the weights (lmlab.checkpoint.run_record); train()
-        # sets it once the config is final.
-        self.record: dict | None = None
         self._resumed_rng: dict | None = None
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.label_smoothing, self.stateful = label_smoothing, stateful
+        self.weight_decay, self.label_smoothing, self.stateful = weight_decay, label_smoothing, stateful
         # Model and loss compiled together (the fp32 log-softmax over the vocabulary fuses into
         # one kernel), as a function rather than a compiled module: checkpoints keep plain
         # parameter names and generation keeps the eager model's free shapes.
@@ -64,44 +62,44 @@ class LanguageModelTask(pl.LightningModule):
         return self.model(idx, state)
 
     def _next_token_loss(self, x: torch.Tensor, y: torch.Tensor, state, label_smoothing: float, reduction: str):
+        """Cross-entropy, the new state, and the model's auxiliary loss (None without one), from one
+        compiled region: reading the auxiliary loss after a compiled call would miss it."""
         logits, state = self.model(x, state)
-        loss = F.cross_entropy(
-            logits.flatten(0, 1).float(),
-            y.flatten(),
-            ignore_index=IGNORE_INDEX,
-            label_smoothing=label_smoothing,
-            reduction=reduction,
-        )
-        return loss, state
+        loss = token_nats(logits, y, label_smoothing=label_smoothing, reduction=reduction)
+        return loss, state, self.model.aux_loss()
 
-    def _step_loss(self, x: torch.Tensor, y: torch.Tensor, training: bool) -> torch.Tensor:
-        """Mean loss (training) or summed nats (evaluation), carrying recurrent state across
-        batches when the data is stateful."""
+    def _step_loss(self, x: torch.Tensor, y: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Mean loss (training) or summed nats (evaluation), and the auxiliary loss, carrying recurrent
+        state across batches when the data is stateful."""
         state = (self._train_state if training else self._eval_state) if self.stateful else None
-        loss, state = self._loss(x, y, state, self.label_smoothing if training else 0.0, "mean" if training else "sum")
+        loss, state, aux = self._loss(
+            x, y, state, self.label_smoothing if training else 0.0, "mean" if training else "sum"
+        )
         if self.stateful and training:
             self._train_state = detach_state(state)
         elif self.stateful:
             self._eval_state = state
-        return loss
+        return loss, aux
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        loss = self._step_loss(x, y, training=True)
+        loss, aux = self._step_loss(x, y, training=True)
         self.tokens_seen += y.numel()
         # Logged only on the steps the loggers write (Lightning's own rule), and not prog_bar=True,
         # which would turn it into a Python float after every batch: a host-device sync per step.
-        # SyncFreeProgressBar shows it on the same steps.
+        # SyncFreeProgressBar shows it on the same steps. train/loss is the cross-entropy alone.
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             self.log("train/loss", loss, on_step=True, on_epoch=False)
-        return loss
+            if aux is not None:
+                self.log("train/aux_loss", aux, on_step=True, on_epoch=False)
+        return loss if aux is None else loss + aux
 
     def on_train_epoch_start(self) -> None:
         self._train_state = None
 
     def _eval_step(self, batch) -> None:
         x, y = batch
-        self.eval_nats.update(self._step_loss(x, y, training=False))
+        self.eval_nats.update(self._step_loss(x, y, training=False)[0])
         self.eval_tokens.update((y != IGNORE_INDEX).sum())
 
     def _eval_epoch_start(self) -> None:
@@ -114,17 +112,9 @@ class LanguageModelTask(pl.LightningModule):
         corpus = self.trainer.datamodule.corpus
         # A full pass scores every token of the split; a partial one (limit_*_batches) is scaled by tokens.
         split_bytes = corpus.split_bytes[split] * min(1.0, tokens.item() / max(1, corpus.split_tokens[split]))
-        loss = nats / tokens.clamp(min=1)
-        self.log_dict(
-            {
-                f"{split}/loss": loss.float(),
-                f"{split}/ppl": torch.exp(loss).float(),
-                f"{split}/bpb": (nats / LN2 / split_bytes).float(),
-                f"{split}/unk_rate": torch.tensor(corpus.unk_rate(split)),
-            },
-            prog_bar=split == "val",
-            sync_dist=False,
-        )
+        scores = split_scores(split, nats, tokens, split_bytes)
+        scores[f"{split}/unk_rate"] = torch.tensor(corpus.unk_rate(split))
+        self.log_dict(scores, prog_bar=split == "val", sync_dist=False)
 
     def on_validation_epoch_start(self) -> None:
         self._eval_epoch_start()
@@ -146,17 +136,16 @@ class LanguageModelTask(pl.LightningModule):
 
     def configure_optimizers(self):
         factory = self.optimizer_factory
-        keywords = getattr(factory, "keywords", {})
         extra = {}
         accepts = inspect.signature(getattr(factory, "func", factory)).parameters
         if (
             "fused" in accepts
-            and "fused" not in keywords
+            and "fused" not in getattr(factory, "keywords", {})
             and self.device.type == "cuda"
             and getattr(self.trainer.precision_plugin, "scaler", None) is None
         ):
             extra["fused"] = True  # one kernel for the whole update (not with fp16's loss scaler)
-        optimizer = factory(parameter_groups(self.model, keywords.get("weight_decay", 0.0)), **extra)
+        optimizer = factory(parameter_groups(self.model, self.weight_decay), **extra)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
@@ -177,11 +166,9 @@ class LanguageModelTask(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
-        if self.record is not None:
-            checkpoint[SECTION] = {**self.record, "step": self.trainer.global_step, "tokens_seen": self.tokens_seen}
         # For an exact resume: the recurrent state carried into the next batch, and the RNG that
         # draws the next dropout masks (Lightning restores neither).
-        checkpoint["carried_state"] = self._train_state
+        checkpoint["carried_state"] = state_to_data(self._train_state)
         checkpoint["rng_states"] = {
             "cpu": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -189,7 +176,7 @@ class LanguageModelTask(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
-        self._train_state = checkpoint.get("carried_state")
+        self._train_state = state_from_data(checkpoint.get("carried_state"))
         self._resumed_rng = checkpoint.get("rng_states")
 
     def on_train_start(self) -> None:

@@ -1,4 +1,7 @@
-"""Starting a training run from a checkpoint: resume it (`ckpt_path=`) or fine-tune it (`init_from=`).
+"""All resume policy: which checkpoint a run starts from, and with which config.
+
+A run resumes (`ckpt_path=`), fine-tunes (`init_from=`), continues an unfinished run found in its
+own directory, or starts fresh; it never writes on top of another run's results.
 
 Resume continues the interrupted run: its config comes from the checkpoint (so the original
 command line need not be repeated), changed only by what this command line sets explicitly, e.g.
@@ -10,6 +13,8 @@ command line, with a fresh optimizer and step.
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,10 +24,12 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lmlab.checkpoint import SECTION, load_weights, model_weights, read_checkpoint
+from lmlab.checkpoint.format import SECTION, load_weights, model_weights, read_checkpoint
 from lmlab.errors import ConfigError
 from lmlab.models import LanguageModel
 from lmlab.tokenizers import Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
 
 LAST = "last"
 # Never taken from a checkpoint: where this run writes, and what it starts from.
@@ -42,10 +49,6 @@ def checkpoint_run_dir(ckpt_path: str | None, default: str) -> str:
         return str(found[-1].parent.parent) if found else default
     path = Path(ckpt_path).expanduser()
     return str(path.parent.parent) if path.parent.name == "checkpoints" else default
-
-
-if not OmegaConf.has_resolver("lmlab_run_dir"):
-    OmegaConf.register_new_resolver("lmlab_run_dir", checkpoint_run_dir)
 
 
 def command_line_overrides() -> list[Override]:
@@ -149,3 +152,47 @@ def _finetune_config(cfg: DictConfig, record: dict[str, Any], overrides: list[Ov
         adopted.names.model = record["config"]["names"]["model"]
         adopted.names.tokenizer = record["config"]["names"]["tokenizer"]
     return adopted
+
+
+def finished_status(run_dir: Path) -> str | None:
+    """The `status` of the run whose metrics.json is in `run_dir`, or None when it has none."""
+    try:
+        return json.loads((run_dir / "metrics.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+def continue_unfinished_run(cfg: DictConfig) -> DictConfig:
+    """The config to run given the run directory's contents: never on top of another run's results.
+
+    A directory with an unfinished run's `checkpoints/last.ckpt` (killed, interrupted, diverged) and
+    no explicit `ckpt_path` resumes from it, so rerunning the same command continues the run; a
+    finished run's directory, or one holding checkpoints with no last.ckpt, is refused. An explicit
+    `ckpt_path` continues in its own run's directory and is left to `start_from_checkpoint`.
+    """
+    if cfg.get("ckpt_path"):
+        return cfg
+    run_dir = Path(cfg.paths.output_dir)
+    if finished_status(run_dir) == "completed":
+        raise ConfigError(
+            f"{run_dir} already holds a finished run (metrics.json): leave hydra.run.dir unset "
+            "for a new directory, or pass ckpt_path= to continue training it"
+        )
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        if any((run_dir / "checkpoints").glob("*.ckpt")):
+            raise ConfigError(
+                f"{run_dir} holds another run's checkpoints but no last.ckpt to resume from: "
+                "pass ckpt_path=<one of them> or choose a new hydra.run.dir"
+            )
+        return cfg
+    if cfg.get("init_from"):
+        raise ConfigError(
+            f"{run_dir} holds an unfinished run: fine-tune (init_from=) into a new directory, "
+            "leaving hydra.run.dir unset"
+        )
+    log.info("%s holds an unfinished run: resuming it from %s", run_dir, last)
+    resumed = cfg.copy()
+    with open_dict(resumed):
+        resumed.ckpt_path = str(last)
+    return resumed

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 class ComparisonReport(Callback):
-    """comparison.csv/.md and the plots (lmlab.report) in the sweep directory, and the table on the console."""
+    """comparison.csv/.md and the plots (lmlab.report.comparison) in the sweep directory, and the table on the console."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

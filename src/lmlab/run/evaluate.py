@@ -15,20 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
-from rich.table import Table
 from torch.utils.data import DataLoader
 
 from lmlab.checkpoint import load_checkpoint, resolve_device
 from lmlab.data.corpus import read_local_corpus
-from lmlab.data.windows import IGNORE_INDEX, EvalWindows, StreamBatches
+from lmlab.data.windows import EvalWindows, StreamBatches
 from lmlab.errors import ConfigError
+from lmlab.generate import START_TEXT
 from lmlab.io import atomic_write_json
+from lmlab.metrics import bits_per_byte, token_nats
 from lmlab.models import LanguageModel
-from lmlab.task import LN2
-from lmlab.text_generation import START_TEXT
+from lmlab.report.terminal import scores_table
 from lmlab.tokenizers import Tokenizer
 
 
@@ -75,16 +74,14 @@ def score_text(
     for x, y in DataLoader(windows, batch_size=None if stateful else batch_size):
         logits, new_state = model(x.to(device), state)
         state = new_state if stateful else None
-        nats += F.cross_entropy(
-            logits.flatten(0, 1).float(), y.to(device).flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        ).double()
+        nats += token_nats(logits, y.to(device)).double()
     model.train(was_training)
     n_bytes, total = len(text.encode("utf-8")), float(nats)
     unk = None if tokenizer.unk_id is None else int((ids == tokenizer.unk_id).sum()) / len(ids)
     return Scores(
         loss=total / len(ids),
         ppl=math.exp(total / len(ids)),
-        bpb=total / LN2 / n_bytes,
+        bpb=bits_per_byte(total, n_bytes),
         tokens=len(ids),
         bytes=n_bytes,
         unk_rate=unk,
@@ -139,18 +136,8 @@ def evaluate_from_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _print_table(result: dict[str, Any], output: Path, console: Console) -> None:
-    table = Table(title=f"{result['model']} · {result['tokenizer']} · step {result['step']} · {result['data']}")
-    columns = {
-        "loss (nats/token)": f"{result['loss']:.4f}",
-        "perplexity": f"{result['ppl']:.3f}",
-        "bits per byte": f"{result['bpb']:.4f}",
-        "tokens": f"{result['tokens']:,}",
-        "bytes": f"{result['bytes']:,}",
-    }
-    if result["unk_rate"] is not None:
-        columns["unk rate"] = f"{result['unk_rate']:.4f}"
-    for name in columns:
-        table.add_column(name, justify="right")
-    table.add_row(*columns.values())
-    console.print(table)
-    console.print(f"wrote {output}", highlight=False)
+    title = f"{result['model']} · {result['tokenizer']} · step {result['step']}"
+    console.print(scores_table(title, {str(result["data"]): result}))
+    console.print(
+        f"{result['tokens']:,} tokens · {result['bytes']:,} bytes · wrote {output}", highlight=False, markup=False
+    )

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lmlab.config import REPO_ROOT
+REPO_ROOT = Path(__file__).resolve().parents[3]  # the checkout whose commit a run records
 
 # distribution name -> module: the version recorded is that of the code actually imported
 PACKAGES = {

@@ -7,66 +7,17 @@ run directory. `train()` calls these; each raises a one-line ConfigError.
 
 from __future__ import annotations
 
-import json
-import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lmlab.errors import ConfigError
 from lmlab.io import safe_output_path
 from lmlab.models import LanguageModel
-
-log = logging.getLogger(__name__)
-
-
-def finished_status(run_dir: Path) -> str | None:
-    """The `status` of the run whose metrics.json is in `run_dir`, or None when it has none."""
-    try:
-        return json.loads((run_dir / "metrics.json").read_text()).get("status")
-    except (OSError, ValueError):
-        return None
-
-
-def continue_unfinished_run(cfg: DictConfig) -> DictConfig:
-    """The config to run given the run directory's contents: never on top of another run's results.
-
-    A directory with an unfinished run's `checkpoints/last.ckpt` (killed, interrupted, diverged) and
-    no explicit `ckpt_path` resumes from it, so rerunning the same command continues the run; a
-    finished run's directory, or one holding checkpoints with no last.ckpt, is refused. An explicit
-    `ckpt_path` continues in its own run's directory and is left to `lmlab.resume`.
-    """
-    if cfg.get("ckpt_path"):
-        return cfg
-    run_dir = Path(cfg.paths.output_dir)
-    if finished_status(run_dir) == "completed":
-        raise ConfigError(
-            f"{run_dir} already holds a finished run (metrics.json): leave hydra.run.dir unset "
-            "for a new directory, or pass ckpt_path= to continue training it"
-        )
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if not last.is_file():
-        if any((run_dir / "checkpoints").glob("*.ckpt")):
-            raise ConfigError(
-                f"{run_dir} holds another run's checkpoints but no last.ckpt to resume from: "
-                "pass ckpt_path=<one of them> or choose a new hydra.run.dir"
-            )
-        return cfg
-    if cfg.get("init_from"):
-        raise ConfigError(
-            f"{run_dir} holds an unfinished run: fine-tune (init_from=) into a new directory, "
-            "leaving hydra.run.dir unset"
-        )
-    log.info("%s holds an unfinished run: resuming it from %s", run_dir, last)
-    resumed = cfg.copy()
-    with open_dict(resumed):
-        resumed.ckpt_path = str(last)
-    return resumed
 
 
 def check_training_length(trainer_cfg: Any) -> None:
@@ -103,12 +54,20 @@ def check_output_paths(trainer: pl.Trainer, run_dir: Path) -> None:
             safe_output_path(run_dir, logger.log_dir, f"the folder of logger {type(logger).__name__}")
 
 
-def check_optimization(optimizer: Callable[..., torch.optim.Optimizer], label_smoothing: float) -> None:
-    """Settings torch would only reject at the first step: the optimizer's, tried on a dummy
-    parameter (a negative lr, betas outside [0, 1)), and the label smoothing."""
+def check_optimizer(optimizer: Callable[..., torch.optim.Optimizer]) -> None:
+    """Settings torch would only reject at the first step (a negative lr, betas outside [0, 1)),
+    tried on a dummy parameter."""
     try:
         optimizer([torch.nn.Parameter(torch.zeros(1))])
     except (ValueError, TypeError) as err:
         raise ConfigError(f"invalid optimizer config: {err}") from None
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ConfigError(f"label_smoothing must be in [0, 1] (got {label_smoothing}): e.g. label_smoothing=0.1")
+
+
+def check_stateful(model: LanguageModel, stateful: bool) -> None:
+    """Carrying state across batches needs a model whose state is a summary of all it read (a recurrent
+    net); an attention model's window has no such state, so `data.stateful` would silently do nothing."""
+    if stateful and model.context_length is not None:
+        raise ConfigError(
+            f"data.stateful=true needs a recurrent model, but {type(model).__name__} attends over a window of "
+            f"{model.context_length} tokens and carries no state across batches: set data.stateful=false"
+        )

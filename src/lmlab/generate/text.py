@@ -1,6 +1,6 @@
 """From a prompt string to generated text: prompt checks, streaming decode, and `generate.py`'s work.
 
-`lmlab.generation` works on token ids; this module adds the tokenizer. An empty prompt starts from
+`lmlab.generate.decode` works on token ids; this module adds the tokenizer. An empty prompt starts from
 a newline: none of lmlab's tokenizers has a beginning-of-text token that training text contains
 (BPE's `<|endoftext|>` never occurs in it), while a newline starts every line the model has read.
 """
@@ -8,17 +8,16 @@ a newline: none of lmlab's tokenizers has a beginning-of-text token that trainin
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from lmlab.beam_search import beam_search
 from lmlab.checkpoint import load_checkpoint, resolve_device
 from lmlab.errors import ConfigError
-from lmlab.generation import check_sampling, stream_tokens
+from lmlab.generate.decode import beam_search, stream_tokens
+from lmlab.generate.sampling import SamplingConfig
 from lmlab.io import atomic_write_json
 from lmlab.models import LanguageModel
 from lmlab.tokenizers import Tokenizer
@@ -85,57 +84,30 @@ def continuation(tokenizer: Tokenizer, prompt: list[int], new: list[int]) -> str
     return stream.text
 
 
-def sample_text(
-    model: LanguageModel,
-    tokenizer: Tokenizer,
-    prompt: str,
-    max_new_tokens: int,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int = 0,
-) -> str:
-    """`prompt` and a seeded sample after it: what training shows at each validation and at the end."""
-    ids = prompt_ids(tokenizer, prompt, model.context_length, notify=lambda message: None)
+def sample_text(model: LanguageModel, tokenizer: Tokenizer, sampling: SamplingConfig) -> str:
+    """The prompt and a seeded sample after it: what training shows at each validation and at the end."""
+    ids = prompt_ids(tokenizer, sampling.prompt, model.context_length, notify=lambda message: None)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(sampling.seed)
     new = stream_tokens(
         model,
         torch.tensor([ids], device=device),
-        max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
+        sampling.max_new_tokens,
+        temperature=sampling.temperature,
+        top_k=sampling.top_k,
+        top_p=sampling.top_p,
         generator=generator,
     )
     text = continuation(tokenizer, ids, [int(token) for token in new])
     model.train(was_training)
-    return prompt + text
+    return sampling.prompt + text
 
 
-@dataclass(frozen=True)
-class Settings:
-    """generate.py's sampling settings, checked."""
-
-    max_new_tokens: int
-    temperature: float
-    top_k: int | None
-    top_p: float | None
-    num_beams: int
-    num_samples: int
-    seed: int
-
-    @classmethod
-    def from_config(cls, cfg: DictConfig) -> Settings:
-        settings = cls(**{key: cfg[key] for key in cls.__dataclass_fields__})
-        check_sampling(**{key: value for key, value in vars(settings).items() if key != "seed"})
-        return settings
-
-
-def _samples(model: LanguageModel, ids: list[int], settings: Settings, device: torch.device) -> Iterator[list[int]]:
+def _samples(
+    model: LanguageModel, ids: list[int], settings: SamplingConfig, device: torch.device
+) -> Iterator[list[int]]:
     """The new tokens of each sample (or beam, best first)."""
     prompt = torch.tensor([ids], device=device)
     if settings.num_beams > 1:
@@ -164,12 +136,12 @@ def generate_from_config(cfg: DictConfig) -> list[str]:
         raise ConfigError(
             "ckpt is not set: pass ckpt=PATH of a checkpoint, e.g. outputs/runs/<run>/checkpoints/last.ckpt"
         )
-    settings = Settings.from_config(cfg)
+    settings = SamplingConfig.from_config(cfg)
     out = Console(highlight=False, soft_wrap=True)
     notices = Console(stderr=True, highlight=False, soft_wrap=True)
     device = resolve_device(cfg.device)
     loaded = load_checkpoint(cfg.ckpt, device)
-    prompt = str(cfg.prompt or "")
+    prompt = settings.prompt
     ids = prompt_ids(
         loaded.tokenizer, prompt, loaded.model.context_length, notify=lambda m: notices.print(m, markup=False)
     )
@@ -195,7 +167,7 @@ def _stream_one(
     tokenizer: Tokenizer,
     ids: list[int],
     prompt: str,
-    settings: Settings,
+    settings: SamplingConfig,
     device: torch.device,
     out: Console,
 ) -> str:
@@ -218,12 +190,12 @@ def _stream_one(
     return stream.text
 
 
-def _record(cfg: DictConfig, step: int, prompt: str, texts: list[str], settings: Settings) -> dict[str, Any]:
+def _record(cfg: DictConfig, step: int, prompt: str, texts: list[str], settings: SamplingConfig) -> dict[str, Any]:
     return {
         "checkpoint": str(cfg.ckpt),
         "step": step,
         "prompt": prompt,
-        **vars(settings),
+        **{key: value for key, value in vars(settings).items() if key != "prompt"},
         "samples": [prompt + text for text in texts],
         "continuations": texts,
     }

@@ -1,0 +1,53 @@
+"""What every entry point shares: the config resolvers, and one way to end a user error.
+
+`register_resolvers()` is called explicitly by each entry point (and by tests that compose configs)
+before Hydra composes; a user error (`LmlabError`, which includes a model's ValueError turned into a
+ConfigError by `lmlab.run.build`) ends in one `error:` line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+from omegaconf import OmegaConf
+
+from lmlab.checkpoint.resume import checkpoint_run_dir
+from lmlab.errors import LmlabError
+from lmlab.run.dirs import RESOLVER, claimed_dir
+from lmlab.run.info import REPO_ROOT
+
+USER_ERROR_EXIT = 2
+
+T = TypeVar("T")
+
+
+def register_resolvers() -> None:
+    """The `${lmlab_*:}` resolvers conf/ uses; registering twice is harmless."""
+    resolvers = {
+        # configs name bundled files (data/tinyshakespeare.txt) whatever the working directory
+        "lmlab_root": lambda: str(REPO_ROOT),
+        # default run and sweep directories, made unique by lmlab.run.dirs.ClaimFreshDirs
+        RESOLVER: claimed_dir,
+        # a resumed run (ckpt_path=<run>/checkpoints/x.ckpt) writes on into <run>
+        "lmlab_run_dir": checkpoint_run_dir,
+    }
+    for name, resolver in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
+
+
+def user_errors(main: Callable[..., T]) -> Callable[..., T]:
+    """Run `main`; a user error ends in one `error:` line and exit code 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs) -> T:
+        try:
+            return main(*args, **kwargs)
+        except LmlabError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(USER_ERROR_EXIT)
+
+    return wrapper

@@ -1,0 +1,99 @@
+"""The two figures of every comparison: learning curves and bits per byte by model and tokenizer."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterable
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from lmlab.io import atomic_write_bytes
+from lmlab.report.runs import Run, read_curve
+from lmlab.report.tables import MODEL_ORDER, TOKENIZER_ORDER, best_per_pair
+
+LINESTYLES = ("-", "--", ":", "-.")
+PLOT_LABELS = {"test/bpb": "test bits per byte", "val/bpb": "validation bits per byte"}
+
+
+def _ordered(values: Iterable[str], preferred: tuple[str, ...]) -> list[str]:
+    values = set(values)
+    return [v for v in preferred if v in values] + sorted(values - set(preferred))
+
+
+def learning_curves(runs: Iterable[Run]) -> Figure:
+    """Validation bits per byte against training bytes seen, one line per run (colour: model, dash: tokenizer)."""
+    runs = list(runs)
+    colors = {model: f"C{i % 10}" for i, model in enumerate(_ordered((r.model for r in runs), MODEL_ORDER))}
+    dashes = {
+        tok: LINESTYLES[i % len(LINESTYLES)]
+        for i, tok in enumerate(_ordered((r.tokenizer for r in runs), TOKENIZER_ORDER))
+    }
+    fig = Figure(figsize=(10, 5.5), layout="constrained")
+    ax = fig.subplots()
+    drawn = 0
+    for run in sorted(runs, key=lambda r: r.name):
+        curve = read_curve(run.path)
+        if curve:
+            ax.plot(
+                [p["bytes_seen"] for p in curve],
+                [p["val/bpb"] for p in curve],
+                marker=".",
+                color=colors[run.model],
+                linestyle=dashes[run.tokenizer],
+                label=_shorten(run.label or run.name),
+            )
+            drawn += 1
+    ax.set_xlabel("training text seen (bytes)")
+    ax.set_ylabel("validation bits per byte (lower is better)")
+    ax.set_title("Learning curves")
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.text(0.5, 0.5, "no validation points yet (curve.csv)", ha="center", va="center", transform=ax.transAxes)
+    return fig
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def bpb_by_model(runs: Iterable[Run], metric: str = "test/bpb") -> Figure:
+    """Grouped bars: `metric` per model, one bar per tokenizer (error bars: std over seeds)."""
+    best = best_per_pair(runs, metric)
+    models = _ordered((m for m, _ in best), MODEL_ORDER)
+    tokenizers = _ordered((t for _, t in best), TOKENIZER_ORDER)
+    fig = Figure(figsize=(max(6.0, 1.6 * len(models) + 2), 4.5), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(tokenizers))
+    for j, tokenizer in enumerate(tokenizers):
+        present = [(i, best[(model, tokenizer)]) for i, model in enumerate(models) if (model, tokenizer) in best]
+        xs = [i - 0.4 + width * (j + 0.5) for i, _ in present]
+        errors = [std if math.isfinite(std) else 0.0 for _, (_, std) in present]
+        bars = ax.bar(
+            xs,
+            [mean for _, (mean, _) in present],
+            width,
+            label=tokenizer,
+            yerr=errors if any(errors) else None,
+            capsize=3,
+        )
+        ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
+    ax.set_xticks(range(len(models)), models)
+    label = PLOT_LABELS.get(metric, metric)
+    ax.set_ylabel(f"{label} (lower is better)")
+    ax.set_title(f"{label[0].upper()}{label[1:]} by model and tokenizer (best configuration of each pair)")
+    if tokenizers:
+        ax.legend(title="tokenizer")
+    else:
+        ax.text(0.5, 0.5, "no completed runs", ha="center", va="center", transform=ax.transAxes)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def save_figure(fig: Figure, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    atomic_write_bytes(path, buffer.getvalue())

@@ -1,0 +1,1 @@
+"""A training run: build it from a config, fit it, score it, write its results."""

@@ -1,0 +1,187 @@
+"""A training run from a composed config: build -> fit -> score val/test on the best checkpoint -> write.
+
+`train.py` at the repository root is the Hydra entry point; this module holds the work so that tests
+can call `train(cfg)` on a config from Hydra's `compose()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from lightning_fabric.utilities.exceptions import MisconfigurationException
+from omegaconf import DictConfig, OmegaConf
+
+from lmlab.callbacks import SelfContainedCheckpoints
+from lmlab.checkpoint import run_record
+from lmlab.checkpoint.resume import continue_unfinished_run, start_from_checkpoint
+from lmlab.data import TextDataModule
+from lmlab.errors import ConfigError, LmlabError, RunInterrupted, RunStopped
+from lmlab.generate import SamplingConfig, sample_text
+from lmlab.io import atomic_write_json, atomic_write_text
+from lmlab.report.terminal import print_summary
+from lmlab.run.budgets import apply_byte_budget, apply_target_params, byte_budget
+from lmlab.run.build import build
+from lmlab.run.checks import (
+    check_context_fits,
+    check_optimizer,
+    check_output_paths,
+    check_stateful,
+    check_training_length,
+)
+from lmlab.run.dashboards import log_final, log_run_info
+from lmlab.task import LanguageModelTask
+
+log = logging.getLogger(__name__)
+
+VAL_METRICS = ("val/loss", "val/ppl", "val/bpb", "val/unk_rate")
+
+
+def run_job(cfg: DictConfig) -> float:
+    """One job of `train.py`: its val/bpb, what an Optuna sweep minimises.
+
+    Alone, a user error propagates (the entry point prints it in one line). In a sweep, a failed job
+    is recorded in its metrics.json and the sweep goes on; Ctrl-C or SIGTERM stops the whole sweep.
+    """
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        return train(cfg)["val/bpb"]
+    try:
+        return train(cfg)["val/bpb"]
+    except LmlabError as err:
+        print(f"error: {err}", file=sys.stderr)
+        record_failure(cfg, err)
+        if isinstance(err, RunInterrupted):
+            sys.exit(130)
+    except Exception as err:
+        log.exception("this job crashed; the sweep goes on")  # the traceback, in the job's log file
+        record_failure(cfg, err)
+    return float("inf")  # the worst val/bpb: an Optuna search steers away from settings that fail
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one experiment and return its metrics (also written to `<run dir>/metrics.json`)."""
+    started = time.perf_counter()
+    cfg = continue_unfinished_run(cfg)  # never on top of another run's results
+    cfg, start = start_from_checkpoint(cfg)  # resume (ckpt_path=) or fine-tune (init_from=), else (cfg, None)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
+    check_training_length(cfg.trainer)
+    sampling = SamplingConfig.from_config(cfg.sample)  # checked now rather than after the training
+    max_bytes = byte_budget(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = start.tokenizer if start else build(cfg.tokenizer, "tokenizer")  # a checkpoint's is reused
+    datamodule: TextDataModule = build(cfg.data, "data", tokenizer=tokenizer, seed=cfg.seed)
+    datamodule.prepare_data()
+    tokenizer = datamodule.tokenizer
+    tokenizer.save(output_dir / "tokenizer.json")
+
+    apply_target_params(cfg.model, tokenizer.vocab_size, cfg.budget.get("target_params"))
+    model = build(cfg.model, "model", vocab_size=tokenizer.vocab_size)
+    check_context_fits(model, datamodule.block_size)
+    check_stateful(model, datamodule.stateful)
+    if start:
+        start.load_into(model)
+    callbacks = [build(node, f"callbacks.{name}") for name, node in cfg.get("callbacks", {}).items()]
+    loggers = [build(node, f"logger.{name}") for name, node in cfg.get("logger", {}).items()]
+    trainer: pl.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers)
+    if max_bytes is not None:
+        apply_byte_budget(trainer, cfg, datamodule, max_bytes)
+    # once, as built (matched width, step budget), so it rebuilds exactly this run
+    atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    trainer.callbacks.append(SelfContainedCheckpoints(run_record(cfg, tokenizer)))
+    task: LanguageModelTask = build(cfg.task, "task", model=model)
+    check_optimizer(task.optimizer_factory)
+
+    check_output_paths(trainer, output_dir)
+    if trainer.is_global_zero:
+        log_run_info(trainer, output_dir, cfg.seed, datamodule.corpus.corpus_sha256, start)
+    try:
+        trainer.fit(
+            task, datamodule=datamodule, ckpt_path=start.path if start and start.resume else None, weights_only=True
+        )
+    except RunStopped as err:  # diverged or interrupted: say so in metrics.json; the last good checkpoint stays
+        if trainer.is_global_zero:
+            record_failure(cfg, err)
+        raise
+    except MisconfigurationException as err:  # Lightning's own check of the trainer, callbacks and loggers
+        raise ConfigError(
+            f"Lightning refused this setup: {' '.join(str(err).split())} "
+            "Change the trainer/callbacks/logger settings it names."
+        ) from None
+    tokens_seen = task.tokens_seen * trainer.world_size  # before the best checkpoint's count is loaded back
+    scores = _final_scores(trainer, task, datamodule)
+    sample = sample_text(task.model, tokenizer, sampling)
+
+    metrics: dict[str, Any] = {
+        "model": cfg.names.model,
+        "tokenizer": cfg.names.tokenizer,
+        "data": datamodule.name,
+        **{key: scores[key] for key in sorted(scores) if "/" in key},
+        "best_step": scores["best_step"],
+        "params": task.num_parameters,
+        "vocab_size": tokenizer.vocab_size,
+        "steps": trainer.global_step,
+        "tokens_seen": tokens_seen,
+        "bytes_seen": round(tokens_seen * datamodule.train_bytes_per_token),
+        "wall_time_s": round(time.perf_counter() - started, 2),
+        "status": "completed",
+    }
+    if trainer.is_global_zero:
+        atomic_write_text(output_dir / "sample.txt", sample)
+        atomic_write_json(output_dir / "metrics.json", metrics)
+        log_final(trainer, cfg, metrics, sample)
+        print_summary(metrics, sample)
+    return metrics
+
+
+def _final_scores(trainer: pl.Trainer, task: LanguageModelTask, datamodule: TextDataModule) -> dict[str, float]:
+    """Validation and test on the best checkpoint by val/bpb (the last weights if none was saved).
+
+    When the best checkpoint is the final step and the last validation scored it, the weights in
+    memory are that checkpoint and its validation scores are at hand: only the test pass runs.
+    """
+    best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+    # mmap: only the step is read here, not the weights and optimizer state
+    best_step = (
+        int(torch.load(best, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+        if best
+        else trainer.global_step
+    )
+    scored = trainer.callback_metrics
+    if best_step == trainer.global_step and all(key in scored for key in VAL_METRICS):
+        scores = {key: float(scored[key]) for key in VAL_METRICS}
+        best = None
+    else:
+        validated = trainer.validate(task, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
+        scores = {key: float(value) for key, value in validated.items()}
+    tested = trainer.test(task, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
+    scores.update({key: float(value) for key, value in tested.items()})
+    scores["best_step"] = best_step
+    return scores
+
+
+def record_failure(cfg: DictConfig, err: Exception) -> dict[str, Any]:
+    """Write a failed job's metrics.json (its status and one-line error), so a sweep's report lists it with the rest."""
+    lines = str(err).strip().splitlines()
+    error = lines[0] if lines else ""
+    if not isinstance(err, LmlabError):
+        error = f"{type(err).__name__}: {error}" if error else type(err).__name__
+    metrics = {
+        "model": cfg.names.model,
+        "tokenizer": cfg.names.tokenizer,
+        "data": cfg.names.data,
+        "status": getattr(err, "status", "failed"),
+        "error": error,
+    }
+    atomic_write_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
+    return metrics
