@@ -1,16 +1,39 @@
-"""What every benchmark records beside its numbers: the machine, the libraries, the date."""
+"""What every benchmark records beside its numbers: the machine, the libraries, the date, the commit.
+
+Results go to bench/results/, or to the folder named by LMLAB_RESULTS_DIR (a device run's $OUT).
+"""
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import subprocess
 from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(os.environ.get("LMLAB_RESULTS_DIR") or ROOT / "bench" / "results")
+
+
+def git_commit() -> str:
+    """The commit the numbers come from, '-dirty' when tracked files have uncommitted changes.
+
+    A copy of the tree without its .git (a device run) takes the commit from LMLAB_COMMIT.
+    """
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return os.environ.get("LMLAB_COMMIT", "unknown")
+    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def machine() -> dict:
@@ -51,9 +74,10 @@ def machine() -> dict:
 
 
 def write_results(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(exist_ok=True)
+    """`RESULTS/<name>.json`: the payload with the machine, library versions and git commit it came from."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
+    path.write_text(json.dumps({"machine": machine(), "commit": git_commit(), **payload}, indent=2) + "\n")
     return path
 
 

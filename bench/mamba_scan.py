@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,14 +25,6 @@ from _common import table, write_results
 
 from lmlab.models.mamba import cuda_selective_scan
 from lmlab.models.scan import selective_scan
-
-
-def git_commit() -> str:
-    """The commit the numbers come from, marked '-dirty' when the tree has uncommitted changes."""
-    root = Path(__file__).resolve().parents[1]
-    run = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    commit = run("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + ("-dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def inputs(batch: int, length: int, d_inner: int, d_state: int, device: torch.device) -> list[torch.Tensor]:
@@ -118,7 +109,7 @@ def main() -> None:
     )
     print(table(rows, list(dict.fromkeys(k for r in rows for k in r))))
     settings = {k: getattr(args, k) for k in ("batch", "d_inner", "d_state", "repeats", "threads")}
-    path = write_results(f"mamba_scan_{device.type}", {"commit": git_commit(), "settings": settings, "rows": rows})
+    path = write_results(f"mamba_scan_{device.type}", {"settings": settings, "rows": rows})
     print(f"wrote {path}")
 
 

@@ -29,7 +29,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table, write_results
-from mamba_scan import git_commit
 
 from lmlab.models import GPT, Jamba, LanguageModel, Llama, Mamba, count_parameters
 
@@ -157,9 +156,7 @@ def main() -> None:
     settings = {k: getattr(args, k) for k in ("target_params", "vocab", "batch", "seq_len", "steps", "contexts")}
     settings |= {"dtype": args.dtype, "compile": args.compile, "gen_tokens": args.gen_tokens, "threads": args.threads}
     suffix = "_compiled" if args.compile else ""
-    path = write_results(
-        f"model_families_{device.type}{suffix}", {"commit": git_commit(), "settings": settings, "rows": rows}
-    )
+    path = write_results(f"model_families_{device.type}{suffix}", {"settings": settings, "rows": rows})
     print(f"wrote {path}")
 
 
