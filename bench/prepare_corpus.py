@@ -107,7 +107,9 @@ def run_child(mode: str, tokenizer: str, corpus: Path, cache: Path) -> dict:
     command = [sys.executable, __file__, "--child", mode, "--tokenizers", tokenizer]
     command += ["--corpus", str(corpus), "--cache", str(cache), "--out", str(out)]
     subprocess.run(command, check=True)  # the progress bars show in this terminal
-    return json.loads(out.read_text())
+    result = json.loads(out.read_text())
+    out.unlink()
+    return result
 
 
 def versions() -> dict:
