@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from lmlab.data import TextDataModule
+from lmlab.data.windows import IGNORE_INDEX
+from lmlab.metrics import token_nats
 from lmlab.models import LanguageModel
 from lmlab.optim import parameter_groups
 from lmlab.task import LanguageModelTask
@@ -61,3 +63,23 @@ def test_weight_decay_skips_biases_norms_and_embeddings():
     decay, no_decay = parameter_groups(model, weight_decay=0.1)
     assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
     assert len(no_decay["params"]) == 4 and no_decay["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_equals_the_plain_one(reduction, dtype):
+    """Scoring rows in checkpointed fp32 chunks gives the loss and gradients of one full fp32 pass."""
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(3, 7, 11, generator=g)).to(dtype)
+    targets = torch.randint(0, 11, (3, 7), generator=g)
+    targets[0, :2] = IGNORE_INDEX  # padding stays free in every chunk
+    results = []
+    for chunk_rows in (0, 4):  # 21 rows: chunks of 4, 4, 4, 4, 4, 1
+        leaf = logits.clone().requires_grad_()
+        loss = token_nats(leaf, targets, label_smoothing=0.1, reduction=reduction, chunk_rows=chunk_rows)
+        loss.sum().backward()
+        results.append((loss.detach(), leaf.grad))
+    (plain, plain_grad), (chunked, chunked_grad) = results
+    assert chunked.dtype == torch.float32 and chunked.shape == plain.shape
+    torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(chunked_grad, plain_grad)

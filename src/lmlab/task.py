@@ -5,6 +5,7 @@ The model is any `lmlab.models.LanguageModel`; nothing below branches on its arc
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable
 
@@ -17,6 +18,27 @@ from lmlab.data.windows import IGNORE_INDEX
 from lmlab.metrics import split_scores, token_nats
 from lmlab.models import LanguageModel, count_parameters, detach_state, state_from_data, state_to_data
 from lmlab.optim import parameter_groups
+
+
+ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
+
+
+def attention_context(name: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """A context that pins scaled_dot_product_attention to one kernel (`task.attention`); "auto" lets
+    PyTorch pick. On Hopper, cuDNN's attention is often faster than flash for training."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"task.attention must be one of {', '.join(ATTENTION_BACKENDS)} (got {name!r})")
+    if name == "auto":
+        return contextlib.nullcontext
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[name]
+    return lambda: sdpa_kernel([backend])
 
 
 class LanguageModelTask(pl.LightningModule):
@@ -36,6 +58,9 @@ class LanguageModelTask(pl.LightningModule):
         label_smoothing: float = 0.0,
         stateful: bool = False,
         compile: bool = False,
+        compile_mode: str | None = None,
+        loss_chunk_rows: int = 0,
+        attention: str = "auto",
     ) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing <= 1.0:
@@ -49,7 +74,12 @@ class LanguageModelTask(pl.LightningModule):
         # Model and loss compiled together (the fp32 log-softmax over the vocabulary fuses into
         # one kernel), as a function rather than a compiled module: checkpoints keep plain
         # parameter names and generation keeps the eager model's free shapes.
-        self._loss = torch.compile(self._next_token_loss) if compile else self._next_token_loss
+        # compile_mode: torch.compile's mode ("max-autotune-no-cudagraphs", ...); None is its default.
+        self._loss = torch.compile(self._next_token_loss, mode=compile_mode) if compile else self._next_token_loss
+        if loss_chunk_rows < 0:
+            raise ValueError(f"task.loss_chunk_rows must be >= 0 (got {loss_chunk_rows}): 0 scores all rows at once")
+        self.loss_chunk_rows = loss_chunk_rows
+        self._attention = attention_context(attention)
         self.tokens_seen = 0
         self._train_state = self._eval_state = None
         self.eval_nats, self.eval_tokens = SumMetric(), SumMetric()
@@ -65,16 +95,19 @@ class LanguageModelTask(pl.LightningModule):
         """Cross-entropy, the new state, and the model's auxiliary loss (None without one), from one
         compiled region: reading the auxiliary loss after a compiled call would miss it."""
         logits, state = self.model(x, state)
-        loss = token_nats(logits, y, label_smoothing=label_smoothing, reduction=reduction)
+        loss = token_nats(
+            logits, y, label_smoothing=label_smoothing, reduction=reduction, chunk_rows=self.loss_chunk_rows
+        )
         return loss, state, self.model.aux_loss()
 
     def _step_loss(self, x: torch.Tensor, y: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Mean loss (training) or summed nats (evaluation), and the auxiliary loss, carrying recurrent
         state across batches when the data is stateful."""
         state = (self._train_state if training else self._eval_state) if self.stateful else None
-        loss, state, aux = self._loss(
-            x, y, state, self.label_smoothing if training else 0.0, "mean" if training else "sum"
-        )
+        with self._attention():
+            loss, state, aux = self._loss(
+                x, y, state, self.label_smoothing if training else 0.0, "mean" if training else "sum"
+            )
         if self.stateful and training:
             self._train_state = detach_state(state)
         elif self.stateful:
@@ -114,7 +147,7 @@ class LanguageModelTask(pl.LightningModule):
         split_bytes = corpus.split_bytes[split] * min(1.0, tokens.item() / max(1, corpus.split_tokens[split]))
         scores = split_scores(split, nats, tokens, split_bytes)
         scores[f"{split}/unk_rate"] = torch.tensor(corpus.unk_rate(split))
-        self.log_dict(scores, prog_bar=split == "val", sync_dist=False)
+        self.log_dict(scores, sync_dist=False)  # SyncFreeProgressBar shows val/bpb
 
     def on_validation_epoch_start(self) -> None:
         self._eval_epoch_start()
