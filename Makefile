@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 ARGS ?=
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
@@ -10,12 +11,12 @@ INSTALLED := $(VENV)/.installed
 
 install: $(INSTALLED)
 
-# The CPU build of torch is pinned here (an unpinned torch pulls a multi-GB CUDA build);
-# override with e.g. `make install TORCH=torch==2.6.0`.
+# torch is pinned here. Which build pip takes depends on the index: TORCH_INDEX=<a PyTorch wheel index URL>
+# picks a CPU-only or a CUDA build of the same version (see the README).
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(INSTALLED)
 

@@ -79,6 +79,11 @@ SETTING_CASES = {
     "missing accelerator library": (["trainer.accelerator=tpu"], ConfigError, "invalid trainer config"),
     "end-of-run sample with top_k=0": (["sample.top_k=0"], ConfigError, "top_k must be >= 1"),
     "end-of-run sample with negative temperature": (["sample.temperature=-1"], ConfigError, "temperature must be >= 0"),
+    "stateful data for an attention model": (
+        ["data.stateful=true"],
+        ConfigError,
+        "data.stateful=true needs a recurrent model",
+    ),
     "LR monitor without a logger": (
         ["~logger"],
         ConfigError,

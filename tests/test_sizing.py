@@ -12,8 +12,9 @@ from omegaconf import open_dict
 
 from lmlab.errors import ConfigError
 from lmlab.models import count_parameters
-from lmlab.run.budgets import apply_byte_budget, apply_target_params, byte_budget, match_width, validation_interval
+from lmlab.run.budgets import apply_byte_budget, byte_budget, validation_interval
 from lmlab.run.build import build
+from lmlab.run.sizing import apply_target_params, match_width
 from tests.helpers import MODELS, compose_config
 
 VOCABS = {"char": 65, "bpe": 1024, "word": 6000}

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from lmlab.checkpoint.resume import checkpoint_run_dir
 from lmlab.errors import LmlabError
-from lmlab.run.dirs import RESOLVER, claimed_dir
+from lmlab.run.dirs import JOB_DIR_RESOLVER, RESOLVER, claimed_dir, job_dir_name
 from lmlab.run.info import REPO_ROOT
 
 USER_ERROR_EXIT = 2
@@ -31,6 +31,8 @@ def register_resolvers() -> None:
         "lmlab_root": lambda: str(REPO_ROOT),
         # default run and sweep directories, made unique by lmlab.run.dirs.ClaimFreshDirs
         RESOLVER: claimed_dir,
+        # a sweep job's folder: short, safe and unique, whatever its overrides
+        JOB_DIR_RESOLVER: job_dir_name,
         # a resumed run (ckpt_path=<run>/checkpoints/x.ckpt) writes on into <run>
         "lmlab_run_dir": checkpoint_run_dir,
     }

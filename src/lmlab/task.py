@@ -147,7 +147,13 @@ class LanguageModelTask(pl.LightningModule):
         split_bytes = corpus.split_bytes[split] * min(1.0, tokens.item() / max(1, corpus.split_tokens[split]))
         scores = split_scores(split, nats, tokens, split_bytes)
         scores[f"{split}/unk_rate"] = torch.tensor(corpus.unk_rate(split))
-        self.log_dict(scores, sync_dist=False)  # SyncFreeProgressBar shows val/bpb
+        self.log_dict(scores, logger=False, sync_dist=False)  # SyncFreeProgressBar shows val/bpb
+        # Lightning would write these at the step before the one just validated; curve.csv, the samples
+        # and the checkpoints all name the optimizer step, so the dashboards do too.
+        if not self.trainer.sanity_checking:
+            values = {key: float(value) for key, value in scores.items()}
+            for logger in self.loggers:
+                logger.log_metrics(values, step=self.global_step)
 
     def on_validation_epoch_start(self) -> None:
         self._eval_epoch_start()

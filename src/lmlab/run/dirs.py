@@ -11,6 +11,8 @@ experiment recipe replacing the sweep directory, for one), and that must not cre
 
 from __future__ import annotations
 
+import hashlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 RESOLVER = "lmlab_fresh_dir"
+JOB_DIR_RESOLVER = "lmlab_job_dir"
+MAX_JOB_DIR = 80  # characters; file systems allow 255 bytes per name, and paths stay readable
+UNSAFE = re.compile(r"[^A-Za-z0-9=,._+\-]")
 
 _claimed: dict[str, str] = {}
 
@@ -66,3 +71,20 @@ def _claim(node: DictConfig, resuming: bool) -> None:
     folder = str(node.dir)
     if not (resuming and Path(folder).is_dir()):
         claim_fresh_dir(folder)
+
+
+def job_dir_name(overrides: str, job_number: int | str) -> str:
+    """A sweep job's folder name: its overrides (`model=gpt,tokenizer=bpe`) when they make a short, safe
+    name; otherwise the readable start of them with characters that are not safe in a name replaced,
+    the job number and a hash of the full overrides, so that names stay unique and under MAX_JOB_DIR.
+
+    The full overrides stay in the job's `.hydra/overrides.yaml` and `config.yaml`.
+    """
+    if not overrides:
+        return f"job{job_number}"
+    safe = UNSAFE.sub("_", overrides)
+    if safe == overrides and len(overrides) <= MAX_JOB_DIR:
+        return overrides
+    digest = hashlib.sha256(overrides.encode()).hexdigest()[:8]
+    tail = f"-job{job_number}-{digest}"
+    return safe[: MAX_JOB_DIR - len(tail)].rstrip("_,") + tail

@@ -27,7 +27,7 @@ from lmlab.errors import ConfigError, LmlabError, RunInterrupted, RunStopped
 from lmlab.generate import SamplingConfig, sample_text
 from lmlab.io import atomic_write_json, atomic_write_text
 from lmlab.report.terminal import print_summary
-from lmlab.run.budgets import apply_byte_budget, apply_target_params, byte_budget
+from lmlab.run.budgets import apply_byte_budget, byte_budget
 from lmlab.run.build import build
 from lmlab.run.checks import (
     check_context_fits,
@@ -37,6 +37,7 @@ from lmlab.run.checks import (
     check_training_length,
 )
 from lmlab.run.dashboards import log_final, log_run_info
+from lmlab.run.sizing import apply_target_params
 from lmlab.task import LanguageModelTask
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def run_job(cfg: DictConfig) -> float:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment and return its metrics (also written to `<run dir>/metrics.json`)."""
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()  # CPU time: this process, all its threads
     cfg = continue_unfinished_run(cfg)  # never on top of another run's results
     cfg, start = start_from_checkpoint(cfg)  # resume (ckpt_path=) or fine-tune (init_from=), else (cfg, None)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -118,7 +119,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             f"Lightning refused this setup: {' '.join(str(err).split())} "
             "Change the trainer/callbacks/logger settings it names."
         ) from None
-    tokens_seen = task.tokens_seen * trainer.world_size  # before the best checkpoint's count is loaded back
+    # before the best checkpoint's step and count are loaded back
+    steps, tokens_seen = trainer.global_step, task.tokens_seen * trainer.world_size
     scores = _final_scores(trainer, task, datamodule)
     sample = sample_text(task.model, tokenizer, sampling)
 
@@ -130,10 +132,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "best_step": scores["best_step"],
         "params": task.num_parameters,
         "vocab_size": tokenizer.vocab_size,
-        "steps": trainer.global_step,
+        "steps": steps,
         "tokens_seen": tokens_seen,
         "bytes_seen": round(tokens_seen * datamodule.train_bytes_per_token),
+        "flops_per_token": model.flops_per_token(datamodule.block_size),
+        "train_flops": tokens_seen * model.flops_per_token(datamodule.block_size),
         "wall_time_s": round(time.perf_counter() - started, 2),
+        "cpu_time_s": round(time.process_time() - cpu_started, 2),
+        "torch_threads": torch.get_num_threads(),
         "status": "completed",
     }
     if trainer.is_global_zero:
@@ -158,14 +164,13 @@ def _final_scores(trainer: pl.Trainer, task: LanguageModelTask, datamodule: Text
         else trainer.global_step
     )
     scored = trainer.callback_metrics
-    if best_step == trainer.global_step and all(key in scored for key in VAL_METRICS):
-        scores = {key: float(scored[key]) for key in VAL_METRICS}
-        best = None
-    else:
-        validated = trainer.validate(task, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
-        scores = {key: float(value) for key, value in validated.items()}
-    tested = trainer.test(task, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
-    scores.update({key: float(value) for key, value in tested.items()})
+    if not (best_step == trainer.global_step and all(key in scored for key in VAL_METRICS)):
+        trainer.validate(task, datamodule=datamodule, ckpt_path=best, verbose=False)
+    scores = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("val/")}
+    trainer.test(
+        task, datamodule=datamodule, ckpt_path=None if best_step == trainer.global_step else best, verbose=False
+    )
+    scores.update({key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("test/")})
     scores["best_step"] = best_step
     return scores
 
