@@ -12,8 +12,11 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -88,18 +91,40 @@ def train_tokenizer(tokenizer: Tokenizer, pieces: Iterable[str], advance: Advanc
     tokenizer.train("".join(parts))
 
 
+ENCODE_THREADS = min(4, os.cpu_count() or 1)  # pieces encoded at once (and held: a few tens of MB each)
+
+
+def _encode_piece(tokenizer: Tokenizer, dtype: np.dtype, piece: str) -> tuple[np.ndarray, int, int]:
+    """(ids, bytes, unknown tokens) of one piece."""
+    ids = tokenizer.encode(piece).astype(dtype)
+    unknown = 0
+    if tokenizer.emits_unk and np.any(ids == tokenizer.unk_id):  # unknowns are some of the <unk> ids
+        unknown = tokenizer.count_unknown(piece)  # (PTB's own written <unk>s are not unknown)
+    return ids, len(piece.encode("utf-8")), unknown
+
+
+def _in_order(pool: ThreadPoolExecutor, work: Callable, items: Iterable, ahead: int) -> Iterator:
+    """`pool.map(work, items)` that reads at most `ahead` items in advance, so memory stays bounded."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(work, item))
+        if len(pending) > ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def _encode_split(tokenizer: Tokenizer, pieces: Iterable[str], out, dtype, advance: Advance | None) -> tuple[int, ...]:
-    """Append the ids of every piece to `out`; returns (bytes, tokens, unknown tokens)."""
+    """Append the ids of every piece to `out`, encoding a few pieces at once on threads (the HF
+    tokenizers and numpy release the GIL; the next pieces are read meanwhile); returns (bytes,
+    tokens, unknown tokens)."""
     nbytes = ntokens = nunk = 0
-    for piece in pieces:
-        ids = tokenizer.encode(piece)
-        ids.astype(dtype).tofile(out)
-        size = len(piece.encode("utf-8"))
-        nbytes, ntokens = nbytes + size, ntokens + len(ids)
-        if tokenizer.emits_unk and np.any(ids == tokenizer.unk_id):  # unknowns are some of the <unk> ids
-            nunk += tokenizer.count_unknown(piece)  # (PTB's own written <unk>s are not unknown)
-        if advance:
-            advance("encoding", size)
+    with ThreadPoolExecutor(ENCODE_THREADS) as pool:
+        for ids, size, unknown in _in_order(pool, partial(_encode_piece, tokenizer, dtype), pieces, ENCODE_THREADS):
+            ids.tofile(out)
+            nbytes, ntokens, nunk = nbytes + size, ntokens + len(ids), nunk + unknown
+            if advance:
+                advance("encoding", size)
     return nbytes, ntokens, nunk
 
 
