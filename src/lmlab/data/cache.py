@@ -87,7 +87,7 @@ def train_tokenizer(tokenizer: Tokenizer, pieces: Iterable[str], advance: Advanc
     for piece in pieces:
         parts.append(piece)
         if advance:
-            advance("training tokenizer", len(piece.encode("utf-8")))
+            advance("reading train split", len(piece.encode("utf-8")))
     tokenizer.train("".join(parts))
 
 

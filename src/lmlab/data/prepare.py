@@ -126,7 +126,7 @@ def locked(path: Path) -> Iterator[None]:
 
 @contextmanager
 def progress_bar(totals: dict[str, int], enabled: bool) -> Iterator[Advance | None]:
-    """An `advance(phase, bytes)` that drives one bar per phase (hashing, training, encoding), or None."""
+    """An `advance(phase, bytes)` that drives one bar per phase (hashing, reading the train split, encoding), or None."""
     if not enabled:
         yield None
         return
@@ -169,7 +169,7 @@ def prepare_corpus(
         if (folder / "meta.json").exists():
             return load_entry(folder)
         ranges = source.ranges()
-        totals["training tokenizer"] = ranges["train"][2] - ranges["train"][1]
+        totals["reading train split"] = ranges["train"][2] - ranges["train"][1]
         totals["encoding"] = sum(end - start for _, start, end in ranges.values())
         pieces = {split: partial(text_pieces, *where, chunk_bytes) for split, where in ranges.items()}
         build_entry(folder, tokenizer, pieces, sha, advance)
