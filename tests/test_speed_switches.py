@@ -1,13 +1,20 @@
-"""The speed switches change how fast a run goes, never what it computes."""
+"""The speed switches change how fast a run goes, never what it computes; the terminal stays quiet and compact."""
 
 from __future__ import annotations
 
+import io
+import logging
+import warnings
 from functools import partial
 
 import pytest
+import pytorch_lightning as pl
 import torch
+from rich.console import Console
 
+from lmlab.callbacks import SyncFreeProgressBar, TokenThroughput
 from lmlab.models import GPT
+from lmlab.run.quiet import quiet_lightning
 from lmlab.task import LanguageModelTask
 
 
@@ -20,7 +27,7 @@ def _losses(compile: bool) -> list[float]:
     losses = []
     for _ in range(3):
         seq = torch.randint(0, 37, (4, 17), generator=g)
-        loss = task._step_loss(seq[:, :-1], seq[:, 1:], training=True)
+        loss, _ = task._step_loss(seq[:, :-1], seq[:, 1:], training=True)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -46,3 +53,47 @@ def test_vocab_padding_leaves_the_probabilities_unchanged():
     logits, _ = padded(idx)
     assert logits.shape[-1] == 37
     assert torch.allclose(logits.softmax(-1), plain(idx)[0].softmax(-1), atol=1e-6)
+
+
+def test_the_progress_bar_fits_80_columns_with_loss_val_bpb_and_tokens_per_s(tmp_path):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    data = [(s[:, :-1], s[:, 1:]) for s in (torch.randint(0, 37, (4, 17), generator=g) for _ in range(20))]
+    model = GPT(vocab_size=37, d_model=16, n_layer=1, n_head=2, block_size=16)
+    task = LanguageModelTask(model, optimizer=partial(torch.optim.AdamW, lr=1e-2))
+    bar = SyncFreeProgressBar(metrics_every_n_steps=10, console_kwargs={"file": io.StringIO(), "width": 80})
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=20,
+        max_epochs=-1,
+        log_every_n_steps=10,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        callbacks=[bar, TokenThroughput(every_n_steps=10)],
+    )
+    trainer.fit(task, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    trainer.callback_metrics["val/bpb"] = torch.tensor(2.3456)  # as a validation leaves it
+    bar.on_validation_end(trainer, task)
+    assert set(bar.get_metrics(trainer, task)) == {"loss", "val bpb", "tok/s"}
+    out = io.StringIO()
+    Console(file=out, width=80).print(bar.progress.get_renderable())
+    (line,) = out.getvalue().splitlines()  # one line: the metrics do not wrap into a column
+    assert line.startswith("Epoch 0 ") and "20/20" in line and "val bpb: 2.346" in line and "tok/s:" in line
+
+
+def test_quiet_hides_lightning_chatter_but_not_real_warnings(caplog):
+    quiet_lightning(verbose=False)
+    info = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    with caplog.at_level(logging.NOTSET), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_lightning(verbose=False)  # catch_warnings restores the filters on exit
+        info.info("GPU available: False, used: False")
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning, stacklevel=1)
+        warnings.warn("the learning rate is too high", UserWarning, stacklevel=1)
+    assert "GPU available" not in caplog.text
+    assert [str(w.message) for w in caught] == ["the learning rate is too high"]
+    quiet_lightning(verbose=True)
+    assert info.isEnabledFor(logging.INFO)

@@ -26,30 +26,66 @@ from lmlab.generate import SamplingConfig, sample_text
 
 
 class SyncFreeProgressBar(RichProgressBar):
-    """Lightning's rich progress bar, reading training metrics every `metrics_every_n_steps` only.
+    """Lightning's rich progress bar, compact and cheap: loss, val bpb and tokens/s, on one 80-column line.
 
     Metrics logged with `prog_bar=True` are turned into Python floats by Lightning after every
-    batch: a host-device sync per step that stalls a GPU. Training metrics are therefore logged
-    without it, and this bar reads `show` from the callback metrics at its own, sparser interval.
+    batch: a host-device sync per step that stalls a GPU. lmlab logs nothing to the bar; this bar
+    reads `show` (metric -> label) from the callback metrics every `metrics_every_n_steps` steps and
+    after each validation. It redraws `refresh_rate` times a second (Lightning's default of 100
+    costs a small model's steps a rendering thread); everything else is in TensorBoard.
     """
 
-    def __init__(
-        self, metrics_every_n_steps: int = 10, show: tuple[str, ...] = ("train/loss", "train/tokens_per_s"), **kwargs
-    ) -> None:
-        super().__init__(**kwargs)
-        self.metrics_every_n_steps, self.show = metrics_every_n_steps, tuple(show)
-        self._shown: dict[str, float] = {}
+    SHOW = {"train/loss": "loss", "val/bpb": "val bpb", "train/tokens_per_s": "tok/s"}
 
-    def get_metrics(self, trainer, pl_module) -> dict:
-        if trainer.training and (trainer.global_step % self.metrics_every_n_steps == 0 or not self._shown):
+    def __init__(
+        self,
+        metrics_every_n_steps: int = 10,
+        show: Mapping[str, str] | None = None,
+        refresh_rate: int = 10,
+        **kwargs,
+    ) -> None:
+        super().__init__(refresh_rate=refresh_rate, **kwargs)
+        self.metrics_every_n_steps, self.show = metrics_every_n_steps, dict(self.SHOW if show is None else show)
+        self._shown: dict[str, str] = {}
+        self._read_at = -1
+
+    def get_metrics(self, trainer, pl_module) -> dict[str, str]:
+        due = trainer.global_step % self.metrics_every_n_steps == 0 and trainer.global_step != self._read_at
+        if due or not trainer.training or not self._shown:
+            self._read_at = trainer.global_step
             logged = trainer.callback_metrics
-            self._shown = {key: float(logged[key]) for key in self.show if key in logged}
-        return {**super().get_metrics(trainer, pl_module), **self._shown}
+            self._shown = {label: _compact(float(logged[key])) for key, label in self.show.items() if key in logged}
+        return self._shown
+
+    def configure_columns(self, trainer) -> list:
+        """Description, a short bar, steps done, time left: the metrics keep the rest of an 80-column line."""
+        from pytorch_lightning.callbacks.progress.rich_progress import BatchesProcessedColumn, CustomBarColumn
+        from rich.progress import TextColumn, TimeRemainingColumn
+
+        return [
+            TextColumn("[progress.description]{task.description}"),
+            CustomBarColumn(
+                bar_width=12,
+                complete_style=self.theme.progress_bar,
+                finished_style=self.theme.progress_bar_finished,
+                pulse_style=self.theme.progress_bar_pulse,
+            ),
+            BatchesProcessedColumn(style=self.theme.batch_progress),
+            TimeRemainingColumn(compact=True),
+        ]
 
     def _get_train_description(self, current_epoch: int) -> str:
         """ "Epoch 2" when runs are bounded by steps (max_epochs=-1), not Lightning's "Epoch 2/-2"."""
         description = super()._get_train_description(current_epoch)
-        return description.replace("/-2", "  ") if self.trainer.max_epochs == -1 else description
+        return description.replace("/-2", "").rstrip() if self.trainer.max_epochs == -1 else description
+
+
+def _compact(value: float) -> str:
+    """4 significant digits, then 12.3k / 4.56M: a metric in at most 6 characters."""
+    for unit, scale in (("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.4g}"
 
 
 class TokenThroughput(pl.Callback):

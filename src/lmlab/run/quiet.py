@@ -1,0 +1,33 @@
+"""A quiet terminal: lmlab's own lines, the progress bar and real warnings, without Lightning's start-up chatter.
+
+Lightning reports its setup ("GPU available: False", "`Trainer(limit_val_batches=1.0)` was configured
+so 100% ...", a tip to install litlogger, "`Trainer.fit` stopped: `max_steps=...` reached") as info
+messages on its rank-zero loggers, and the installed torch warns about Lightning's own use of a
+deprecated pytree class. Neither says anything a user can act on. Warnings about the run itself
+(Lightning's rank_zero_warn, PyTorch's, lmlab's) go through `warnings` and stay visible.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+LIGHTNING_INFO_LOGGERS = (
+    "pytorch_lightning.utilities.rank_zero",
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning_fabric.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+)
+# Lightning's pytree helper, on torch >= 2.9: a deprecation inside a library, not a problem of the run.
+LIBRARY_DEPRECATIONS = (r".*`isinstance\(treespec, LeafSpec\)` is deprecated", r".*LeafSpec.* is deprecated")
+
+
+def quiet_lightning(verbose: bool = False) -> None:
+    """Hide Lightning's informational start-up lines and library-internal deprecations (`verbose=true`
+    shows them again). Call once, before the Trainer is built."""
+    level = logging.INFO if verbose else logging.WARNING
+    for name in LIGHTNING_INFO_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+    if not verbose:
+        for message in LIBRARY_DEPRECATIONS:
+            warnings.filterwarnings("ignore", message=message)
