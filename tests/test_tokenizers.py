@@ -199,7 +199,9 @@ def test_split_chunks_cuts_only_at_safe_newlines():
     assert "".join(chunks) == HELD_OUT and len(chunks) > 10
     for left, right in zip(chunks, chunks[1:]):
         assert re.fullmatch(r"[!-~]\n", left[-2:]) and re.match(r"[!-~]", right)
-    assert list(split_chunks("a \n\n b" * 10, size=3)) == ["a \n\n b" * 10]
+    spaced = " a b \n \n b \n" * 10  # Penn Treebank's layout: cut after a newline, before " b"
+    assert list(split_chunks(spaced, size=3)) == [" a b \n \n", " b \n"] * 10
+    assert list(split_chunks("a \n\n\tb" * 10, size=3)) == ["a \n\n\tb" * 10]  # no safe place
     assert list(split_chunks("")) == [""]
 
 

@@ -81,14 +81,16 @@ def _id_dtype(vocab_size: int) -> np.dtype:
 
 
 def train_tokenizer(tokenizer: Tokenizer, pieces: Iterable[str], advance: Advance | None = None) -> None:
-    """Train on the training split only. Tokenizers learn from one string today, so the training
-    split is joined in memory here (the one step of preparation that is not streamed)."""
-    parts = []
-    for piece in pieces:
-        parts.append(piece)
-        if advance:
-            advance("reading train split", len(piece.encode("utf-8")))
-    tokenizer.train("".join(parts))
+    """Train on the training split only, streamed: the tokenizer reads the pieces one at a time and
+    learns what it would from their concatenation, so memory never holds the split."""
+
+    def reported(pieces: Iterable[str]) -> Iterator[str]:
+        for piece in pieces:
+            if advance:
+                advance("reading train split", len(piece.encode("utf-8")))
+            yield piece
+
+    tokenizer.train_from_iterator(reported(pieces))
 
 
 ENCODE_THREADS = min(4, os.cpu_count() or 1)  # pieces encoded at once (and held: a few tens of MB each)
@@ -96,11 +98,11 @@ ENCODE_THREADS = min(4, os.cpu_count() or 1)  # pieces encoded at once (and held
 
 def _encode_piece(tokenizer: Tokenizer, dtype: np.dtype, piece: str) -> tuple[np.ndarray, int, int]:
     """(ids, bytes, unknown tokens) of one piece."""
-    ids = tokenizer.encode(piece).astype(dtype)
+    ids = tokenizer.encode(piece)
     unknown = 0
     if tokenizer.emits_unk and np.any(ids == tokenizer.unk_id):  # unknowns are some of the <unk> ids
-        unknown = tokenizer.count_unknown(piece)  # (PTB's own written <unk>s are not unknown)
-    return ids, len(piece.encode("utf-8")), unknown
+        unknown = tokenizer.count_unknown(piece, ids)  # (PTB's own written <unk>s are not unknown)
+    return ids.astype(dtype), len(piece.encode("utf-8")), unknown
 
 
 def _in_order(pool: ThreadPoolExecutor, work: Callable, items: Iterable, ahead: int) -> Iterator:

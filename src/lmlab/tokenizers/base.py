@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -29,25 +30,51 @@ FORMAT_V1 = "lmlab-tokenizer/1"
 # Chunks of ~16 KB let HF's encode_batch spread a large corpus over every core.
 CHUNK_CHARS = 1 << 14
 
-# A newline between two printable ASCII characters: no pre-tokenizer used here (byte-level BPE's
-# GPT-2 regex, the word splitter) lets a pre-token cross it or behaves differently at a string's
-# end there, so encoding the pieces gives exactly the ids of encoding the whole text. Blank lines
-# and whitespace at a line end are not safe: "a \nb" splits as "a", " ", "\n", "b" but "a \n"
-# alone ends in the single pre-token " \n".
-_SAFE_CUT = re.compile(r"(?<=[!-~]\n)(?=[!-~])")
+# Where to cut a text so that its pieces encode exactly as the whole does: places where every
+# pre-tokenizer used here (byte-level BPE's GPT-2 regex, the word splitters, the closed vocabulary's
+# newline <eos>) ends one pre-token and starts the next, and behaves at a string's end as it does in
+# the middle. Pieces cut there also count the same pre-tokens, so a tokenizer trains on them exactly
+# as on the whole text. Two such places:
+# - a newline between two printable ASCII characters ("a\nb");
+# - after a newline, before one space and a printable ASCII character ("a \n b": Penn Treebank and
+#   WikiText lines start and end with a space). The whitespace run before that space ends at the
+#   newline, whole or cut, and the space goes with the word after it.
+# Not safe: "a \nb" is "a", " ", "\n", "b" whole but "a \n" alone ends in the single pre-token
+# " \n"; "\n  b" is "\n ", " b" whole but "\n" | " ", " b" cut after the newline.
+_SAFE_CUT = re.compile(r"(?<=[!-~]\n)(?=[!-~])|(?<=\n)(?= [!-~])")
 
 
 def split_chunks(text: str, size: int = CHUNK_CHARS) -> Iterator[str]:
-    """Cut `text` into pieces of about `size` characters at safe newlines (see `_SAFE_CUT`).
+    """Cut `text` into pieces of about `size` characters at safe places (see `_SAFE_CUT`).
 
     The pieces concatenate back to `text` (an empty text gives one empty piece); a text with no
-    safe newline stays whole.
+    safe place stays whole.
     """
     start = 0
     while len(text) - start > size and (cut := _SAFE_CUT.search(text, start + size)):
         yield text[start : cut.start()]
         start = cut.start()
     yield text[start:]
+
+
+def safe_pieces(texts: Iterable[str], size: int = CHUNK_CHARS) -> Iterator[str]:
+    """The concatenation of `texts`, cut anew into pieces of about `size` characters at safe places.
+
+    Where `texts` were cut does not matter (mid-word, mid-line): the pieces encode, and train a
+    tokenizer, exactly as their concatenation does, while memory holds about one text and one
+    piece. A stretch with no safe place stays in one piece, retried only once it has doubled so
+    that the work stays linear. No text (or only empty ones) gives no piece.
+    """
+    buffer, retry_at = "", size
+    for text in texts:
+        buffer += text
+        if len(buffer) < retry_at:
+            continue
+        *ready, buffer = split_chunks(buffer, size)
+        yield from ready
+        retry_at = size if len(buffer) < size else 2 * len(buffer)
+    if buffer:
+        yield buffer
 
 
 class Tokenizer(ABC):
@@ -57,9 +84,17 @@ class Tokenizer(ABC):
 
     def train(self, text: str) -> None:
         """Learn the vocabulary from `text`, which must be the training split only."""
-        if not text:
+        self.train_from_iterator([text])
+
+    def train_from_iterator(self, pieces: Iterable[str]) -> None:
+        """Learn exactly what `train("".join(pieces))` learns, holding a few pieces at a time rather
+        than their concatenation: how a training split larger than memory trains its tokenizer.
+        The pieces may be cut anywhere, even inside a word."""
+        stream = iter(pieces)
+        first = next((piece for piece in stream if piece), None)
+        if first is None:
             raise DataError(f"cannot train the {self.name} tokenizer on an empty text")
-        self._train(text)
+        self._train(chain([first], stream))
 
     def encode(self, text: str) -> np.ndarray:
         """The ids of `text` as an int32 array; symbols the vocabulary lacks become `unk_id`, if any."""
@@ -125,12 +160,14 @@ class Tokenizer(ABC):
         """The distinct characters or words of `text` that the vocabulary lacks, in order."""
 
     @abstractmethod
-    def count_unknown(self, text: str) -> int:
+    def count_unknown(self, text: str, ids: np.ndarray | None = None) -> int:
         """How many tokens of `text` become `<unk>` because the vocabulary lacks them (`<unk>`
-        written in the text itself, as Penn Treebank has it, is not counted)."""
+        written in the text itself, as Penn Treebank has it, is not counted). `ids` is
+        `encode(text)` when the caller has it already, so the text is not encoded twice."""
 
     @abstractmethod
-    def _train(self, text: str) -> None: ...
+    def _train(self, pieces: Iterator[str]) -> None:
+        """Learn the vocabulary from the concatenation of `pieces` (at least one, not empty)."""
 
     @abstractmethod
     def _encode(self, text: str) -> np.ndarray: ...
@@ -164,9 +201,11 @@ class HFBackedTokenizer(Tokenizer):
     @abstractmethod
     def _trainer(self) -> Trainer: ...
 
-    def _train(self, text: str) -> None:
+    def _train(self, pieces: Iterator[str]) -> None:
+        # The trainer counts the pre-tokens of each chunk; cut only at safe places, the chunks hold
+        # exactly the pre-tokens of the whole text, so the vocabulary is the whole text's.
         hf = self._new_hf()
-        hf.train_from_iterator(split_chunks(text), trainer=self._trainer())
+        hf.train_from_iterator(safe_pieces(pieces, CHUNK_CHARS), trainer=self._trainer())
         self._hf = hf
 
     @property

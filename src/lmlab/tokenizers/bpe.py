@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, pre_tokenizers
 from tokenizers.models import BPE
@@ -65,7 +66,7 @@ class BPETokenizer(HFBackedTokenizer):
     def unknown_symbols(self, text: str) -> list[str]:
         return []
 
-    def count_unknown(self, text: str) -> int:
+    def count_unknown(self, text: str, ids: np.ndarray | None = None) -> int:
         return 0
 
     def special_tokens(self) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -34,8 +35,11 @@ class CharTokenizer(Tokenizer):
         self._chars: list[str] = []
         self._table = np.zeros(0, dtype=np.int32)  # code point -> id, 0 (unk) by default
 
-    def _train(self, text: str) -> None:
-        self._set_chars(sorted(set(text)))
+    def _train(self, pieces: Iterator[str]) -> None:
+        seen: set[str] = set()
+        for piece in pieces:
+            seen.update(piece)
+        self._set_chars(sorted(seen))
 
     def _set_chars(self, chars: list[str]) -> None:
         self._chars = chars
@@ -72,9 +76,9 @@ class CharTokenizer(Tokenizer):
         known = set(self._chars)
         return [c for c in dict.fromkeys(text) if c not in known]
 
-    def count_unknown(self, text: str) -> int:
+    def count_unknown(self, text: str, ids: np.ndarray | None = None) -> int:
         self._require_trained()
-        return int(np.count_nonzero(self._encode(text) == 0))
+        return int(np.count_nonzero((self._encode(text) if ids is None else ids) == 0))
 
     def hf_tokenizer(self) -> HFTokenizer:
         """One piece per character, looked up in a word-level vocabulary; id 0 decodes to U+FFFD."""

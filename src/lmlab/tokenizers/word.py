@@ -9,6 +9,7 @@ Treebank; its scores are optimistic on any text with unknown words.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -164,8 +165,8 @@ class WordTokenizer(HFBackedTokenizer):
             show_progress=False,
         )
 
-    def _train(self, text: str) -> None:
-        super()._train(text)
+    def _train(self, pieces: Iterator[str]) -> None:
+        super()._train(pieces)
         if not self.unk:
             self._hf = self._open_vocabulary([w for w, _ in sorted(self._hf.get_vocab().items(), key=lambda kv: kv[1])])
 
@@ -212,10 +213,11 @@ class WordTokenizer(HFBackedTokenizer):
         vocab = self._hf.get_vocab()
         return [w for w in dict.fromkeys(self._pieces(text)) if w not in vocab]
 
-    def count_unknown(self, text: str) -> int:
+    def count_unknown(self, text: str, ids: np.ndarray | None = None) -> int:
         self._require_trained()
         if not self.unk:
             return 0
+        ids = self._encode(text) if ids is None else ids
         # "<unk>" written in the text is the <unk> token itself (a special token, matched before
         # splitting), so it is known, not lost: PTB's own <unk>s are not counted
-        return int(np.count_nonzero(self.encode(text) == self.unk_id)) - text.count(UNK)
+        return int(np.count_nonzero(ids == self.unk_id)) - text.count(UNK)
