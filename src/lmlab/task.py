@@ -17,7 +17,7 @@ from torchmetrics import SumMetric
 from lmlab.data.windows import IGNORE_INDEX
 from lmlab.metrics import split_scores, token_nats
 from lmlab.models import LanguageModel, count_parameters, detach_state, state_from_data, state_to_data
-from lmlab.optim import parameter_groups
+from lmlab.optim import ValidationPlateau, lightning_scheduler, parameter_groups, schedule_arguments
 
 
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
@@ -187,8 +187,36 @@ class LanguageModelTask(pl.LightningModule):
         optimizer = factory(parameter_groups(self.model, self.weight_decay), **extra)
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer, **schedule_arguments(self.scheduler_factory, total_steps))
+        validates = self._first_validation_step(total_steps) if isinstance(scheduler, ValidationPlateau) else None
+        return {"optimizer": optimizer, "lr_scheduler": lightning_scheduler(scheduler, validates_by_step=validates)}
+
+    def _first_validation_step(self, total_steps: int) -> int | None:
+        """The optimizer step of this run's first validation, or None if it never validates by its last step
+        (a plateau schedule needs one). Time-based validation (val_check_interval as a duration) counts as 1."""
+        trainer = self.trainer
+        if not trainer.enable_validation:
+            return None
+        interval = trainer.val_check_interval
+        if isinstance(interval, int):
+            batches = interval
+        elif isinstance(interval, float):  # a fraction of an epoch, as Lightning reads it
+            batches = max(1, int(trainer.num_training_batches * interval))
+        else:
+            return 1
+        if trainer.check_val_every_n_epoch is not None:  # counted within epochs, every n-th epoch
+            batches += (trainer.check_val_every_n_epoch - 1) * trainer.num_training_batches
+        step = -(-batches // trainer.accumulate_grad_batches)
+        return int(step) if step <= total_steps else None
+
+    def on_validation_end(self) -> None:
+        """Tell a plateau schedule that a fresh val/bpb is logged (lmlab.optim.ValidationPlateau)."""
+        if self.trainer.sanity_checking:
+            return
+        for config in self.trainer.lr_scheduler_configs:
+            if isinstance(config.scheduler, ValidationPlateau):
+                config.scheduler.validation_ended()
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip directly when no loss scaler is involved (fp32, bf16).
