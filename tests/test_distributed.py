@@ -66,14 +66,21 @@ def _task(model: torch.nn.Module, stateful: bool = False) -> LanguageModelTask:
     return LanguageModelTask(model, optimizer=partial(torch.optim.AdamW, lr=1e-2), stateful=stateful)
 
 
+def _score(devices: int, stage: str, task: LanguageModelTask, data: TextDataModule) -> float:
+    """val/bpb or test/bpb of one full pass (`stage`: validate or test), as this process sees it."""
+    trainer = _trainer(devices)
+    getattr(trainer, stage)(task, datamodule=data, verbose=False)
+    return float(trainer.callback_metrics[("val" if stage == "validate" else "test") + "/bpb"])
+
+
 def _run_checks(devices: int, corpus: Path) -> dict:
     """What the test compares between 1 and 2 processes."""
     results = {}
     data = _datamodule(corpus, block_size=61, batch_size=4, eval_batch_size=4)
     torch.manual_seed(0)
     gpt = _task(GPT(data.tokenizer.vocab_size, d_model=16, n_layer=1, n_head=2, block_size=61))
-    results["val/bpb"] = _trainer(devices).validate(gpt, datamodule=data, verbose=False)[0]["val/bpb"]
-    results["test/bpb"] = _trainer(devices).test(gpt, datamodule=data, verbose=False)[0]["test/bpb"]
+    results["val/bpb"] = _score(devices, "validate", gpt, data)
+    results["test/bpb"] = _score(devices, "test", gpt, data)
 
     data = _datamodule(corpus, block_size=16, batch_size=ROWS // devices, eval_batch_size=3, stateful=True)
     torch.manual_seed(0)
@@ -83,7 +90,7 @@ def _run_checks(devices: int, corpus: Path) -> dict:
     _trainer(devices, [recorder], max_steps=3, limit_val_batches=0).fit(lstm, datamodule=data)
     results["batches"] = recorder.batches
     results["weights"] = {k: v.detach().clone() for k, v in lstm.model.state_dict().items()}
-    results["stateful val/bpb"] = _trainer(devices).validate(lstm, datamodule=data, verbose=False)[0]["val/bpb"]
+    results["stateful val/bpb"] = _score(devices, "validate", lstm, data)
     return results
 
 
