@@ -7,11 +7,20 @@ tokenizer, optimizer, trainer settings) and the training step, all plain dicts, 
 numbers. `torch.load(..., weights_only=True)` can therefore read the whole file, and it is the only
 way lmlab reads one: unpickling arbitrary objects would let a checkpoint execute code. For the same
 reason the model class named by `_target_` must be an lmlab `LanguageModel`; nothing else is built.
+
+Under FSDP (`trainer=fsdp`) a checkpoint is a folder instead: Lightning's sharded format, each rank's
+shards of the weights and optimizer state (torch.distributed.checkpoint) plus `meta.pt` with
+everything else, the `"lmlab"` section included. lmlab reads such a folder as it reads a file, the
+model's weights gathered from the shards in one process, so generate.py, evaluate.py and
+fine-tuning need no GPU and no process group; training resumes from it on any number of GPUs.
+It is not consolidated into one file at the end of training: that would gather the full weights
+and optimizer state on one rank, the very memory FSDP was chosen to avoid.
 """
 
 from __future__ import annotations
 
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +37,7 @@ from lmlab.tokenizers import Tokenizer, load_tokenizer
 FORMAT_VERSION = 1
 SECTION = "lmlab"
 MODEL_PREFIX = "model."  # LanguageModelTask holds the model as `self.model`
+SHARDED_META = "meta.pt"  # in a sharded checkpoint folder: all but the weights and optimizer state
 
 
 def run_record(cfg: DictConfig, tokenizer: Tokenizer) -> dict[str, Any]:
@@ -52,13 +62,16 @@ def run_record(cfg: DictConfig, tokenizer: Tokenizer) -> dict[str, Any]:
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint as plain data, or a one-line ConfigError saying why it cannot be used."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        what = "is a directory" if path.is_dir() else "does not exist"
+    if not is_checkpoint(path):
+        what = "is a directory but not a sharded checkpoint" if path.is_dir() else "does not exist"
         raise ConfigError(
-            f"checkpoint {path} {what}: give the path of a .ckpt file, e.g. outputs/runs/<run>/checkpoints/last.ckpt"
+            f"checkpoint {path} {what}: give the path of a .ckpt file (or an FSDP run's .ckpt folder), "
+            "e.g. outputs/runs/<run>/checkpoints/last.ckpt"
         )
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = (
+            _read_sharded(path) if is_sharded(path) else torch.load(path, map_location="cpu", weights_only=True)
+        )
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError, zipfile.BadZipFile) as err:
         if zipfile.is_zipfile(path) and "Weights only load failed" in str(err):
             reason = "it holds Python objects, and lmlab only reads plain data (weights_only=True) so that loading never runs code"
@@ -80,6 +93,40 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         )
     _check_tokenizer_fits(section, path)
     return checkpoint
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether `path` is a sharded (FSDP) checkpoint folder."""
+    return path.is_dir() and (path / SHARDED_META).is_file()
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether `path` is a checkpoint lmlab can read: a file, or a sharded checkpoint folder."""
+    return path.is_file() or is_sharded(path)
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The optimizer step a checkpoint was saved at, read without loading its weights."""
+    path = Path(path)
+    if is_sharded(path):
+        return int(torch.load(path / SHARDED_META, map_location="cpu", weights_only=True)["global_step"])
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+
+
+def _read_sharded(path: Path) -> dict[str, Any]:
+    """A sharded checkpoint as a one-file checkpoint without optimizer state: `meta.pt`, plus the
+    LightningModule's weights assembled from every rank's shards (plain tensors, read as weights only)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    checkpoint = torch.load(path / SHARDED_META, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            saved = _load_state_dict_from_keys(keys={"model"}, checkpoint_id=path)
+        except CheckpointException as err:  # a BaseException: a missing or damaged shard file
+            raise OSError(str(err)) from None
+    return {**checkpoint, "state_dict": saved["model"]}
 
 
 def _check_tokenizer_fits(section: dict[str, Any], path: Path) -> None:

@@ -24,7 +24,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lmlab.checkpoint.format import SECTION, load_weights, model_weights, read_checkpoint
+from lmlab.checkpoint.format import SECTION, is_checkpoint, load_weights, model_weights, read_checkpoint
 from lmlab.errors import ConfigError
 from lmlab.models import LanguageModel
 from lmlab.tokenizers import Tokenizer, load_tokenizer
@@ -84,7 +84,7 @@ def start_from_checkpoint(cfg: DictConfig) -> tuple[DictConfig, CheckpointStart 
         return cfg, None
     if resume == LAST:
         path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-        if not path.is_file():
+        if not is_checkpoint(path):
             raise ConfigError(
                 f"ckpt_path=last: {path} does not exist: pass hydra.run.dir=<the run directory to resume> "
                 "or ckpt_path=<path of a .ckpt file>"
@@ -178,8 +178,8 @@ def continue_unfinished_run(cfg: DictConfig) -> DictConfig:
             f"{run_dir} already holds a finished run (metrics.json): leave hydra.run.dir unset "
             "for a new directory, or pass ckpt_path= to continue training it"
         )
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if not last.is_file():
+    last = run_dir / "checkpoints" / "last.ckpt"  # a file, or a folder under FSDP (sharded)
+    if not is_checkpoint(last):
         if any((run_dir / "checkpoints").glob("*.ckpt")):
             raise ConfigError(
                 f"{run_dir} holds another run's checkpoints but no last.ckpt to resume from: "

@@ -1,0 +1,148 @@
+"""Several processes, sharded weights and cluster jobs: the FSDP wrap policy, full weights for sampling,
+and the checks that stop a distributed setup which could not work before it is launched or trained.
+
+FSDP shards every transformer block on its own (its weights are gathered just before the block runs
+and freed after), the embeddings and the head stay in the root unit. A SLURM job started through
+Hydra's submitit launcher runs one task per GPU; Lightning's SLURM environment then reads its rank
+from SLURM, so the launcher's `nodes` and `tasks_per_node` must be the Trainer's `num_nodes` and
+`devices`, or Lightning waits for processes that never come.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from lmlab.checkpoint.format import is_sharded
+from lmlab.errors import ConfigError
+from lmlab.models import LanguageModel
+from lmlab.models.gpt import Block
+from lmlab.models.jamba import JambaLayer
+from lmlab.models.llama import LlamaBlock
+from lmlab.models.mamba import MambaBlock
+from lmlab.models.transformer import PostNormBlock
+
+# The repeated layer of each family: FSDP's unit of sharding (and of activation checkpointing).
+BLOCKS: tuple[type[nn.Module], ...] = (Block, LlamaBlock, PostNormBlock, JambaLayer, MambaBlock)
+SLURM_LAUNCHER = "SlurmLauncher"
+LOCAL_LAUNCHER = "LocalLauncher"
+
+
+def block_wrap_policy() -> Any:
+    """FSDP's auto-wrap policy for lmlab models: one FSDP unit per transformer block (conf/trainer/fsdp.yaml).
+
+    Per-block units keep only one block's full weights in memory at a time and let the next block's
+    all-gather overlap this block's compute; the embeddings and head (tied in GPT) share the root unit.
+    """
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    return ModuleWrapPolicy(set(BLOCKS))
+
+
+def uses_fsdp(strategy: Any) -> bool:
+    """Whether `trainer.strategy` (a Lightning name like `fsdp`, or a node with a `_target_`) is FSDP."""
+    if isinstance(strategy, str):
+        return strategy.lower().startswith("fsdp")
+    target = strategy.get("_target_", "") if isinstance(strategy, (DictConfig, dict)) else type(strategy).__name__
+    return str(target).endswith("FSDPStrategy")
+
+
+@contextmanager
+def full_weights(trainer: pl.Trainer) -> Iterator[None]:
+    """Inside: the LightningModule's model holds its full weights on every rank, so it can be called
+    directly (sampling, generation) rather than through the FSDP wrapper; outside FSDP, nothing happens.
+
+    Gathering is collective and so are the calls of the wrapped blocks inside, so every rank must
+    enter and make the same number of model calls (lmlab's sampling always makes exactly
+    `max_new_tokens` of them). `writeback=False`: what happens inside never changes the weights.
+    """
+    model = trainer.strategy.model
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if isinstance(model, FSDP):
+        with FSDP.summon_full_params(model, writeback=False, recurse=True):
+            yield
+    else:
+        yield
+
+
+def check_distributed(cfg: DictConfig, model: LanguageModel) -> None:
+    """Settings that would crash, hang or silently do nothing on several processes: FSDP for a recurrent
+    model, a sharded checkpoint resumed without FSDP, a SLURM launcher whose tasks disagree with the Trainer."""
+    fsdp = uses_fsdp(cfg.trainer.get("strategy", "auto"))
+    if fsdp:
+        check_fsdp_model(model)
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path and is_sharded(Path(ckpt_path)) and not fsdp:
+        raise ConfigError(
+            f"{ckpt_path} is a sharded FSDP checkpoint: resume it with trainer=fsdp (any number of GPUs), "
+            "or fine-tune from it with init_from= under another strategy"
+        )
+    check_launcher(_launcher_config(), cfg.trainer)
+
+
+def check_fsdp_model(model: LanguageModel) -> None:
+    """FSDP shards weights across GPUs; a recurrent net's cuDNN kernel needs its whole weight buffer on
+    every GPU at every time step, and lmlab's recurrent models fit one GPU many times over."""
+    recurrent = next((m for m in model.modules() if isinstance(m, nn.RNNBase)), None)
+    if recurrent is not None:
+        raise ConfigError(
+            f"trainer.strategy=fsdp cannot help {type(model).__name__}: its {type(recurrent).__name__} runs as one "
+            "kernel over weights that must stay whole on every GPU; use trainer=ddp (or trainer.strategy=ddp)"
+        )
+
+
+def check_launcher(launcher: DictConfig | None, trainer_cfg: DictConfig) -> None:
+    """A submitit launcher must start exactly the processes the Trainer expects: on SLURM one task per
+    device on each of `trainer.num_nodes` nodes; locally one task, which starts its own processes."""
+    target = str(launcher.get("_target_", "")) if launcher is not None else ""
+    if target.endswith(LOCAL_LAUNCHER):
+        tasks = launcher.get("tasks_per_node", 1)
+        if tasks != 1 or launcher.get("nodes", 1) != 1:
+            raise ConfigError(
+                f"hydra/launcher=submitit_local with tasks_per_node={tasks}: Lightning starts a local run's "
+                "processes itself; set hydra.launcher.tasks_per_node=1 hydra.launcher.nodes=1 and use trainer.devices"
+            )
+        return
+    if not target.endswith(SLURM_LAUNCHER):
+        return
+    devices, num_nodes = trainer_cfg.get("devices", "auto"), trainer_cfg.get("num_nodes", 1)
+    per_node = len(devices) if OmegaConf.is_list(devices) or isinstance(devices, list) else devices
+    if not isinstance(per_node, int) or isinstance(per_node, bool) or per_node < 1:
+        raise ConfigError(
+            f"trainer.devices={devices} under SLURM: set trainer.devices to the number of GPUs per node "
+            "(e.g. trainer.devices=8); hydra/launcher=slurm then asks SLURM for one task per GPU"
+        )
+    tasks, nodes = launcher.get("tasks_per_node", 1), launcher.get("nodes", 1)
+    if tasks != per_node:
+        raise ConfigError(
+            f"hydra.launcher.tasks_per_node={tasks} but trainer.devices={per_node}: SLURM must run one task per "
+            f"device; set hydra.launcher.tasks_per_node={per_node} (hydra/launcher=slurm does it for you)"
+        )
+    if nodes != num_nodes:
+        raise ConfigError(
+            f"hydra.launcher.nodes={nodes} but trainer.num_nodes={num_nodes}: set both to the number of nodes, "
+            f"e.g. trainer.num_nodes={nodes} (hydra/launcher=slurm takes nodes from trainer.num_nodes)"
+        )
+    gpus = launcher.get("gpus_per_node")
+    on_gpu = str(trainer_cfg.get("accelerator", "auto")) in ("gpu", "cuda")
+    if on_gpu and not launcher.get("gres") and (gpus is None or gpus < per_node):
+        raise ConfigError(
+            f"hydra.launcher.gpus_per_node={gpus} leaves {per_node} GPU tasks per node without GPUs: "
+            f"set hydra.launcher.gpus_per_node={per_node}"
+        )
+
+
+def _launcher_config() -> DictConfig | None:
+    """This job's Hydra launcher node, when Hydra (or a test's compose) set one."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return HydraConfig.get().get("launcher")
