@@ -9,11 +9,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
 from lmlab.errors import ConfigError
 from lmlab.report import find_runs, group_rows, read_curve, run_rows, write_report
+from lmlab.report.blocks import BLOCKS_FILE
+from lmlab.report.plots import frontier, learning_curves
+from lmlab.report.sweep import check_grids
+from lmlab.report.tuning import choose_learning_rates
 from tests.helpers import REPO
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -31,6 +37,9 @@ def fake_run(
     error: str | None = None,
     lr: float = 1e-3,
     unk_rate: float = 0.0,
+    val_bpb: float | None = None,
+    flops_per_token: int = 0,
+    block_nats: np.ndarray | None = None,
 ) -> Path:
     """A run directory as train.py leaves it: config.yaml, metrics.json (unless still running) and curve.csv."""
     run = sweep / name
@@ -38,7 +47,7 @@ def fake_run(
     config = {
         "seed": seed,
         "model": {"_target_": f"lmlab.models.{model}"},
-        "optimizer": {"lr": lr},
+        "task": {"optimizer": {"lr": lr}},
         "names": {"model": model, "tokenizer": tokenizer},
         "paths": {"output_dir": str(run)},
         "trainer": {"default_root_dir": str(run)},
@@ -54,7 +63,7 @@ def fake_run(
             {
                 "val/loss": 1.0,
                 "val/ppl": 2.7,
-                "val/bpb": test_bpb + 0.01,
+                "val/bpb": test_bpb + 0.01 if val_bpb is None else val_bpb,
                 "test/loss": 1.0,
                 "test/ppl": 2.7,
                 "test/bpb": test_bpb,
@@ -67,9 +76,18 @@ def fake_run(
             }
         )
         (run / "curve.csv").write_text(
-            "step,tokens_seen,bytes_seen,time_s,val/loss,val/ppl,val/bpb\n"
-            f"5,2500,2500,1.0,1.5,4.5,{test_bpb + 0.5}\n"
-            f"10,5000,5000,2.0,1.0,2.7,{test_bpb + 0.01}\n"
+            "step,tokens_seen,bytes_seen,train_flops,time_s,val/loss,val/ppl,val/bpb\n"
+            f"5,2500,2500,{2500 * flops_per_token},1.0,1.5,4.5,{test_bpb + 0.5}\n"
+            f"10,5000,5000,{5000 * flops_per_token},2.0,1.0,2.7,{test_bpb + 0.01}\n"
+        )
+    if block_nats is not None:
+        np.savez(
+            run / BLOCKS_FILE,
+            nats=block_nats,
+            bytes=np.full(len(block_nats), 500),
+            tokens=np.full(len(block_nats), 500),
+            text_sha256=np.asarray("same text"),
+            block_chars=np.asarray(512),
         )
     (run / "metrics.json").write_text(json.dumps(metrics))
     return run
@@ -177,7 +195,7 @@ def test_unknown_words_are_flagged_because_they_flatter_bits_per_byte(tmp_path):
 def test_a_curve_cut_short_by_a_crash_keeps_its_whole_lines(tmp_path):
     run = fake_run(tmp_path, "r", model="gpt", tokenizer="char", test_bpb=2.0)
     with (run / "curve.csv").open("a") as f:
-        f.write("10,5000,5000,2.0,1.0,2.7,1.9\n15,7500,75")  # step 10 again (a resume), then a torn line
+        f.write("10,5000,5000,0,2.0,1.0,2.7,1.9\n15,7500,75")  # step 10 again (a resume), then a torn line
     points = read_curve(run)
     assert [p["step"] for p in points] == [5, 10]
     assert points[-1]["val/bpb"] == 1.9
@@ -219,3 +237,92 @@ def test_compare_py_reports_a_bad_path_in_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "is not a directory" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _grid(root: Path, model: str, scores: dict[float, tuple[float, float]], tokenizer: str = "char") -> None:
+    """One run per learning rate: {lr: (val bpb, test bpb)}."""
+    for lr, (val, test) in scores.items():
+        name = f"model={model},tokenizer={tokenizer},task.optimizer.lr={lr}"
+        fake_run(root, name, model=model, tokenizer=tokenizer, lr=lr, val_bpb=val, test_bpb=test)
+
+
+def test_each_pair_gets_the_learning_rate_with_the_best_validation_score(tmp_path):
+    # gpt's best test score is at 1e-2, but the rate is chosen by validation: 3e-3
+    _grid(tmp_path, "gpt", {1e-3: (2.0, 2.0), 3e-3: (1.8, 1.85), 1e-2: (1.9, 1.80)})
+    _grid(tmp_path, "lstm", {1e-3: (2.2, 2.2), 3e-3: (2.1, 2.1), 1e-2: (1.7, 1.7)})
+    choices = choose_learning_rates(find_runs([tmp_path]))
+    assert [(c.model, c.lr) for c in choices] == [("lstm", 1e-2), ("gpt", 3e-3)]  # ranked by the chosen test bpb
+    assert choices[1].mean("test/bpb") == 1.85 and choices[1].grid == (1e-3, 3e-3, 1e-2)
+    markdown = write_report([tmp_path], tmp_path).markdown
+    assert "## Learning rate chosen per model" in markdown
+    assert "| 2 | gpt, char | 0.003 | 0.001 0.003 0.01 |  | 1.8000 | 1.8500 | 1 |" in markdown
+
+
+def test_a_best_rate_at_the_edge_of_its_grid_is_flagged(tmp_path):
+    _grid(tmp_path, "gpt", {1e-3: (2.0, 2.0), 3e-3: (1.8, 1.8), 1e-2: (1.9, 1.9)})
+    _grid(tmp_path, "lstm", {1e-3: (2.2, 2.2), 3e-3: (2.1, 2.1), 1e-2: (1.7, 1.7)})
+    _grid(tmp_path, "rnn", {1e-3: (2.0, 2.0), 3e-3: (2.3, 2.3), 1e-2: (2.9, 2.9)})
+    edges = {c.model: c.edge for c in choose_learning_rates(find_runs([tmp_path]))}
+    assert edges == {"gpt": "", "lstm": "highest", "rnn": "lowest"}
+    markdown = write_report([tmp_path], tmp_path).markdown
+    assert "at the highest rate: extend the grid" in markdown and "at the lowest rate: extend the grid" in markdown
+
+
+def test_a_rate_whose_runs_all_failed_is_listed_but_never_chosen(tmp_path):
+    _grid(tmp_path, "gpt", {1e-3: (2.0, 2.0), 3e-3: (1.8, 1.8)})
+    fake_run(tmp_path, "model=gpt,task.optimizer.lr=0.01", model="gpt", tokenizer="char", lr=1e-2, status="failed")
+    (choice,) = choose_learning_rates(find_runs([tmp_path]))
+    assert choice.lr == 3e-3 and choice.failed == (1e-2,) and choice.edge == "highest"
+
+
+def test_optimistic_runs_rank_below_every_run_that_pays_for_every_byte(tmp_path):
+    fake_run(tmp_path, "model=gpt,tokenizer=char", model="gpt", tokenizer="char", test_bpb=2.0)
+    fake_run(tmp_path, "model=gpt,tokenizer=word", model="gpt", tokenizer="word", test_bpb=1.5, unk_rate=0.06)
+    runs = find_runs([tmp_path])
+    rows = run_rows(runs)
+    assert [(r["tokenizer"], r["scoring"]) for r in rows] == [("char", ""), ("word", "optimistic")]
+    assert [c.tokenizer for c in choose_learning_rates(runs)] == ["char", "word"]
+    markdown = write_report([tmp_path], tmp_path).markdown
+    assert "| optimistic |" in markdown and "rank below every run that pays for every byte" in markdown
+    labels = [t.get_text() for t in learning_curves(runs).axes[0].get_legend().get_texts()]
+    assert labels == ["tokenizer=char", "tokenizer=word (optimistic)"]
+
+
+def test_the_compute_frontier_is_the_lower_envelope_of_every_curve():
+    points = [(1.0, 3.0), (2.0, 2.5), (2.0, 2.7), (3.0, 2.6), (4.0, 2.0), (5.0, float("nan")), (6.0, 2.1)]
+    assert frontier(points) == [(1.0, 3.0), (2.0, 2.5), (4.0, 2.0)]
+
+
+def test_the_report_plots_bpb_against_training_flops_when_curves_record_them(tmp_path):
+    fake_run(tmp_path, "model=gpt", model="gpt", tokenizer="char", test_bpb=2.0)
+    assert "compute_frontier.png" not in {p.name for p in write_report([tmp_path], tmp_path).files}
+    fake_run(tmp_path, "model=lstm", model="lstm", tokenizer="char", test_bpb=2.0, flops_per_token=600_000)
+    report = write_report([tmp_path], tmp_path)
+    assert (tmp_path / "compute_frontier.png").read_bytes().startswith(PNG_MAGIC)
+    assert "![compute frontier](compute_frontier.png)" in report.markdown
+
+
+def test_the_report_says_which_differences_are_real(tmp_path):
+    text = np.random.default_rng(0).gamma(4.0, 250.0, 200)
+    noise = np.random.default_rng(1).normal(0.0, 5.0, 200)
+    fake_run(tmp_path, "model=gpt", model="gpt", tokenizer="char", test_bpb=2.0, block_nats=text)
+    fake_run(tmp_path, "model=llama", model="llama", tokenizer="char", test_bpb=2.001, block_nats=text + noise)
+    fake_run(tmp_path, "model=lstm", model="lstm", tokenizer="char", test_bpb=2.1, block_nats=text * 1.05)
+    fake_run(tmp_path, "model=rnn", model="rnn", tokenizer="char", test_bpb=2.2)  # no blocks (an older run)
+    markdown = write_report([tmp_path], tmp_path).markdown
+    assert "## Is the difference real?" in markdown and "the best, **gpt, char**" in markdown
+    lines = {line.split(" | ")[0]: line for line in markdown.splitlines() if line.startswith("| ")}
+    assert lines["| llama, char"].endswith("| not significant |")
+    assert lines["| lstm, char"].endswith("| better by more than chance |")
+    assert "no test_blocks.npz in its run directory" in lines["| rnn, char"]
+
+
+@pytest.mark.parametrize("key", ["task.optimizer.lr", "budget.target_params"])
+def test_an_empty_grid_is_one_line(key):
+    recipe = OmegaConf.create({"hydra": {"sweeper": {"params": {key: ""}}, "overrides": {"task": []}}})
+    with pytest.raises(ConfigError, match=f"the {key} grid is empty: give it at least one value"):
+        check_grids(recipe)
+    command_line = OmegaConf.create({"hydra": {"sweeper": {"params": {}}, "overrides": {"task": [f"{key}= "]}}})
+    with pytest.raises(ConfigError, match=f"the {key} grid is empty"):
+        check_grids(command_line)
+    check_grids(OmegaConf.create({"hydra": {"sweeper": {"params": {key: "1,2"}}, "overrides": {"task": []}}}))

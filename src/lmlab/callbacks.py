@@ -23,6 +23,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from lmlab.checkpoint import SECTION
 from lmlab.errors import ConfigError, DivergedError, RunInterrupted
 from lmlab.generate import SamplingConfig, sample_text
+from lmlab.report.blocks import write_test_blocks
 
 
 class SyncFreeProgressBar(RichProgressBar):
@@ -257,34 +258,46 @@ class ValidationCurve(pl.Callback):
     per validation: a run killed mid-write loses at most its last point, and readers skip it.
     """
 
-    FIELDS = ("step", "tokens_seen", "bytes_seen", "time_s", "val/loss", "val/ppl", "val/bpb")
+    FIELDS = ("step", "tokens_seen", "bytes_seen", "train_flops", "time_s", "val/loss", "val/ppl", "val/bpb")
+    SCORES = ("val/loss", "val/ppl", "val/bpb")
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
         self._started = time.perf_counter()
+        self._flops_per_token = 0
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._started = time.perf_counter()
+        self._flops_per_token = pl_module.model.flops_per_token(trainer.datamodule.block_size)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit" or not trainer.is_global_zero:
             return
         scores = trainer.callback_metrics
         tokens = pl_module.tokens_seen * trainer.world_size
-        row = [
-            trainer.global_step,
-            tokens,
-            round(tokens * trainer.datamodule.train_bytes_per_token),
-            round(time.perf_counter() - self._started, 2),
-            *(f"{float(scores[key]):.6g}" for key in self.FIELDS[4:]),
-        ]
-        new = not self.path.exists() or self.path.stat().st_size == 0
+        values = {
+            "step": trainer.global_step,
+            "tokens_seen": tokens,
+            "bytes_seen": round(tokens * trainer.datamodule.train_bytes_per_token),
+            "train_flops": tokens * self._flops_per_token,  # cumulative training FLOPs (lmlab.run.budgets)
+            "time_s": round(time.perf_counter() - self._started, 2),
+            **{key: f"{float(scores[key]):.6g}" for key in self.SCORES},
+        }
+        fields = self._header()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", newline="") as f:
             writer = csv.writer(f)
-            if new:
-                writer.writerow(self.FIELDS)
-            writer.writerow(row)
+            if fields is None:
+                fields = self.FIELDS
+                writer.writerow(fields)
+            writer.writerow([values.get(key, "") for key in fields])
+
+    def _header(self) -> tuple[str, ...] | None:
+        """The columns of the file already there (a resumed run keeps an older run's layout), or None."""
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return None
+        with self.path.open(newline="") as f:
+            return tuple(next(csv.reader(f), ())) or None
 
 
 class ComparisonLayout(pl.Callback):
@@ -342,3 +355,61 @@ class SelfContainedCheckpoints(pl.Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint[SECTION] = {**self.record, "step": trainer.global_step, "tokens_seen": pl_module.tokens_seen}
+
+
+class SaveTestBlocks(pl.Callback):
+    """After the test pass, the test split's nats per block of its text, in `<run dir>/test_blocks.npz`:
+    what `lmlab.report.bootstrap` resamples to say whether two runs' test bits per byte really differ.
+
+    Blocks are cut from the raw test text (lmlab.report.blocks), not from tokens, so runs with any
+    tokenizer on the same text share one layout and pair block by block. Under DDP every rank's
+    per-token nats are gathered in rank order (each rank holds a contiguous share of the split) and
+    global rank 0 writes the file. A partial test pass (limit_test_batches) writes nothing.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        chunks = getattr(pl_module, "test_token_nats", None)
+        if not chunks:
+            return
+        datamodule = trainer.datamodule
+        nats = _gather_in_rank_order(trainer, in_text_order(chunks, datamodule.stateful))
+        if trainer.is_global_zero:
+            write_test_blocks(self.path, nats[nats >= 0].double().cpu().numpy(), datamodule)
+
+
+def in_text_order(chunks: list[torch.Tensor], stateful: bool) -> torch.Tensor:
+    """One rank's per-target values of its evaluation batches, flattened in the order of the text.
+
+    Window batches are consecutive windows. Stateful batch k holds window k of every stream, so a
+    stream is one column of the stacked batches, and the streams follow each other in the text.
+    """
+    return torch.stack(chunks).transpose(0, 1).flatten() if stateful else torch.cat(chunks).flatten()
+
+
+def _gather_in_rank_order(trainer, local: torch.Tensor) -> torch.Tensor:
+    """Every rank's 1-D tensor, concatenated in rank order (padded with -1 to a common length to gather)."""
+    if trainer.world_size == 1:
+        return local
+    lengths = trainer.strategy.all_gather(torch.tensor([local.numel()], device=local.device)).flatten()
+    padded = torch.nn.functional.pad(local, (0, int(lengths.max()) - local.numel()), value=-1.0)
+    return trainer.strategy.all_gather(padded).flatten()
+
+
+class CpuThreads(pl.Callback):
+    """Pins the number of threads PyTorch's CPU kernels use (`torch.set_num_threads`) when training starts.
+
+    Small recurrent models run a long chain of tiny matmuls: several threads per op add
+    synchronisation, and once other jobs share the cores OpenMP's spinning threads make a step's time
+    swing tenfold. One thread per run keeps CPU timings stable and comparable (docs/comparisons.md).
+    """
+
+    def __init__(self, num_threads: int) -> None:
+        if num_threads < 1:
+            raise ConfigError(f"callbacks.cpu_threads.num_threads must be >= 1 (got {num_threads})")
+        self.num_threads = num_threads
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        torch.set_num_threads(self.num_threads)

@@ -164,11 +164,26 @@ class LanguageModelTask(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
 
+    # --- Per-token test nats, kept for the paired bootstrap of two runs (lmlab.callbacks.SaveTestBlocks) ---
+
     def on_test_epoch_start(self) -> None:
         self._eval_epoch_start()
+        self.test_token_nats: list[torch.Tensor] = []
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch)
+        """As validation, but every target's nats are also kept, on the device and in this rank's batch
+        order, as a tensor shaped like the targets with -1 where a target is padding."""
+        x, y = batch
+        state = self._eval_state if self.stateful else None
+        nats, state, _ = self._loss(x, y, state, 0.0, "none")
+        if self.stateful:
+            self._eval_state = state
+        self.eval_nats.update(nats.sum())
+        self.eval_tokens.update((y != IGNORE_INDEX).sum())
+        nats = nats.detach().float().view_as(y)
+        self.test_token_nats.append(torch.where(y == IGNORE_INDEX, -1.0, nats))
+
+    # --- end of the per-token test nats ---
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")

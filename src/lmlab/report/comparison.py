@@ -8,9 +8,24 @@ from datetime import datetime
 from pathlib import Path
 
 from lmlab.io import atomic_write_text
-from lmlab.report.plots import bpb_by_model, learning_curves, save_figure
+from lmlab.report.plots import bpb_by_model, compute_frontier, has_flops, learning_curves, save_figure
 from lmlab.report.runs import Run, find_runs, repeated
-from lmlab.report.tables import AVERAGED, RUN_COLUMNS, configurations_table, csv_text, group_rows, run_rows, runs_table
+from lmlab.report.significance import significance_rows
+from lmlab.report.tables import (
+    AVERAGED,
+    RUN_COLUMNS,
+    configurations_table,
+    csv_text,
+    format_value,
+    group_rows,
+    markdown_table,
+    run_rows,
+    runs_table,
+)
+from lmlab.report.tuning import Choice, choose_learning_rates, tuned
+
+CHOICE_COLUMNS = ("rank", "choice", "lr", "grid", "edge", "val/bpb", "test/bpb", "seeds", "scoring")
+SIGNIFICANCE_COLUMNS = ("run", "difference", "interval", "verdict")
 
 
 @dataclass(frozen=True)
@@ -33,12 +48,24 @@ def markdown_report(runs: list[Run], title: str = "Comparison") -> str:
         "is on one scale. Runs that did not complete are listed last, with their error.",
         "",
     ]
-    if any(run.score("test/unk_rate") > 0 for run in runs):
+    if any(run.optimistic for run in runs):
         parts += [
-            "A nonzero unk rate means the tokenizer replaced rare words by `<unk>`: predicting `<unk>` is "
-            "easier than spelling the word, so those runs' bits per byte are optimistic.",
+            "Runs marked *optimistic* were scored with `<unk>` tokens (a nonzero unk rate): predicting `<unk>` "
+            "is easier than spelling the word, so their bits per byte are optimistic. They rank below every "
+            "run that pays for every byte, whatever their score.",
             "",
         ]
+    parts += [
+        "Wall times are comparable only between runs made one at a time on an otherwise idle machine; "
+        "CPU time and the thread count are shown beside them where runs record them.",
+        "",
+    ]
+    choices = choose_learning_rates(runs)
+    if tuned(choices):
+        parts += ["## Learning rate chosen per model", "", _choices_text(choices), ""]
+    significance = significance_rows(choices)
+    if significance:
+        parts += ["## Is the difference real?", "", _significance_text(choices, significance), ""]
     if repeated(runs):
         parts += ["## Mean ± std over seeds", "", configurations_table(runs), ""]
     parts += [
@@ -53,12 +80,55 @@ def markdown_report(runs: list[Run], title: str = "Comparison") -> str:
         "![bits per byte by model](bpb_by_model.png)",
         "",
     ]
+    if has_flops(runs):
+        parts += ["![compute frontier](compute_frontier.png)", ""]
     return "\n".join(parts)
+
+
+def _choices_text(choices: list[Choice]) -> str:
+    """The table of chosen learning rates: rank by test bpb, the rate chosen by val bpb, and edge flags."""
+    rows = []
+    for rank, choice in enumerate(choices, 1):
+        std = choice.std("test/bpb")
+        test = format_value("test/bpb", choice.mean("test/bpb"))
+        rows.append(
+            {
+                "rank": rank if choice.runs else "",
+                "choice": choice.name,
+                "lr": format_value("lr", choice.lr),
+                "grid": " ".join(f"{lr:.3g}" for lr in choice.grid)
+                + "".join(f" ({lr:.3g} failed)" for lr in choice.failed),
+                "edge": f"at the {choice.edge} rate: extend the grid" if choice.edge else "",
+                "val/bpb": choice.mean("val/bpb"),
+                "test/bpb": f"{test} ± {format_value('test/bpb', std)}" if test and std == std else test,
+                "seeds": len(choice.runs),
+                "scoring": "optimistic" if choice.optimistic else "",
+            }
+        )
+    text = markdown_table(rows, CHOICE_COLUMNS)
+    note = (
+        "Each row's learning rate is the one of its grid with the lowest validation bits per byte (mean over "
+        "seeds); rows are ranked by the test bits per byte of that rate. A rate at the edge of its grid may "
+        "not be the best one: extend the grid that way before trusting the row's rank."
+    )
+    return f"{note}\n\n{text}"
+
+
+def _significance_text(choices: list[Choice], rows: list[dict]) -> str:
+    best = next(c for c in choices if c.runs and not c.optimistic)
+    note = (
+        f"Test bits per byte of each row minus that of the best, **{best.name}**, with a 95% paired "
+        "bootstrap interval (2,000 resamples of the test text's blocks, seeded; docs/comparisons.md). "
+        '"Not significant": the interval covers zero, so the test text cannot tell the two apart.'
+    )
+    shown = [{**row, "difference": format_value("test/bpb", row.get("difference"))} for row in rows]
+    return f"{note}\n\n{markdown_table(shown, SIGNIFICANCE_COLUMNS)}"
 
 
 def write_report(paths: Iterable[str | Path], out_dir: str | Path) -> Report:
     """comparison.csv, comparison.md, learning_curves.png and bpb_by_model.png (and, for repeats,
-    comparison_by_configuration.csv) in `out_dir`, from the runs under `paths`."""
+    comparison_by_configuration.csv; for runs that record training FLOPs, compute_frontier.png) in
+    `out_dir`, from the runs under `paths`."""
     paths = [Path(p) for p in paths]
     runs = find_runs(paths)
     out = Path(out_dir)
@@ -79,7 +149,10 @@ def write_report(paths: Iterable[str | Path], out_dir: str | Path) -> Report:
     for name, text in files.items():
         atomic_write_text(out / name, text)
         written.append(out / name)
-    for name, figure in (("learning_curves.png", learning_curves(runs)), ("bpb_by_model.png", bpb_by_model(runs))):
-        save_figure(figure, out / name)
+    figures = {"learning_curves.png": learning_curves, "bpb_by_model.png": bpb_by_model}
+    if has_flops(runs):
+        figures["compute_frontier.png"] = compute_frontier
+    for name, draw in figures.items():
+        save_figure(draw(runs), out / name)
         written.append(out / name)
     return Report(runs=runs, markdown=files["comparison.md"], files=written)

@@ -31,6 +31,8 @@ class Run:
     seed: int | None
     config_key: str  # equal for runs whose configs differ at most in the seed
     label: str = ""  # the name without the settings every run of the report shares (see find_runs)
+    lr: float | None = None  # task.optimizer.lr
+    tuning_key: str = ""  # equal for runs whose configs differ at most in the seed and the learning rate
 
     @property
     def status(self) -> str:
@@ -47,6 +49,11 @@ class Run:
     @property
     def tokenizer(self) -> str:
         return str(self.metrics.get("tokenizer", "?"))
+
+    @property
+    def optimistic(self) -> bool:
+        """Scored with `<unk>` tokens: those bytes were never paid for, so its bits per byte flatter it."""
+        return any(self.score(f"{split}/unk_rate") > 0 for split in ("val", "test"))
 
     @property
     def configuration(self) -> str:
@@ -114,13 +121,35 @@ def load_run(run_dir: Path, name: str | None = None) -> Run:
     for key in ("model", "tokenizer"):
         metrics.setdefault(key, names.get(key, "?"))
     name = name or run_dir.name
+    lr = _learning_rate(config)
     return Run(
         name=name,
         path=run_dir,
         metrics=metrics,
         seed=config.get("seed"),
         config_key=_config_key(config) if config else f"name:{name}",
+        lr=lr,
+        tuning_key=_config_key(_without_learning_rate(config)) if config else f"name:{name}",
     )
+
+
+def _optimizer_node(config: dict[str, Any]) -> dict[str, Any]:
+    node = (config.get("task") or {}).get("optimizer")
+    return node if isinstance(node, dict) else config.get("optimizer") or {}  # (runs made before task.optimizer)
+
+
+def _learning_rate(config: dict[str, Any]) -> float | None:
+    lr = _optimizer_node(config).get("lr")
+    return float(lr) if isinstance(lr, (int, float)) else None
+
+
+def _without_learning_rate(config: dict[str, Any]) -> dict[str, Any]:
+    """The config with its learning rate blanked, so the runs of one learning-rate grid share a key."""
+    node = _optimizer_node(config)
+    blanked = {**node, "lr": None}
+    if isinstance((config.get("task") or {}).get("optimizer"), dict):
+        return {**config, "task": {**config["task"], "optimizer": blanked}}
+    return {**config, "optimizer": blanked}
 
 
 def _read_config(run_dir: Path) -> dict[str, Any]:

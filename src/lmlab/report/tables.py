@@ -1,8 +1,10 @@
 """One column spec for every table of results: sweep reports (Markdown, CSV) and the terminal summaries.
 
 Runs are ranked by test bits per byte: unlike loss or perplexity per token it does not depend on
-the tokenizer, so char, word and BPE runs sit on one scale. Runs whose configs differ only in the
-seed are repeats of one configuration and are also summarised as mean ± standard deviation.
+the tokenizer, so char, word and BPE runs sit on one scale. A run scored with `<unk>` tokens is
+"optimistic" (its unknown words' bytes were never paid for) and ranks below every run that pays for
+every byte, whatever its score. Runs whose configs differ only in the seed are repeats of one
+configuration and are also summarised as mean ± standard deviation.
 """
 
 from __future__ import annotations
@@ -16,32 +18,34 @@ from typing import Any
 
 from lmlab.report.runs import Run, configurations
 
-MODEL_ORDER = ("rnn", "gru", "lstm", "transformer", "gpt")
+MODEL_ORDER = ("rnn", "gru", "lstm", "lstm_attn", "transformer", "gpt", "llama", "mamba", "jamba")
 TOKENIZER_ORDER = ("char", "word", "bpe")
 SCORES = ("val/loss", "val/ppl", "val/bpb", "test/loss", "test/ppl", "test/bpb")
-RUN_COLUMNS = (
-    "run",
-    "model",
-    "tokenizer",
-    "seed",
+METRIC_COLUMNS = (  # read from metrics.json
     "params",
     "tokens_seen",
     "bytes_seen",
+    "train_flops",
     "wall_time_s",
+    "cpu_time_s",
+    "torch_threads",
     *SCORES,
     "test/unk_rate",
     "best_step",
-    "status",
-    "error",
-    "path",
 )
-OPTIONAL = ("test/unk_rate", "error")  # shown in the Markdown table only where some run has one
+RUN_COLUMNS = ("run", "model", "tokenizer", "seed", "lr", *METRIC_COLUMNS, "scoring", "status", "error", "path")
+# shown in the Markdown table only where some run has one
+OPTIONAL = ("lr", "train_flops", "cpu_time_s", "torch_threads", "test/unk_rate", "scoring", "error")
 AVERAGED = ("params", "bytes_seen", "wall_time_s", *SCORES)
+OPTIMISTIC = "optimistic"  # the scoring column of a run scored with <unk> tokens
 HEADERS = {
     "params": "parameters",
     "tokens_seen": "tokens seen",
     "bytes_seen": "bytes seen",
+    "train_flops": "training FLOPs",
     "wall_time_s": "wall time (s)",
+    "cpu_time_s": "CPU time (s)",
+    "torch_threads": "threads",
     "val/loss": "val loss",
     "val/ppl": "val ppl",
     "val/bpb": "val bpb",
@@ -53,15 +57,16 @@ HEADERS = {
     "runs": "completed runs",
 }
 # Decimals by metric name, whatever the split: "val/bpb" and "test/bpb" are both "bpb".
-METRIC_DECIMALS = {"loss": 4, "bpb": 4, "ppl": 2, "unk_rate": 4, "wall_time_s": 1}
+METRIC_DECIMALS = {"loss": 4, "bpb": 4, "ppl": 2, "unk_rate": 4, "wall_time_s": 1, "cpu_time_s": 1}
 METRIC_NAMES = {"loss": "loss (nats/token)", "ppl": "perplexity", "bpb": "bits per byte", "unk_rate": "unk rate"}
 COUNTS = ("params", "tokens_seen", "bytes_seen", "tokens", "bytes", "steps")
-NUMERIC = {"seed", "params", "tokens_seen", "bytes_seen", "wall_time_s", *SCORES, "test/unk_rate", "best_step"}
+NUMERIC = {"seed", "lr", *METRIC_COLUMNS}
 
 
-def _rank(test_bpb: float, name: str) -> tuple:
-    """By test bits per byte; runs without one (failed, incomplete) last, by name."""
-    return not math.isfinite(test_bpb), test_bpb if math.isfinite(test_bpb) else 0.0, name
+def _rank(test_bpb: float, name: str, optimistic: bool = False) -> tuple:
+    """By test bits per byte, runs that pay for every byte first; runs without a score (failed,
+    incomplete) last, by name."""
+    return not math.isfinite(test_bpb), optimistic, test_bpb if math.isfinite(test_bpb) else 0.0, name
 
 
 def run_rows(runs: Iterable[Run]) -> list[dict[str, Any]]:
@@ -72,14 +77,16 @@ def run_rows(runs: Iterable[Run]) -> list[dict[str, Any]]:
             "model": run.model,
             "tokenizer": run.tokenizer,
             "seed": run.seed,
-            **{key: run.metrics.get(key) for key in RUN_COLUMNS[4:-3]},
+            "lr": run.lr,
+            **{key: run.metrics.get(key) for key in METRIC_COLUMNS},
+            "scoring": OPTIMISTIC if run.optimistic else "",
             "status": run.status,
             "error": run.metrics.get("error", ""),
             "path": str(run.path),
         }
         for run in runs
     ]
-    return sorted(rows, key=lambda r: _rank(_number(r["test/bpb"]), r["run"]))
+    return sorted(rows, key=lambda r: _rank(_number(r["test/bpb"]), r["run"], r["scoring"] == OPTIMISTIC))
 
 
 def _number(value: Any) -> float:
@@ -104,11 +111,12 @@ def group_rows(runs: Iterable[Run]) -> list[dict[str, Any]]:
             "tokenizer": members[0].tokenizer,
             "runs": f"{len(done)}/{len(members)}",
             "seeds": " ".join(str(run.seed) for run in members),
+            "scoring": OPTIMISTIC if any(run.optimistic for run in members) else "",
         }
         for key in AVERAGED:
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([run.score(key) for run in done])
         rows.append(row)
-    return sorted(rows, key=lambda r: _rank(r["test/bpb_mean"], r["configuration"]))
+    return sorted(rows, key=lambda r: _rank(r["test/bpb_mean"], r["configuration"], r["scoring"] == OPTIMISTIC))
 
 
 def format_value(key: str, value: Any) -> str:
@@ -120,6 +128,8 @@ def format_value(key: str, value: Any) -> str:
         return f"{value:.{decimals}f}"
     if isinstance(value, (int, float)) and key in COUNTS:
         return f"{round(value):,}"
+    if isinstance(value, (int, float)) and key in ("train_flops", "lr"):
+        return f"{value:.3g}"
     return str(value)
 
 
@@ -146,14 +156,16 @@ def runs_table(runs: Iterable[Run]) -> str:
 
 def configurations_table(runs: Iterable[Run]) -> str:
     """The mean ± std table in Markdown, one row per configuration."""
-    display = []
+    display, optimistic = [], False
     for row in group_rows(runs):
-        shown = {key: row[key] for key in ("configuration", "model", "tokenizer", "runs", "seeds")}
+        shown = {key: row[key] for key in ("configuration", "model", "tokenizer", "runs", "seeds", "scoring")}
+        optimistic |= row["scoring"] == OPTIMISTIC
         for key in AVERAGED:
             mean, std = _cell(key, row[f"{key}_mean"]), _cell(key, row[f"{key}_std"])
             shown[key] = f"{mean} ± {std}" if mean and std else mean
         display.append(shown)
-    return markdown_table(display, ["configuration", "model", "tokenizer", "runs", "seeds", *AVERAGED])
+    columns = ["configuration", "model", "tokenizer", "runs", "seeds", *AVERAGED, *(["scoring"] if optimistic else [])]
+    return markdown_table(display, columns)
 
 
 def csv_text(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -163,14 +175,3 @@ def csv_text(rows: list[dict[str, Any]], columns: list[str]) -> str:
     for row in rows:
         writer.writerow({k: "" if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()})
     return buffer.getvalue()
-
-
-def best_per_pair(runs: Iterable[Run], metric: str = "test/bpb") -> dict[tuple[str, str], tuple[float, float]]:
-    """(mean, std) of `metric` of the best configuration of each (model, tokenizer) pair."""
-    best: dict[tuple[str, str], tuple[float, float]] = {}
-    for members in configurations(runs).values():
-        mean, std = _mean_std([run.score(metric) for run in members if run.completed])
-        pair = (members[0].model, members[0].tokenizer)
-        if math.isfinite(mean) and (pair not in best or mean < best[pair][0]):
-            best[pair] = (mean, std)
-    return best
