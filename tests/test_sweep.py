@@ -184,14 +184,85 @@ def _compose_with_hydra(overrides: list[str]):
         return compose(config_name="train", overrides=overrides, return_hydra_config=True)
 
 
-@pytest.mark.parametrize("recipe", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
-def test_experiment_recipes_sweep_every_model_and_tokenizer_fairly(recipe):
+@pytest.mark.parametrize("recipe", ["compare_architectures", "compare_architectures_gpu"])
+def test_comparison_recipes_tune_every_model_and_tokenizer_fairly(recipe):
     cfg = _compose_with_hydra([f"experiment={recipe}"])
     assert cfg.hydra.mode.name == "MULTIRUN"
     params = cfg.hydra.sweeper.params
-    assert params.model.split(",") == ["rnn", "gru", "lstm", "transformer", "gpt"]
+    assert params.model.split(",") == [
+        "rnn",
+        "gru",
+        "lstm",
+        "lstm_attn",
+        "transformer",
+        "gpt",
+        "llama",
+        "mamba",
+        "jamba",
+    ]
     assert params.tokenizer.split(",") == ["char", "word", "bpe"]
+    grid = [float(lr) for lr in params["task.optimizer.lr"].split(",")]
+    ratios = [b / a for a, b in zip(grid, grid[1:])]
+    assert 3 <= len(grid) <= 5 and all(2.5 < r < 4 for r in ratios)  # log-spaced, half a decade apart
     assert cfg.budget.target_params > 0 and cfg.budget.max_bytes > 0
+    assert cfg.callbacks.test_blocks._target_ == "lmlab.callbacks.SaveTestBlocks"
+
+
+@pytest.mark.parametrize("recipe", ["scaling", "scaling_gpu"])
+def test_scaling_recipes_sweep_matched_sizes_per_architecture_at_equal_compute(recipe):
+    cfg = _compose_with_hydra([f"experiment={recipe}"])
+    params = cfg.hydra.sweeper.params
+    assert "tokenizer" not in params and cfg.hydra.runtime.choices.tokenizer == "char"  # one tokenizer
+    sizes = [int(n) for n in params["budget.target_params"].split(",")]
+    assert 3 <= len(sizes) <= 4 and sizes == sorted(sizes)
+    assert len(params.model.split(",")) >= 4
+    assert cfg.budget.max_flops > 0 and cfg.budget.max_bytes is None
+
+
+@pytest.mark.slow
+def test_the_scaling_recipe_runs_on_a_tiny_budget_and_draws_the_frontier(tmp_path, small_corpus):
+    sweep = tmp_path / "scaling"
+    max_flops = 4e9
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "experiment=scaling",
+            "model=gpt,lstm",
+            "budget.target_params=20000,40000",
+            f"budget.max_flops={max_flops}",
+            "model.n_layer=1",
+            "data=text",
+            f"data.path={small_corpus}",
+            "data.block_size=32",
+            "data.batch_size=8",
+            "trainer.max_steps=7",  # replaced by the FLOPs budget's steps
+            "trainer.val_check_interval=10",
+            "task.scheduler.warmup_steps=2",
+            "sample.max_new_tokens=10",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = [path.parent for path in sweep.rglob("metrics.json")]
+    assert len(runs) == 4
+    for run in runs:
+        m = metrics(run)
+        assert m["status"] == "completed" and m["torch_threads"] == 1
+        assert m["steps"] == round(max_flops / (m["flops_per_token"] * 8 * 32))  # the budget set the steps
+        assert m["train_flops"] == pytest.approx(max_flops, rel=0.5 / m["steps"] + 1e-9)
+        with (run / "curve.csv").open() as f:
+            curve = list(csv.DictReader(f))
+        assert all(float(row["train_flops"]) == int(row["tokens_seen"]) * m["flops_per_token"] for row in curve)
+        assert 0 < float(curve[-1]["train_flops"]) <= m["train_flops"]
+        assert (run / "test_blocks.npz").is_file()
+    assert (sweep / "compute_frontier.png").is_file()
+    assert "![compute frontier](compute_frontier.png)" in (sweep / "comparison.md").read_text()
 
 
 def test_the_optuna_recipe_tunes_lr_dropout_and_width_against_val_bpb():

@@ -56,10 +56,16 @@ def check_paired(a: TestBlocks, b: TestBlocks, names: tuple[str, str] = ("A", "B
 
 
 def paired_bootstrap(
-    a: TestBlocks, b: TestBlocks, *, resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0
+    a: TestBlocks,
+    b: TestBlocks,
+    *,
+    resamples: int = RESAMPLES,
+    level: float = LEVEL,
+    seed: int = 0,
+    names: tuple[str, str] = ("A", "B"),
 ) -> Interval:
     """The `level` percentile interval of B's test bpb minus A's, from `resamples` paired block resamples."""
-    check_paired(a, b)
+    check_paired(a, b, names)
     if resamples < 1 or not 0.0 < level < 1.0:
         raise ConfigError(f"a bootstrap needs resamples >= 1 and 0 < level < 1 (got {resamples}, {level})")
     delta = np.asarray(b.nats, dtype=np.float64) - np.asarray(a.nats, dtype=np.float64)

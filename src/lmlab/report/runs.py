@@ -70,9 +70,9 @@ def find_runs(paths: Iterable[str | Path]) -> list[Run]:
     """Every run under the given sweep or run directories: any folder holding metrics.json or config.yaml.
 
     A folder with config.yaml but no metrics.json is a run that is still going or was killed; it is
-    reported as "incomplete". Hydra names a sweep's run folders by all of their command-line
-    settings; labels drop those every run shares (data.path=..., trainer.max_steps=...), which say
-    nothing about how the runs differ.
+    reported as "incomplete". A run's label is its command-line settings (Hydra's
+    .hydra/overrides.yaml, else its folder name) without those every run shares (data.path=...,
+    trainer.max_steps=...), which say nothing about how the runs differ.
     """
     roots = [Path(p).expanduser() for p in paths]
     for root in roots:
@@ -92,7 +92,7 @@ def find_runs(paths: Iterable[str | Path]) -> list[Run]:
             f"no runs under {', '.join(map(str, roots))}: a run directory holds metrics.json or "
             "config.yaml; pass a sweep directory (outputs/multirun/<time>) or run directories"
         )
-    settings = [name.split(",") for _, name, _ in found]
+    settings = [_overrides(run_dir) or name.split(",") for _, name, run_dir in found]
     shared = set.intersection(*map(set, settings)) if len(found) > 1 else set()
     return [
         replace(
@@ -100,6 +100,15 @@ def find_runs(paths: Iterable[str | Path]) -> list[Run]:
         )
         for (prefix, name, run_dir), parts in zip(found, settings)
     ]
+
+
+def _overrides(run_dir: Path) -> list[str]:
+    """The run's command-line settings as Hydra recorded them ([] if it did not)."""
+    try:
+        overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    return [str(o) for o in overrides] if isinstance(overrides, list) else []
 
 
 def _run_dirs(root: Path) -> list[Path]:

@@ -35,14 +35,14 @@ def significance_rows(choices: list[Choice], seed: int = 0) -> list[dict[str, An
             continue
         row: dict[str, Any] = {"run": other.name + (" (optimistic)" if other.optimistic else "")}
         try:
-            interval = paired_bootstrap(reference, _blocks(other), seed=seed)
+            interval = paired_bootstrap(reference, _blocks(other), seed=seed, names=(best.name, other.name))
         except ConfigError as err:
             row["verdict"] = str(err)
         else:
             row.update(
                 difference=interval.difference,
                 interval=f"[{interval.low:+.4f}, {interval.high:+.4f}]",
-                verdict="better by more than chance" if interval.significant else "not significant",
+                verdict="significant" if interval.significant else "not significant",
             )
         rows.append(row)
     return rows

@@ -55,6 +55,11 @@ HEADERS = {
     "test/unk_rate": "test unk rate",
     "best_step": "best step",
     "runs": "completed runs",
+    "difference": "test bpb minus the best's",
+    "interval": "95% interval",
+    "lr": "learning rate",
+    "grid": "rates tried",
+    "edge": "edge of grid",
 }
 # Decimals by metric name, whatever the split: "val/bpb" and "test/bpb" are both "bpb".
 METRIC_DECIMALS = {"loss": 4, "bpb": 4, "ppl": 2, "unk_rate": 4, "wall_time_s": 1, "cpu_time_s": 1}
