@@ -1,21 +1,33 @@
 """Training throughput: lmlab's LightningModule through Trainer.fit against a plain PyTorch loop.
 
 Both train the same model from the same initial weights on the same batches, with the same
-optimizer (AdamW, decayed matrices only, fused on GPU), precision, gradient clipping and
-compilation, in one process on one device, so their ratio is lmlab's framework overhead.
+optimizer (AdamW, decayed matrices only, fused on GPU), LR schedule (warmup + cosine), precision,
+gradient clipping and compilation, in one process on one device, so their ratio is lmlab's
+framework overhead. lmlab runs with the configuration a user gets (`--setup shipped`, the
+default): the callbacks of conf/callbacks/default.yaml (checkpointing, LR monitor, progress bar,
+tokens/s, NaN guard, interrupt handler, validation curve and samples), the TensorBoard logger of
+conf/logger/tensorboard.yaml and the trainer settings of conf/trainer/default.yaml, read from the
+YAML files themselves (no Hydra needed). The timed window covers training steps only: the plain
+loop never validates, so neither side's validation passes are timed. `--setup bare` is the old
+measurement: progress bar and tokens/s only, no logger, no checkpointing.
 
     python bench/throughput.py --preset gpt2-small          # one GPU: tokens/s, MFU, peak memory
     python bench/throughput.py --preset default             # the default CPU model
     python bench/throughput.py --preset lstm-medium --preset gru-medium
 
+Repeats are interleaved (plain, lmlab, plain, lmlab, ...), so a machine whose speed drifts hits
+both alike; `ratio` is the median of the per-repeat ratios, `best_ratio` best against best.
+
 MFU = tokens/s x FLOPs per token / peak, with FLOPs per token = 6N + 12*L*H*Q*T (PaLM appendix B,
-as in nanoGPT's estimate_mfu) and the peak bf16 dense rate of an H100 SXM, 989 TFLOP/s.
+as in nanoGPT's estimate_mfu) and the peak bf16 dense rate of an H100/H200 SXM, 989 TFLOP/s.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib
+import statistics
 import sys
 import tempfile
 import time
@@ -25,15 +37,18 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table, write_results
 
 from lmlab.callbacks import SyncFreeProgressBar, TokenThroughput
+from lmlab.metrics import token_nats
 from lmlab.models import GPT, RecurrentLM, count_parameters, detach_state
-from lmlab.optim import parameter_groups
-from lmlab.task import LanguageModelTask
+from lmlab.optim import parameter_groups, warmup_cosine
+from lmlab.task import LanguageModelTask, attention_context
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 H100_BF16_PEAK = 989e12
 
@@ -48,6 +63,9 @@ class Preset:
     compile: bool
     stateful: bool = False
     lr: float = 6e-4
+    compile_mode: str | None = None
+    loss_chunk_rows: int = 0
+    attention: str = "auto"
     extra: dict = field(default_factory=dict)
 
 
@@ -68,6 +86,24 @@ PRESETS = {
         precision="32-true",
         compile=False,
         lr=4e-3,
+    ),
+    "tiny": Preset(  # a step of a few ms on a CPU, so the framework's fixed cost shows as it does on a GPU
+        lambda v, b: GPT(v, d_model=64, n_layer=2, n_head=2, block_size=b),
+        vocab=65,
+        batch=8,
+        block=32,
+        precision="32-true",
+        compile=False,
+        lr=1e-3,
+    ),
+    "char-gpt": Preset(  # a small character model on a GPU (bf16 there, fp32 on CPU)
+        lambda v, b: GPT(v, d_model=256, n_layer=4, n_head=4, block_size=b),
+        vocab=65,
+        batch=64,
+        block=128,
+        precision="bf16-mixed",
+        compile=False,
+        lr=1e-3,
     ),
     "lstm-medium": Preset(
         lambda v, b: RecurrentLM(v, cell="lstm", d_model=650, n_layer=2, dropout=0.5),
@@ -103,6 +139,9 @@ def optimizer_factory(p: Preset, device: torch.device):
     return partial(torch.optim.AdamW, lr=p.lr, betas=(0.9, 0.95), weight_decay=0.1)
 
 
+SCHEDULE = partial(warmup_cosine, warmup_steps=100, min_lr_ratio=0.1)  # conf/scheduler/cosine.yaml
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -113,12 +152,14 @@ def plain_loop(p: Preset, model: torch.nn.Module, data, warmup: int, device: tor
     model = model.to(device).train()
     fused = {"fused": True} if device.type == "cuda" else {}
     opt = optimizer_factory(p, device)(parameter_groups(model, 0.1), **fused)
+    schedule = SCHEDULE(opt, total_steps=len(data))
+    attention = attention_context(p.attention)
 
     def loss_fn(x, y, state):
         logits, state = model(x, state)
-        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()), state
+        return token_nats(logits, y, reduction="mean", chunk_rows=p.loss_chunk_rows), state
 
-    loss_fn = torch.compile(loss_fn) if p.compile else loss_fn
+    loss_fn = torch.compile(loss_fn, mode=p.compile_mode) if p.compile else loss_fn
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=p.precision.startswith("bf16"))
     state = None
     for i, (x, y) in enumerate(data):
@@ -126,29 +167,94 @@ def plain_loop(p: Preset, model: torch.nn.Module, data, warmup: int, device: tor
             sync(device)
             start = time.perf_counter()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast:
+        with autocast, attention():
             loss, state = loss_fn(x, y, state if p.stateful else None)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        schedule.step()
         state = detach_state(state)
     sync(device)
     return time.perf_counter() - start
 
 
 class StepTimer(pl.Callback):
-    def __init__(self, warmup: int, device: torch.device) -> None:
-        self.warmup, self.device, self.seconds = warmup, device, 0.0
+    """From the start of batch `warmup` to the end of the last batch: training steps only, with every
+    other callback's per-step work inside the window (Lightning runs checkpoint callbacks last, so only
+    their work on the final batch falls outside it)."""
+
+    def __init__(self, warmup: int, steps: int, device: torch.device) -> None:
+        self.warmup, self.last, self.device, self.seconds = warmup, steps - 1, device, 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if batch_idx == self.warmup:
+        if trainer.global_step == self.warmup:
             sync(self.device)
             self.start = time.perf_counter()
 
-    def on_train_end(self, trainer, pl_module):
-        sync(self.device)
-        self.seconds = time.perf_counter() - self.start
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.last + 1:
+            sync(self.device)
+            self.seconds = time.perf_counter() - self.start
+
+
+def _resolve(node, out_dir: Path):
+    """The few interpolations of conf/callbacks, conf/logger and conf/trainer, resolved without Hydra."""
+    if isinstance(node, dict):
+        return {key: _resolve(value, out_dir) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_resolve(value, out_dir) for value in node]
+    if isinstance(node, str) and "${" in node:
+        if node == "${sample}":
+            return yaml.safe_load((CONF / "sample" / "default.yaml").read_text())
+        node = node.replace("${paths.output_dir}", str(out_dir))
+        if "${" in node:
+            raise ValueError(f"bench/throughput.py cannot resolve {node!r} from conf/: add it to _resolve")
+    return node
+
+
+def _instantiate(node):
+    """`_target_` nodes built bottom-up, as hydra.utils.instantiate does for these plain nodes."""
+    if isinstance(node, list):
+        return [_instantiate(value) for value in node]
+    if not isinstance(node, dict):
+        return node
+    args = {key: _instantiate(value) for key, value in node.items() if key not in ("_target_", "defaults")}
+    if "_target_" not in node:
+        return args
+    module, _, name = node["_target_"].rpartition(".")
+    return getattr(importlib.import_module(module), name)(**args)
+
+
+RUN_LENGTH_KEYS = ("_target_", "defaults", "accelerator", "devices", "strategy", "precision", "max_steps", "max_time")
+RUN_LENGTH_KEYS += ("max_epochs", "val_check_interval", "check_val_every_n_epoch", "limit_val_batches")
+RUN_LENGTH_KEYS += ("limit_test_batches", "num_sanity_val_steps")
+
+
+def shipped_setup(out_dir: Path) -> dict:
+    """Trainer arguments as `python train.py` builds them: callbacks, logger and trainer settings from conf/."""
+    load = lambda *parts: _resolve(yaml.safe_load(CONF.joinpath(*parts).read_text()), out_dir)  # noqa: E731
+    trainer = {key: value for key, value in load("trainer", "default.yaml").items() if key not in RUN_LENGTH_KEYS}
+    return {
+        **_instantiate(trainer),
+        "callbacks": list(_instantiate(load("callbacks", "default.yaml")).values()),
+        "logger": list(_instantiate(load("logger", "tensorboard.yaml")).values()),
+    }
+
+
+def bare_setup(out_dir: Path) -> dict:
+    """The earlier measurement: progress bar and tokens/s only, no logger, no checkpointing."""
+    return {
+        "callbacks": [SyncFreeProgressBar(), TokenThroughput()],
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "gradient_clip_val": 1.0,
+        "default_root_dir": str(out_dir),
+    }
+
+
+SETUPS = {"shipped": shipped_setup, "bare": bare_setup}
 
 
 class TimedLoader:
@@ -190,117 +296,142 @@ def real_data_loader(p: Preset, steps: int):
     return dm.train_dataloader()
 
 
-def lightning_loop(p: Preset, model: torch.nn.Module, data, warmup: int, device: torch.device, loader=None) -> float:
-    """lmlab's path: LanguageModelTask + Trainer.fit with the default callbacks (progress bar, tokens/s)."""
+class BenchData(pl.LightningDataModule):
+    """The fixed batches as a data module, with the attributes lmlab's callbacks read from one."""
+
+    def __init__(self, loader, block_size: int) -> None:
+        super().__init__()
+        self.loader, self.block_size, self.train_bytes_per_token = loader, block_size, 1.0
+
+    def train_dataloader(self):
+        return self.loader
+
+
+def lightning_loop(
+    p: Preset, model: torch.nn.Module, data, warmup: int, device: torch.device, loader=None, setup: str = "shipped"
+) -> float:
+    """lmlab's path: LanguageModelTask + Trainer.fit, set up as `setup` says (the shipped configuration)."""
     task = LanguageModelTask(
-        model, optimizer=optimizer_factory(p, device), weight_decay=0.1, stateful=p.stateful, compile=p.compile
+        model,
+        optimizer=optimizer_factory(p, device),
+        scheduler=SCHEDULE,
+        weight_decay=0.1,
+        stateful=p.stateful,
+        compile=p.compile,
+        compile_mode=p.compile_mode,
+        loss_chunk_rows=p.loss_chunk_rows,
+        attention=p.attention,
     )
-    timer = StepTimer(warmup, device)
+    timer = StepTimer(warmup, len(data), device)
     loader = loader or torch.utils.data.DataLoader(data, batch_size=None, shuffle=False)
+    kwargs = SETUPS[setup](Path(tempfile.mkdtemp(prefix="lmlab-throughput-")))
+    kwargs["callbacks"].append(timer)
     trainer = pl.Trainer(
         accelerator=device.type,
         devices=1,
-        precision=p.precision,
+        precision=p.precision if device.type == "cuda" else "32-true",
         max_steps=len(data),
-        gradient_clip_val=1.0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
+        max_epochs=-1,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        callbacks=[SyncFreeProgressBar(), TokenThroughput(), timer],
+        **kwargs,
     )
-    trainer.fit(task, train_dataloaders=loader)
+    trainer.fit(task, datamodule=BenchData(loader, p.block))
     return timer.seconds
 
 
-def run(
-    name: str, steps: int, warmup: int, batch: int | None, compile: bool | None, repeats: int, real_data: bool = False
-) -> dict:
-    p = PRESETS[name]
-    p = Preset(
-        **{**p.__dict__, **({"batch": batch} if batch else {}), **({"compile": compile} if compile is not None else {})}
-    )
+def run(name: str, args: argparse.Namespace) -> dict:
+    """Interleaved repeats of the plain loop and lmlab on one preset, with the command line's overrides."""
+    overrides = {
+        "batch": args.batch,
+        "compile": args.compile,
+        "compile_mode": args.compile_mode,
+        "loss_chunk_rows": args.loss_chunk_rows,
+        "attention": args.attention,
+    }
+    p = Preset(**{**PRESETS[name].__dict__, **{k: v for k, v in overrides.items() if v is not None}})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
     torch.manual_seed(0)
     model = p.build(p.vocab, p.block)
-    data = batches(p, warmup + steps, device)
-    tokens = steps * p.batch * p.block
+    data = batches(p, args.warmup + args.steps, device)
+    tokens = args.steps * p.batch * p.block
     times = {"plain": [], "lmlab": []}
     peak = {}
-    for _ in range(repeats):  # interleaved, so drifting clocks or thermals hit both alike
-        for which, loop in (("plain", plain_loop), ("lmlab", lightning_loop)):
+    loops = {"plain": plain_loop, "lmlab": partial(lightning_loop, setup=args.setup)}
+    for _ in range(args.repeats):  # interleaved, so drifting clocks or a shared machine hit both alike
+        for which, loop in loops.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            times[which].append(loop(p, copy.deepcopy(model), data, warmup, device))
+            times[which].append(loop(p, copy.deepcopy(model), data, args.warmup, device))
             if device.type == "cuda":
                 peak[which] = torch.cuda.max_memory_allocated() / 2**30
-    if real_data:  # the same model fed by lmlab's data module: how long does the loop wait for batches?
-        timed = TimedLoader(real_data_loader(p, warmup + steps), warmup)
-        seconds = lightning_loop(p, copy.deepcopy(model), data, warmup, device, loader=timed)
+    real = {}
+    if args.real_data:  # the same model fed by lmlab's data module: how long does the loop wait for batches?
+        timed = TimedLoader(real_data_loader(p, args.warmup + args.steps), args.warmup)
+        seconds = lightning_loop(p, copy.deepcopy(model), data, args.warmup, device, loader=timed, setup=args.setup)
         real = {"real_data_tok_s": tokens / seconds, "data_wait": timed.waiting / seconds}
     best = {k: min(v) for k, v in times.items()}
     row = {
         "preset": name,
+        "setup": args.setup,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "params": count_parameters(model),
         "batch": p.batch,
         "block": p.block,
-        "precision": p.precision,
-        "compile": p.compile,
+        "precision": p.precision if device.type == "cuda" else "32-true",
+        "compile": p.compile and (p.compile_mode or "default"),
+        "loss_chunk_rows": p.loss_chunk_rows,
+        "attention": p.attention,
         "plain_tok_s": tokens / best["plain"],
         "lmlab_tok_s": tokens / best["lmlab"],
-        "ratio": best["plain"] / best["lmlab"],
-        "ms_per_step": 1000 * best["lmlab"] / steps,
+        "ratio": statistics.median(a / b for a, b in zip(times["plain"], times["lmlab"])),
+        "best_ratio": best["plain"] / best["lmlab"],
+        "ratios": [round(a / b, 4) for a, b in zip(times["plain"], times["lmlab"])],
+        "ms_per_step": 1000 * best["lmlab"] / args.steps,
+        "plain_ms_per_step": 1000 * best["plain"] / args.steps,
     }
     if hasattr(model, "flops_per_token") and device.type == "cuda":
         row["mfu"] = row["lmlab_tok_s"] * model.flops_per_token() / H100_BF16_PEAK
         row["plain_mfu"] = row["plain_tok_s"] * model.flops_per_token() / H100_BF16_PEAK
     if peak:
         row["peak_gib"] = peak["lmlab"]
-    return {**row, **(real if real_data else {})}
+    return {**row, **real}
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", action="append", choices=sorted(PRESETS), required=True)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--setup", choices=sorted(SETUPS), default="shipped", help="lmlab's callbacks and logger")
     parser.add_argument("--batch", type=int, default=None, help="override the preset's batch size")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    parser.add_argument("--loss-chunk-rows", type=int, default=None, help="chunked fp32 cross-entropy (0: off)")
+    parser.add_argument("--attention", default=None, help="auto, cudnn, flash, efficient or math")
     parser.add_argument(
         "--real-data",
         action="store_true",
         help="also train on Tiny Shakespeare through lmlab's data module and report the data wait",
     )
     parser.add_argument("--name", default="throughput", help="results file: bench/results/NAME.json")
-    args = parser.parse_args()
-    rows = [
-        run(name, args.steps, args.warmup, args.batch, args.compile, args.repeats, args.real_data)
-        for name in args.preset
-    ]
-    columns = [
-        "preset",
-        "device",
-        "params",
-        "batch",
-        "block",
-        "precision",
-        "compile",
-        "plain_tok_s",
-        "lmlab_tok_s",
-        "ratio",
-        "ms_per_step",
-        "mfu",
-        "peak_gib",
-        "real_data_tok_s",
-        "data_wait",
-    ]
-    print(table(rows, columns))
-    print("written to", write_results(args.name, {"rows": rows}))
+    return parser
+
+
+COLUMNS = ["preset", "setup", "device", "params", "batch", "block", "precision", "compile", "loss_chunk_rows"]
+COLUMNS += ["attention", "plain_tok_s", "lmlab_tok_s", "ratio", "best_ratio", "ms_per_step", "mfu", "peak_gib"]
+COLUMNS += ["real_data_tok_s", "data_wait"]
+
+
+def main() -> None:
+    args = parser().parse_args()
+    rows = [run(name, args) for name in args.preset]
+    print(table(rows, COLUMNS))
+    settings = {key: value for key, value in vars(args).items() if key != "name"}
+    print("written to", write_results(args.name, {"settings": settings, "rows": rows}))
 
 
 if __name__ == "__main__":
