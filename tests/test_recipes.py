@@ -1,0 +1,228 @@
+"""The published-number recipes (conf/experiment/ptb_lstm_medium*, shakespeare_char) compose as their papers
+say, run a few steps on CPU when shrunk, and score PTB in per-word perplexity."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmlab.checkpoint import load_checkpoint
+from lmlab.run.train import train
+from tests.helpers import REPO, compose_config
+
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "a",
+    "in",
+    "that",
+    "is",
+    "was",
+    "he",
+    "for",
+    "it",
+    "with",
+    "as",
+    "his",
+    "on",
+    "be",
+    "at",
+    "by",
+    "i",
+    "<unk>",
+    "n't",
+    "'s",
+    "N",
+]
+PTB_FILES = {"train": "ptb.train.txt", "val": "ptb.valid.txt", "test": "ptb.test.txt"}
+
+
+def write_ptb_like(folder: Path, lines: dict[str, int] | None = None) -> dict[str, list[str]]:
+    """Penn-Treebank-shaped split files (space-separated words, a leading space, `<unk>` as a word, one
+    sentence per line), every val/test word also in train; returns each split's lines."""
+    lines = lines or {"train": 40, "val": 8, "test": 8}
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for offset, (split, count) in enumerate(lines.items()):
+        rows = [
+            " ".join(WORDS[(7 * i + 3 * j + offset) % len(WORDS)] for j in range(3 + (i * 5 + offset) % 9))
+            for i in range(count)
+        ]
+        (folder / PTB_FILES[split]).write_text("".join(f" {row} \n" for row in rows))
+        written[split] = rows
+    return written
+
+
+def tiny_ptb_overrides(recipe: str, folder: Path, *extra: str) -> list[str]:
+    """A PTB recipe shrunk to seconds on CPU: the same groups and schedule, a tiny LSTM on tiny files."""
+    return [
+        f"experiment={recipe}",
+        f"data.path={folder}",
+        "data.block_size=6",
+        "data.batch_size=4",
+        "model.d_model=16",
+        "trainer.accelerator=cpu",
+        "trainer.max_epochs=2",
+        "sample.max_new_tokens=5",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "expected"),
+    [
+        (
+            "ptb_lstm_medium",
+            {
+                "data.block_size": 35,
+                "data.batch_size": 20,
+                "data.eval_batch_size": 1,
+                "data.stateful": True,
+                "model.d_model": 650,
+                "model.n_layer": 2,
+                "model.dropout": 0.5,
+                "model.init_range": 0.05,
+                "model.tie_weights": False,
+                "task.optimizer._target_": "torch.optim.SGD",
+                "task.optimizer.lr": 35.0,
+                "task.optimizer.momentum": 0.0,
+                "task.scheduler._target_": "lmlab.optim.step_decay",
+                "task.scheduler.start_epoch": 6,
+                "trainer.max_epochs": 39,
+                "trainer.precision": "32-true",
+                "trainer.accelerator": "gpu",
+                "tokenizer.eos_per_line": True,
+                "tokenizer.unk": True,
+            },
+        ),
+        (
+            "ptb_lstm_medium_tied",
+            {
+                "data.eval_batch_size": 10,
+                "model.tie_weights": True,
+                "model.init_range": None,
+                "task.optimizer.lr": 20.0,
+                "task.scheduler._target_": "lmlab.optim.plateau",
+                "task.scheduler.factor": 0.25,
+                "trainer.max_epochs": 40,
+                "trainer.gradient_clip_val": 0.25,
+            },
+        ),
+        (
+            "shakespeare_char",
+            {
+                "model._target_": "lmlab.models.GPT",
+                "model.d_model": 384,
+                "model.n_layer": 6,
+                "model.n_head": 6,
+                "model.dropout": 0.2,
+                "data.block_size": 256,
+                "data.batch_size": 64,
+                "data.sampling": "random",
+                "task.compile": True,
+                "task.optimizer.lr": 1e-3,
+                "task.optimizer.betas": [0.9, 0.99],
+                "task.optimizer.weight_decay": 0.1,
+                "task.scheduler.warmup_steps": 100,
+                "task.scheduler.min_lr_ratio": 0.1,
+                "trainer.max_steps": 5000,
+                "trainer.val_check_interval": 250,
+                "trainer.gradient_clip_val": 1.0,
+                "trainer.precision": "bf16-mixed",
+            },
+        ),
+    ],
+)
+def test_each_recipe_composes_its_papers_settings(tmp_path, recipe, expected):
+    from omegaconf import OmegaConf
+
+    cfg = compose_config([f"experiment={recipe}"], tmp_path)
+    got = {key: OmegaConf.to_container(OmegaConf.create({"v": OmegaConf.select(cfg, key)}))["v"] for key in expected}
+    assert got == expected
+
+
+def test_zaremba_lr_and_clip_are_the_papers_on_a_summed_loss(tmp_path):
+    """The paper sums the loss over its 35 steps: lr x 35 and clip / 35 give its updates on lmlab's mean loss."""
+    cfg = compose_config(["experiment=ptb_lstm_medium"], tmp_path)
+    steps = cfg.data.block_size
+    assert cfg.task.optimizer.lr / steps == pytest.approx(1.0)
+    assert cfg.trainer.gradient_clip_val * steps == pytest.approx(5.0)
+    assert cfg.task.scheduler.factor == pytest.approx(1 / 1.2)
+
+
+@pytest.mark.parametrize("recipe", ["ptb_lstm_medium", "ptb_lstm_medium_tied"])
+def test_the_ptb_recipes_train_two_epochs_on_cpu(tmp_path, recipe):
+    write_ptb_like(tmp_path / "ptb")
+    metrics = train(compose_config(tiny_ptb_overrides(recipe, tmp_path / "ptb"), tmp_path / "run"))
+    assert metrics["status"] == "completed" and metrics["data"] == "ptb"
+    assert math.isfinite(metrics["test/ppl"]) and metrics["test/unk_rate"] == 0  # PTB's <unk> is a word
+
+
+def test_ptb_test_perplexity_is_per_word_with_one_eos_per_line(tmp_path):
+    """test/ppl = exp(total nats / (words + lines)), the nats computed here by running the scored
+    model over the test text as one stream (data.eval_batch_size=1, the paper's test layout)."""
+    rows = write_ptb_like(tmp_path / "ptb")
+    # one validation, at the last step: the scored checkpoint is the final weights
+    run = tmp_path / "run"
+    extra = ("trainer.max_epochs=1",)
+    metrics = train(compose_config(tiny_ptb_overrides("ptb_lstm_medium", tmp_path / "ptb", *extra), run))
+    loaded = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    tokenizer, model = loaded.tokenizer, loaded.model.eval()
+    test_ids = tokenizer.encode("".join(f" {row} \n" for row in rows["test"]))
+    words, lines = sum(len(row.split()) for row in rows["test"]), len(rows["test"])
+    assert len(test_ids) == words + lines  # every word a token, plus <eos> per line
+    context = tokenizer.encode("".join(f" {row} \n" for row in rows["val"]))[-1]  # <eos>: the previous split's last
+    stream = torch.tensor([[int(context), *test_ids.tolist()]], dtype=torch.long)
+    with torch.no_grad():
+        logits, _ = model(stream[:, :-1])
+    nats = torch.nn.functional.cross_entropy(logits[0].double(), stream[0, 1:], reduction="sum").item()
+    assert metrics["test/ppl"] == pytest.approx(math.exp(nats / (words + lines)), rel=1e-5)
+    assert metrics["test/loss"] == pytest.approx(nats / (words + lines), rel=1e-5)
+
+
+def test_shakespeare_char_runs_a_few_steps_on_cpu(tmp_path, small_corpus):
+    tiny = [
+        "experiment=shakespeare_char",
+        "data=text",
+        f"data.path={small_corpus}",
+        "model.d_model=32",
+        "model.n_layer=1",
+        "model.n_head=2",
+        "data.block_size=32",
+        "data.batch_size=8",
+        "task.compile=false",
+        "trainer.accelerator=cpu",
+        "trainer.precision=32-true",
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=3",
+        "task.scheduler.warmup_steps=2",
+        "sample.max_new_tokens=5",
+    ]
+    metrics = train(compose_config(tiny, tmp_path / "run"))
+    assert metrics["status"] == "completed" and metrics["steps"] == 6 and math.isfinite(metrics["val/loss"])
+
+
+@pytest.mark.slow
+def test_bench_recipes_tiny_writes_its_result_and_curve(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "bench/recipes.py", "ptb_lstm_medium", "--tiny", "--run-dir", str(tmp_path / "run")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "LMLAB_RESULTS_DIR": str(tmp_path / "results")},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    payload = json.loads((tmp_path / "results" / "recipe_ptb_lstm_medium_tiny.json").read_text())
+    assert payload["recipe"] == "ptb_lstm_medium" and payload["tiny"] is True
+    assert payload["published"]["test/ppl"] == 82.7 and math.isfinite(payload["measured"]["test/ppl"])
+    assert (tmp_path / "results" / "recipe_ptb_lstm_medium_tiny.png").stat().st_size > 1000
