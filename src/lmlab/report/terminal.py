@@ -32,5 +32,15 @@ def print_summary(metrics: dict[str, Any], sample: str, console: Console | None 
         f"parameters {format_value('params', metrics['params'])} · tokens seen "
         f"{format_value('tokens_seen', metrics['tokens_seen'])} ({format_value('bytes_seen', metrics['bytes_seen'])} "
         f"bytes) · steps {format_value('steps', metrics['steps'])} · wall time {metrics['wall_time_s']:.1f} s"
+        + (
+            f" (CPU {metrics['cpu_time_s']:.1f} s, {metrics['torch_threads']} threads)"
+            if "cpu_time_s" in metrics
+            else ""
+        )
     )
+    if any((metrics.get(f"{split}/unk_rate") or 0) > 0 for split in ("val", "test")):
+        console.print(
+            "optimistic: some words were scored as <unk>, whose bytes are never paid for; "
+            "this run's bits per byte flatter it (tokenizer.unk=false spells them out)"
+        )
     console.print(Panel(sample, title="sample", expand=False))

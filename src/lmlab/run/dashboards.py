@@ -12,6 +12,7 @@ from lmlab.io import atomic_write_json
 from lmlab.run.info import as_markdown, collect_run_info, merge_with_earlier
 
 FINAL_SCORES = ("val/loss", "val/ppl", "val/bpb", "test/loss", "test/ppl", "test/bpb")
+COSTS = ("train_flops", "wall_time_s", "cpu_time_s")  # what the run spent, beside its scores
 
 
 def _add_text(trainer: pl.Trainer, tag: str, text: str) -> None:
@@ -57,6 +58,7 @@ def dashboard_hparams(cfg: DictConfig, extra: dict[str, Any]) -> dict[str, Any]:
 def log_final(trainer: pl.Trainer, cfg: DictConfig, metrics: dict[str, Any], sample: str) -> None:
     """The HParams table row (settings and final scores, as `final/*` tags) and the end-of-run sample."""
     final = {f"final/{key.replace('/', '_')}": metrics[key] for key in FINAL_SCORES}
+    final.update({f"final/{key}": metrics[key] for key in COSTS if key in metrics})
     hparams = dashboard_hparams(cfg, {"params": metrics["params"], "vocab_size": metrics["vocab_size"]})
     for logger in trainer.loggers:
         logger.log_hyperparams(hparams, metrics=final)
