@@ -91,7 +91,38 @@ def _run_checks(devices: int, corpus: Path) -> dict:
     results["batches"] = recorder.batches
     results["weights"] = {k: v.detach().clone() for k, v in lstm.model.state_dict().items()}
     results["stateful val/bpb"] = _score(devices, "validate", lstm, data)
+    if devices > 1:
+        results["resumed vs straight"] = _resume_difference(devices, corpus)
     return results
+
+
+class SaveAt(pl.Callback):
+    """Writes a checkpoint once training reaches `step` (a collective call, as Lightning's own saves are)."""
+
+    def __init__(self, path: Path, step: int) -> None:
+        self.path, self.step = path, step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
+def _resume_difference(devices: int, corpus: Path) -> float:
+    """Largest weight difference between 4 stateful steps straight and 2 steps, a checkpoint, 2 more."""
+
+    def build() -> tuple[TextDataModule, LanguageModelTask]:
+        data = _datamodule(corpus, block_size=16, batch_size=ROWS // devices, eval_batch_size=2, stateful=True)
+        torch.manual_seed(0)
+        model = RecurrentLM(data.tokenizer.vocab_size, cell="lstm", d_model=16, n_layer=1, dropout=0.0)
+        return data, _task(model, True)
+
+    middle = corpus.parent / "middle.ckpt"
+    data, task = build()
+    _trainer(devices, [SaveAt(middle, 2)], max_steps=4, limit_val_batches=0).fit(task, datamodule=data)
+    straight = {k: v.clone() for k, v in task.model.state_dict().items()}
+    data, task = build()
+    _trainer(devices, max_steps=4, limit_val_batches=0).fit(task, datamodule=data, ckpt_path=middle, weights_only=False)
+    return max((task.model.state_dict()[k] - v).abs().max().item() for k, v in straight.items())
 
 
 def _rank_main(rank: int, port: int, corpus: Path) -> None:
@@ -149,3 +180,8 @@ def test_stateful_training_on_two_processes_matches_one_with_twice_the_rows(one_
         np.testing.assert_allclose(ranks[0]["weights"][name].numpy(), weight.numpy(), atol=1e-5, err_msg=name)
         moved = max(moved, (weight - single["initial"][name]).abs().max().item())
     assert moved > 1e-3  # three AdamW steps at lr 1e-2 moved the weights: the match is not trivial
+
+
+def test_a_stateful_ddp_run_resumes_exactly(one_and_two_processes):
+    _, ranks, _ = one_and_two_processes
+    assert [rank["resumed vs straight"] for rank in ranks] == [0.0, 0.0]  # every rank resumes its own streams

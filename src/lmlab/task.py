@@ -15,10 +15,10 @@ from pytorch_lightning.utilities import move_data_to_device
 from torchmetrics import SumMetric
 
 from lmlab.data.windows import IGNORE_INDEX
+from lmlab.errors import ConfigError
 from lmlab.metrics import split_scores, token_nats
 from lmlab.models import LanguageModel, count_parameters, detach_state, state_from_data, state_to_data
 from lmlab.optim import ValidationPlateau, lightning_scheduler, parameter_groups, schedule_arguments
-
 
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 
@@ -82,7 +82,8 @@ class LanguageModelTask(pl.LightningModule):
         self._attention = attention_context(attention)
         self.tokens_seen = 0
         self._train_state = self._eval_state = None
-        self.eval_nats, self.eval_tokens = SumMetric(), SumMetric()
+        # float64 sums: the same bits per byte to the last digit on 1 or N processes
+        self.eval_nats, self.eval_tokens = SumMetric().set_dtype(torch.float64), SumMetric().set_dtype(torch.float64)
 
     @property
     def num_parameters(self) -> int:
@@ -251,6 +252,10 @@ class LanguageModelTask(pl.LightningModule):
         # For an exact resume: the recurrent state carried into the next batch, and the RNG that
         # draws the next dropout masks (Lightning restores neither).
         checkpoint["carried_state"] = state_to_data(self._train_state)
+        if self.trainer.world_size > 1:  # each rank carries the state of its own streams: keep them all
+            every = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(every, move_data_to_device(state_to_data(self._train_state), "cpu"))
+            checkpoint["carried_state_by_rank"] = every
         checkpoint["rng_states"] = {
             "cpu": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -259,6 +264,14 @@ class LanguageModelTask(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
         self._train_state = state_from_data(checkpoint.get("carried_state"))
+        by_rank = checkpoint.get("carried_state_by_rank")
+        if by_rank is not None:
+            if len(by_rank) != self.trainer.world_size:
+                raise ConfigError(
+                    f"this stateful checkpoint was saved by {len(by_rank)} processes: "
+                    f"resume it with trainer.devices={len(by_rank)}"
+                )
+            self._train_state = state_from_data(by_rank[self.trainer.global_rank])
         self._resumed_rng = checkpoint.get("rng_states")
 
     def on_train_start(self) -> None:
