@@ -1,14 +1,19 @@
 """Preparing a corpus larger than memory: MB/s and peak memory per tokenizer, then the start from the cache.
 
     python bench/prepare_corpus.py                          # a 4 GB synthetic corpus, char / word / bpe
-    python bench/prepare_corpus.py --size 200MB             # smaller
-    python bench/prepare_corpus.py --tokenizers bpe --workdir /scratch/lmlab-bench
+    python bench/prepare_corpus.py --size 100MB             # smaller
+    python bench/prepare_corpus.py --size 4GB --tokenizers bpe --keep-corpus   # one tokenizer per command
+
+A run of some of the tokenizers writes prepare_corpus_<size>_<names>.json, so that one command
+per tokenizer (each within a time limit) does not overwrite the others' results; `--keep-corpus`
+leaves the generated corpus for the next command to reuse.
 
 The corpus is Tiny Shakespeare's lines in seeded random orders, written block by block up to the
 size, so every tokenizer sees natural text and the generator never holds the corpus. Each
 tokenizer (its conf/tokenizer/<name>.yaml) then prepares it in a fresh process with an empty cache:
 hashing, the exact byte split, tokenizer training on the training split, encoding into the
-memory-mapped token cache. Peak RSS is that process's ru_maxrss. A second fresh process times
+memory-mapped token cache. Peak RSS is that process's ru_maxrss, read once the tokenizer has
+trained (train_peak_rss_MB: hashing, cutting and training) and at the end. A second fresh process times
 what a training run pays before its first step once the cache exists: building the data module,
 prepare_data() and the first training batch (Python's imports excluded).
 """
@@ -30,6 +35,7 @@ from _common import table, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9}
+DEFAULT_TOKENIZERS = "char,word,bpe"
 
 
 def parse_size(text: str) -> int:
@@ -71,9 +77,20 @@ def tokenizer_from_conf(name: str):
 
 
 def child_prepare(tokenizer: str, corpus: Path, cache: Path) -> dict:
-    """One preparation from an empty cache, as `python train.py` runs it."""
+    """One preparation from an empty cache, as `python train.py` runs it; the peak RSS is also read
+    when the tokenizer has trained (before encoding), the step that used to hold the training split."""
+    import lmlab.data.cache as token_cache
     from lmlab.data import TextDataModule
 
+    trained: dict[str, float] = {}
+    train_tokenizer = token_cache.train_tokenizer
+
+    def measured_training(*args, **kwargs) -> None:
+        begun = time.perf_counter()
+        train_tokenizer(*args, **kwargs)
+        trained.update(train_s=time.perf_counter() - begun, train_peak_rss_MB=peak_rss_mb())
+
+    token_cache.train_tokenizer = measured_training
     start = time.perf_counter()
     dm = TextDataModule(tokenizer_from_conf(tokenizer), str(corpus), cache_dir=str(cache))
     dm.prepare_data()
@@ -86,6 +103,7 @@ def child_prepare(tokenizer: str, corpus: Path, cache: Path) -> dict:
         "tokens": sum(dm.corpus.split_tokens.values()),
         "prepare_s": seconds,
         "MB_per_s": megabytes / seconds,
+        **trained,
         "peak_rss_MB": peak_rss_mb(),
         "cache_MB": sum(f.stat().st_size for f in dm.corpus.path.iterdir()) / 1e6,
     }
@@ -123,9 +141,10 @@ def versions() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="4GB", help="corpus size, e.g. 4GB, 200MB (default 4GB)")
-    parser.add_argument("--tokenizers", default="char,word,bpe", help="conf/tokenizer choices, comma-separated")
+    parser.add_argument("--tokenizers", default=DEFAULT_TOKENIZERS, help="conf/tokenizer choices, comma-separated")
     parser.add_argument("--workdir", type=Path, default=ROOT / ".cache" / "bench-prepare")
     parser.add_argument("--keep", action="store_true", help="keep the corpus and the token caches afterwards")
+    parser.add_argument("--keep-corpus", action="store_true", help="keep the generated corpus (not the caches)")
     parser.add_argument("--child", choices=["prepare", "start"], help=argparse.SUPPRESS)
     parser.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
@@ -150,11 +169,15 @@ def main() -> None:
         rows.append(row)
         if not args.keep:
             shutil.rmtree(cache, ignore_errors=True)
-    columns = ["tokenizer", "MB", "vocab", "tokens", "prepare_s", "MB_per_s", "peak_rss_MB", "start_s", "start_rss_MB"]
+    columns = ["tokenizer", "MB", "vocab", "tokens", "prepare_s", "MB_per_s", "train_s", "train_peak_rss_MB"]
+    columns += ["peak_rss_MB", "start_s", "start_rss_MB"]
     print(table(rows, columns))
     payload = {"corpus_bytes": corpus.stat().st_size, "versions": versions(), "results": rows}
-    print("written to", write_results(f"prepare_corpus_{args.size.lower()}", payload))
-    if not args.keep:
+    name = f"prepare_corpus_{args.size.lower()}"
+    if args.tokenizers != DEFAULT_TOKENIZERS:
+        name += "_" + args.tokenizers.replace(",", "_")
+    print("written to", write_results(name, payload))
+    if not (args.keep or args.keep_corpus):
         corpus.unlink()
 
 

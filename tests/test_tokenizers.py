@@ -15,6 +15,7 @@ from lmlab.tokenizers import (
     CharTokenizer,
     Tokenizer,
     WordTokenizer,
+    base,
     load_tokenizer,
 )
 from lmlab.tokenizers.base import split_chunks
@@ -205,8 +206,9 @@ def test_split_chunks_cuts_only_at_safe_newlines():
     assert list(split_chunks("")) == [""]
 
 
-def test_chunked_encoding_equals_whole_text_encoding(trained):
-    """Parallel chunked encoding gives the ids of encoding the whole text in one piece."""
+def test_chunked_encoding_equals_whole_text_encoding(trained, monkeypatch):
+    """Parallel chunked encoding, a few chunks per batch, gives the ids of encoding the whole text in one piece."""
+    monkeypatch.setattr(base, "ENCODE_BATCH", 3)
     text = HELD_OUT * 8  # several default-size chunks
     assert len(list(split_chunks(text))) > 4
     ids = trained.encode(text)
