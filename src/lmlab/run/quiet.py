@@ -20,6 +20,9 @@ LIGHTNING_INFO_LOGGERS = (
 )
 # Lightning's pytree helper, on torch >= 2.9: a deprecation inside a library, not a problem of the run.
 LIBRARY_DEPRECATIONS = (r".*`isinstance\(treespec, LeafSpec\)` is deprecated", r".*LeafSpec.* is deprecated")
+# Under DDP Lightning suggests sync_dist=True for every epoch-level metric; lmlab's evaluation sums are
+# torchmetrics SumMetrics, which already all-reduce, so the advice does not apply.
+ADVICE = (r".*It is recommended to use `self\.log\(.*sync_dist=True\)`",)
 
 
 def quiet_lightning(verbose: bool = False) -> None:
@@ -29,5 +32,5 @@ def quiet_lightning(verbose: bool = False) -> None:
     for name in LIGHTNING_INFO_LOGGERS:
         logging.getLogger(name).setLevel(level)
     if not verbose:
-        for message in LIBRARY_DEPRECATIONS:
+        for message in (*LIBRARY_DEPRECATIONS, *ADVICE):
             warnings.filterwarnings("ignore", message=message)

@@ -37,6 +37,7 @@ from lmlab.run.checks import (
     check_training_length,
 )
 from lmlab.run.dashboards import log_final, log_run_info
+from lmlab.run.distributed import check_distributed
 from lmlab.run.sizing import apply_target_params
 from lmlab.task import LanguageModelTask
 
@@ -90,6 +91,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model = build(cfg.model, "model", vocab_size=tokenizer.vocab_size)
     check_context_fits(model, datamodule.block_size)
     check_stateful(model, datamodule.stateful)
+    check_distributed(cfg, model)  # FSDP for a recurrent model, a SLURM launcher at odds with the Trainer
     if start:
         start.load_into(model)
     callbacks = [build(node, f"callbacks.{name}") for name, node in cfg.get("callbacks", {}).items()]
