@@ -360,6 +360,8 @@ def run(name: str, args: argparse.Namespace) -> dict:
     times = {"plain": [], "lmlab": []}
     peak = {}
     loops = {"plain": plain_loop, "lmlab": partial(lightning_loop, setup=args.setup)}
+    if not args.plain:  # lmlab alone (bench/nanogpt_side_by_side.py compares it with nanoGPT instead)
+        del loops["plain"]
     for _ in range(args.repeats):  # interleaved, so drifting clocks or a shared machine hit both alike
         for which, loop in loops.items():
             if device.type == "cuda":
@@ -372,7 +374,7 @@ def run(name: str, args: argparse.Namespace) -> dict:
         timed = TimedLoader(real_data_loader(p, args.warmup + args.steps), args.warmup)
         seconds = lightning_loop(p, copy.deepcopy(model), data, args.warmup, device, loader=timed, setup=args.setup)
         real = {"real_data_tok_s": tokens / seconds, "data_wait": timed.waiting / seconds}
-    best = {k: min(v) for k, v in times.items()}
+    best = {k: min(v) for k, v in times.items() if v}
     row = {
         "preset": name,
         "setup": args.setup,
@@ -384,17 +386,19 @@ def run(name: str, args: argparse.Namespace) -> dict:
         "compile": p.compile and (p.compile_mode or "default"),
         "loss_chunk_rows": p.loss_chunk_rows,
         "attention": p.attention,
-        "plain_tok_s": tokens / best["plain"],
         "lmlab_tok_s": tokens / best["lmlab"],
-        "ratio": statistics.median(a / b for a, b in zip(times["plain"], times["lmlab"])),
-        "best_ratio": best["plain"] / best["lmlab"],
-        "ratios": [round(a / b, 4) for a, b in zip(times["plain"], times["lmlab"])],
         "ms_per_step": 1000 * best["lmlab"] / args.steps,
-        "plain_ms_per_step": 1000 * best["plain"] / args.steps,
     }
+    if args.plain:
+        row["plain_tok_s"] = tokens / best["plain"]
+        row["plain_ms_per_step"] = 1000 * best["plain"] / args.steps
+        row["ratio"] = statistics.median(a / b for a, b in zip(times["plain"], times["lmlab"]))
+        row["best_ratio"] = best["plain"] / best["lmlab"]
+        row["ratios"] = [round(a / b, 4) for a, b in zip(times["plain"], times["lmlab"])]
     if hasattr(model, "flops_per_token") and device.type == "cuda":
         row["mfu"] = row["lmlab_tok_s"] * model.flops_per_token() / H100_BF16_PEAK
-        row["plain_mfu"] = row["plain_tok_s"] * model.flops_per_token() / H100_BF16_PEAK
+        if args.plain:
+            row["plain_mfu"] = row["plain_tok_s"] * model.flops_per_token() / H100_BF16_PEAK
     if peak:
         row["peak_gib"] = peak["lmlab"]
     return {**row, **real}
@@ -408,6 +412,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--setup", choices=sorted(SETUPS), default="shipped", help="lmlab's callbacks and logger")
     parser.add_argument("--batch", type=int, default=None, help="override the preset's batch size")
+    parser.add_argument("--plain", action=argparse.BooleanOptionalAction, default=True, help="time the plain loop")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     parser.add_argument("--loss-chunk-rows", type=int, default=None, help="chunked fp32 cross-entropy (0: off)")

@@ -18,10 +18,12 @@ from lmlab.run.quiet import quiet_lightning
 from lmlab.task import LanguageModelTask
 
 
-def _losses(compile: bool) -> list[float]:
+def _losses(compile: bool, loss_chunk_rows: int = 0) -> list[float]:
     torch.manual_seed(0)
     model = GPT(vocab_size=37, d_model=32, n_layer=2, n_head=2, block_size=16)
-    task = LanguageModelTask(model, optimizer=partial(torch.optim.AdamW, lr=1e-2), compile=compile)
+    task = LanguageModelTask(
+        model, optimizer=partial(torch.optim.AdamW, lr=1e-2), compile=compile, loss_chunk_rows=loss_chunk_rows
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(1)
     losses = []
@@ -38,6 +40,13 @@ def _losses(compile: bool) -> list[float]:
 @pytest.mark.slow
 def test_compiled_training_matches_eager():
     assert _losses(compile=True) == pytest.approx(_losses(compile=False), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_chunked_loss_trains_like_the_plain_one_compiled_or_not():
+    plain = _losses(compile=False)
+    assert _losses(compile=False, loss_chunk_rows=24) == pytest.approx(plain, rel=1e-6)  # 64 rows: 24, 24, 16
+    assert _losses(compile=True, loss_chunk_rows=24) == pytest.approx(plain, rel=1e-4)
 
 
 def test_vocab_padding_leaves_the_probabilities_unchanged():
@@ -97,3 +106,46 @@ def test_quiet_hides_lightning_chatter_but_not_real_warnings(caplog):
     assert [str(w.message) for w in caught] == ["the learning rate is too high"]
     quiet_lightning(verbose=True)
     assert info.isEnabledFor(logging.INFO)
+
+
+class _StepLosses(pl.Callback):
+    def __init__(self) -> None:
+        self.losses: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(outputs["loss"].detach().clone())
+
+
+def _fit_losses(tmp_path, callbacks: list, progress_bar: bool) -> torch.Tensor:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    data = [(s[:, :-1], s[:, 1:]) for s in (torch.randint(0, 37, (4, 17), generator=g) for _ in range(12))]
+    task = LanguageModelTask(
+        GPT(vocab_size=37, d_model=16, n_layer=1, n_head=2, block_size=16, dropout=0.1),
+        optimizer=partial(torch.optim.AdamW, lr=1e-2),
+    )
+    seen = _StepLosses()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=12,
+        log_every_n_steps=5,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress_bar,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        callbacks=[*callbacks, seen],
+    )
+    trainer.fit(task, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    return torch.stack(seen.losses)
+
+
+def test_the_host_side_switches_leave_the_loss_curve_bit_identical(tmp_path):
+    """The cheap progress bar, tokens/s and the sparse NaN check only read: dropout masks and all."""
+    from lmlab.callbacks import NonFiniteLossGuard
+
+    bare = _fit_losses(tmp_path, [], progress_bar=False)
+    console = {"file": io.StringIO(), "width": 80}
+    shipped = [SyncFreeProgressBar(console_kwargs=console), TokenThroughput(every_n_steps=5), NonFiniteLossGuard(5)]
+    assert torch.equal(_fit_losses(tmp_path, shipped, progress_bar=True), bare)
