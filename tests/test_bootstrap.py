@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import math
+import os
+import socket
+from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-from lmlab.callbacks import in_text_order
+from lmlab.callbacks import SaveTestBlocks, in_text_order
+from lmlab.data import TextDataModule
 from lmlab.data.windows import IGNORE_INDEX, EvalWindows, StreamBatches
 from lmlab.errors import ConfigError
-from lmlab.report.blocks import TestBlocks, load_test_blocks, score_blocks
+from lmlab.models import GPT, RecurrentLM
+from lmlab.report.blocks import BLOCKS_FILE, TestBlocks, load_test_blocks, score_blocks
 from lmlab.report.bootstrap import MIN_BLOCKS, mean_blocks, paired_bootstrap
+from lmlab.task import LanguageModelTask
 from lmlab.tokenizers import CharTokenizer
+from tests.helpers import REPO
 
 
 def blocks(nats, size=500, sha="text-a") -> TestBlocks:
@@ -105,3 +116,70 @@ def test_per_token_nats_come_back_in_text_order(stateful):
 
 def test_a_run_without_blocks_has_none(tmp_path):
     assert load_test_blocks(tmp_path) is None
+
+
+def _test_blocks(devices: int, corpus: Path, out: Path) -> None:
+    """Test a seeded GPT (windows) and a seeded LSTM (stateful streams) on `devices` processes, writing their blocks."""
+    for name, stateful in (("gpt", False), ("lstm", True)):
+        data = TextDataModule(
+            CharTokenizer(),
+            str(corpus),
+            cache_dir=str(corpus.parent / "cache"),
+            block_size=29,
+            batch_size=3,
+            eval_batch_size=4,
+            splits=(0.8, 0.1, 0.1),
+            stateful=stateful,
+        )
+        data.prepare_data()
+        torch.manual_seed(0)
+        vocab = data.tokenizer.vocab_size
+        if stateful:
+            model = RecurrentLM(vocab, cell="lstm", d_model=16, n_layer=1, dropout=0.0)
+        else:
+            model = GPT(vocab, d_model=16, n_layer=1, n_head=2, block_size=29)
+        task = LanguageModelTask(model, optimizer=partial(torch.optim.AdamW, lr=1e-3), stateful=stateful)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=devices,
+            strategy="ddp" if devices > 1 else "auto",
+            use_distributed_sampler=False,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[SaveTestBlocks(str(out / name / BLOCKS_FILE))],
+        )
+        trainer.test(task, datamodule=data, verbose=False)
+        if trainer.is_global_zero:
+            (out / name / "test_bpb").write_text(str(float(trainer.callback_metrics["test/bpb"])))
+
+
+def _rank_main(rank: int, port: int, corpus: Path, out: Path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0")
+    torch.set_num_threads(1)
+    try:
+        _test_blocks(2, corpus, out)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_blocks_one_process_writes(tmp_path):
+    """Windows and stateful streams sharded over 2 DDP ranks (gloo) gather back into the same blocks."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text((REPO / "data" / "tinyshakespeare.txt").read_text()[:120_000])  # 23 blocks of test text
+    one, two = tmp_path / "one", tmp_path / "two"
+    _test_blocks(1, corpus, one)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_rank_main, args=(port, corpus, two), nprocs=2, join=True)
+    for name in ("gpt", "lstm"):
+        single, ddp = load_test_blocks(one / name), load_test_blocks(two / name)
+        assert len(single.nats) >= MIN_BLOCKS and single.text_sha256 == ddp.text_sha256
+        assert np.array_equal(single.tokens, ddp.tokens)
+        assert np.allclose(single.nats, ddp.nats, rtol=1e-5)  # every block got its own tokens' nats
+        assert single.bpb == pytest.approx(float((one / name / "test_bpb").read_text()), rel=1e-5)
+        assert ddp.bpb == pytest.approx(float((two / name / "test_bpb").read_text()), rel=1e-5)
