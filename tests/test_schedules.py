@@ -162,6 +162,7 @@ def tiny_run(tmp_path: Path, *extra: str) -> list[str]:
 STEP_DECAY = ("scheduler=step_decay", "task.scheduler.factor=0.5", "task.scheduler.start_epoch=1")
 
 
+@pytest.mark.slow
 def test_step_decay_in_a_step_bounded_run_follows_the_epochs(tmp_path):
     """35 steps of 10-step epochs: the rate halves at each epoch boundary after the first, also mid-run."""
     cfg = compose_config(
@@ -202,6 +203,7 @@ def test_plateau_with_validation_every_3_steps_across_epochs(tmp_path):
     assert rates == [1.0] * 6 + [0.25] * 3 + [0.0625] * 3 + [0.015625] * 2
 
 
+@pytest.mark.slow
 def test_plateau_per_epoch_validation(tmp_path):
     extra = (
         "scheduler=plateau",
