@@ -31,14 +31,21 @@ from lmlab.checkpoint.format import checkpoint_step, is_sharded, load_checkpoint
 from lmlab.errors import ConfigError
 from lmlab.models import GPT, Jamba, Llama, LSTMAttentionLM, Mamba, RecurrentLM, TransformerLM
 from lmlab.run.build import build
-from lmlab.run.distributed import BLOCKS, block_wrap_policy, check_distributed, check_fsdp_model, uses_fsdp
+from lmlab.run.distributed import (
+    BLOCKS,
+    AtomicFSDPStrategy,
+    block_wrap_policy,
+    check_distributed,
+    check_fsdp_model,
+    uses_fsdp,
+)
 from tests.helpers import SHAKESPEARE, compose_config, tiny_overrides
 
 STEPS, STOP = 6, 3  # the full run's steps; the interrupted run stops (and checkpoints) after STOP
 
 
-class CPUFSDPStrategy(FSDPStrategy):
-    """Lightning's FSDPStrategy on CPU processes: a subclass passes Lightning's GPU-only check of the
+class CPUFSDPStrategy(AtomicFSDPStrategy):
+    """The preset's strategy on CPU processes: a subclass passes Lightning's GPU-only check of the
     `fsdp` name, and the wrapper is told `device_id=cpu`, which torch needs to shard on the CPU."""
 
     def __init__(self, *args, **kwargs) -> None:
@@ -173,7 +180,7 @@ def test_fsdp_preset_builds_lightnings_strategy_with_block_policy_and_sharded_ch
     cfg = compose_config(["trainer=fsdp", "trainer.devices=2"], tmp_path / "run")
     assert cfg.trainer.precision == "bf16-mixed" and uses_fsdp(cfg.trainer.strategy)
     strategy = build(cfg.trainer.strategy, "trainer.strategy")
-    assert type(strategy) is FSDPStrategy and uses_fsdp(strategy)
+    assert type(strategy) is AtomicFSDPStrategy and isinstance(strategy, FSDPStrategy) and uses_fsdp(strategy)
     assert strategy._state_dict_type == "sharded" and strategy.kwargs["use_orig_params"] is True
     assert strategy.kwargs["auto_wrap_policy"]._module_classes == set(BLOCKS)
     assert strategy.sharding_strategy.name == "FULL_SHARD"
@@ -229,6 +236,38 @@ def test_sharded_checkpoint_resumed_without_fsdp_is_refused(tmp_path):
     cfg = compose_config(["trainer=ddp", f"ckpt_path={folder}"], tmp_path / "run")
     with pytest.raises(ConfigError, match="sharded FSDP checkpoint: resume it with trainer=fsdp"):
         check_distributed(cfg, GPT(40, d_model=16, n_layer=1, n_head=2, block_size=8))
+
+
+def test_a_sharded_save_killed_midway_leaves_the_previous_checkpoint_whole(tmp_path):
+    strategy, path = AtomicFSDPStrategy(state_dict_type="sharded"), tmp_path / "last.ckpt"
+
+    def save(step: int) -> None:
+        state = {"model.w": torch.full((4,), float(step))}
+        strategy.save_checkpoint({"state_dict": state, "optimizer_states": [], "global_step": step}, path)
+
+    save(1)
+
+    def killed(state, folder):  # the first shard file is written, then the process dies
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "__0_0.distcp").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    with (
+        mock.patch("pytorch_lightning.strategies.fsdp._distributed_checkpoint_save", killed),
+        pytest.raises(KeyboardInterrupt),
+    ):
+        save(2)
+    assert checkpoint_step(path) == 1
+    assert torch.equal(read_checkpoint_weights(path), torch.full((4,), 1.0))
+    save(3)  # the next save clears what the killed one left
+    assert checkpoint_step(path) == 3 and torch.equal(read_checkpoint_weights(path), torch.full((4,), 3.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def read_checkpoint_weights(path: Path) -> torch.Tensor:
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    return _load_state_dict_from_keys(keys={"model"}, checkpoint_id=path)["model"]["model.w"]
 
 
 def test_a_folder_that_is_not_a_sharded_checkpoint_is_one_line(tmp_path):

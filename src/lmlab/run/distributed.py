@@ -10,6 +10,7 @@ from SLURM, so the launcher's `nodes` and `tasks_per_node` must be the Trainer's
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.strategies import FSDPStrategy
 from torch import nn
 
 from lmlab.checkpoint.format import is_sharded
@@ -43,6 +45,37 @@ def block_wrap_policy() -> Any:
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     return ModuleWrapPolicy(set(BLOCKS))
+
+
+class AtomicFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDPStrategy whose sharded checkpoints are never half-written (conf/trainer/fsdp.yaml).
+
+    Lightning writes a sharded checkpoint's files into the existing folder one by one, so a job killed
+    mid-save (a SLURM time limit, a node failure) leaves a `last.ckpt/` of old and new shards that a
+    resume would trust. Here every rank writes into `<name>.saving/` and global rank 0 swaps it in
+    once all shards and `meta.pt` are on disk: a reader sees the previous checkpoint or the new one.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        if self._state_dict_type != "sharded":
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(str(filepath)))
+        staging, old = path.with_name(path.name + ".saving"), path.with_name(path.name + ".old")
+        if self.is_global_zero:
+            for leftover in (staging, old):  # left by a save that was killed
+                shutil.rmtree(leftover, ignore_errors=True)
+        self.barrier()
+        super().save_checkpoint(checkpoint, staging, storage_options)
+        self.barrier()  # every rank's shards are written
+        if self.is_global_zero:
+            if path.is_dir():
+                path.rename(old)
+            elif path.exists():
+                path.unlink()
+            staging.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        self.barrier()
+        return None
 
 
 def uses_fsdp(strategy: Any) -> bool:
