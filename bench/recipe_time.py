@@ -2,7 +2,7 @@
 
     python bench/recipe_time.py compare_architectures                 # every job of the recipe
     python bench/recipe_time.py scaling --timed-steps 3 --only model=gpt   # a quick check on some jobs
-    python bench/recipe_time.py compare_architectures_gpu --device cuda
+    python bench/recipe_time.py compare_architectures_gpu --device cuda   # bf16 autocast where the recipe uses it
 
 For every distinct job of the recipe's sweep (jobs differing only in the learning rate or the seed
 cost the same and are timed once), this builds the job's tokenizer, data and parameter-matched
@@ -19,10 +19,12 @@ are printed). Prints one row per job and the total; writes bench/results/recipe_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import math
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -83,14 +85,17 @@ def time_job(overrides: list[str], recipe: str, device: str, timed_steps: int) -
     else:
         steps = int(cfg.trainer.max_steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    bf16 = device == "cuda" and str(cfg.trainer.precision).startswith("bf16")
+    autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext
     train = data.train_set()
     starts = torch.randint(0, len(train), (timed_steps + 2, data.batch_size)).tolist()
 
     def step(batch_starts: list[int]) -> None:
         x, y = (t.to(device) for t in train.__getitems__(batch_starts))
-        logits, _ = model(x, None)
-        loss = token_nats(logits, y, reduction="mean")
-        aux = model.aux_loss()
+        with autocast():
+            logits, _ = model(x, None)
+            loss = token_nats(logits, y, reduction="mean")
+            aux = model.aux_loss()
         (loss if aux is None else loss + aux).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -110,7 +115,8 @@ def time_job(overrides: list[str], recipe: str, device: str, timed_steps: int) -
     with torch.no_grad():
         began, cpu_began = time.perf_counter(), time.process_time()
         for x, _ in batches:
-            model(x.to(device), None)
+            with autocast():
+                model(x.to(device), None)
         _sync(device)
     clock = time.process_time() - cpu_began if device == "cpu" else time.perf_counter() - began
     eval_s = clock / max(1, len(batches))
