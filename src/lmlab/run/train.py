@@ -38,6 +38,7 @@ from lmlab.run.checks import (
 )
 from lmlab.run.dashboards import log_final, log_run_info
 from lmlab.run.distributed import check_distributed
+from lmlab.run.quiet import quiet_lightning
 from lmlab.run.sizing import apply_target_params
 from lmlab.task import LanguageModelTask
 
