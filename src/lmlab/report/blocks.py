@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lmlab.errors import LmlabError
 from lmlab.io import atomic_open
 
 log = logging.getLogger(__name__)
@@ -81,9 +82,13 @@ def write_test_blocks(path: Path, token_nats: np.ndarray, datamodule) -> TestBlo
     if len(token_nats) != corpus.split_tokens["test"]:
         log.info(f"no {BLOCKS_FILE}: the test pass scored part of the split (limit_test_batches)")
         return None
-    text, start, end = datamodule.corpus_source().ranges()["test"]
-    size = block_chars(end - start)
-    blocks = score_blocks(token_nats, text_pieces(text, start, end, size), datamodule.tokenizer)
+    try:  # the test text is read and encoded once more, in blocks
+        text, start, end = datamodule.corpus_source().ranges()["test"]
+        size = block_chars(end - start)
+        blocks = score_blocks(token_nats, text_pieces(text, start, end, size), datamodule.tokenizer)
+    except (LmlabError, OSError) as err:  # the blocks are an extra: the run's scores stand without them
+        log.warning(f"no {BLOCKS_FILE}: the test text could not be read again ({err})")
+        return None
     if blocks is not None:
         with atomic_open(path) as f:
             np.savez(
