@@ -71,6 +71,7 @@ def run_job(cfg: DictConfig) -> float:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment and return its metrics (also written to `<run dir>/metrics.json`)."""
     started, cpu_started = time.perf_counter(), time.process_time()  # CPU time: this process, all its threads
+    quiet_lightning(bool(cfg.get("verbose", False)))
     cfg = continue_unfinished_run(cfg)  # never on top of another run's results
     cfg, start = start_from_checkpoint(cfg)  # resume (ckpt_path=) or fine-tune (init_from=), else (cfg, None)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
