@@ -101,7 +101,9 @@ def bpb_by_model(runs: Iterable[Run], metric: str = "test/bpb") -> Figure:
     ax.set_xticks(range(len(models)), models)
     label = PLOT_LABELS.get(metric, metric)
     ax.set_ylabel(f"{label} (lower is better)")
-    ax.set_title(f"{label[0].upper()}{label[1:]} by model and tokenizer (configuration chosen by val bpb)")
+    ax.set_title(
+        f"{label[0].upper()}{label[1:]} by model and tokenizer\n(configuration and learning rate chosen by val bpb)"
+    )
     if optimistic:
         ax.text(
             0.0,

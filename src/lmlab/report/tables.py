@@ -65,7 +65,7 @@ HEADERS = {
 METRIC_DECIMALS = {"loss": 4, "bpb": 4, "ppl": 2, "unk_rate": 4, "wall_time_s": 1, "cpu_time_s": 1}
 METRIC_NAMES = {"loss": "loss (nats/token)", "ppl": "perplexity", "bpb": "bits per byte", "unk_rate": "unk rate"}
 COUNTS = ("params", "tokens_seen", "bytes_seen", "tokens", "bytes", "steps")
-NUMERIC = {"seed", "lr", *METRIC_COLUMNS}
+NUMERIC = {"seed", "lr", "seeds", "rank", *METRIC_COLUMNS}
 
 
 def _rank(test_bpb: float, name: str, optimistic: bool = False) -> tuple:
