@@ -166,6 +166,8 @@ class WordTokenizer(HFBackedTokenizer):
         )
 
     def _train(self, pieces: Iterator[str]) -> None:
+        if self.unk:  # "<unk>" written in the text (PTB) is the special token, not a second word with its own id
+            pieces = (piece.replace(UNK, " ") for piece in pieces)
         super()._train(pieces)
         if not self.unk:
             self._hf = self._open_vocabulary([w for w, _ in sorted(self._hf.get_vocab().items(), key=lambda kv: kv[1])])
