@@ -53,6 +53,9 @@ class CPUFSDPStrategy(AtomicFSDPStrategy):
         self._timeout = timedelta(seconds=60)  # a rank left waiting at a collective fails the test, not hangs it
 
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):  # wrapped by an earlier fit
+            return super()._setup_model(model)
+
         class OnCPU(FullyShardedDataParallel):
             def __init__(self, *args, device_id=None, **kwargs) -> None:
                 super().__init__(*args, device_id=torch.device("cpu"), **kwargs)
@@ -222,8 +225,14 @@ def test_fsdp_for_a_recurrent_model_is_one_line_naming_ddp(model):
     assert "\n" not in str(err.value)
 
 
+def test_lightnings_own_fsdp_is_refused_for_the_preset(tmp_path, small_corpus):
+    cfg = compose_config([*tiny_overrides("gpt", small_corpus), "trainer.strategy=fsdp"], tmp_path / "run")
+    with pytest.raises(ConfigError, match="trainer.strategy=fsdp is Lightning's FSDP as it comes: .* use trainer=fsdp"):
+        check_distributed(cfg, GPT(40, d_model=16, n_layer=1, n_head=2, block_size=8))
+
+
 def test_fsdp_recurrent_check_runs_from_the_composed_config(tmp_path, small_corpus):
-    cfg = compose_config([*tiny_overrides("lstm", small_corpus), "trainer.strategy=fsdp"], tmp_path / "run")
+    cfg = compose_config([*tiny_overrides("lstm", small_corpus), "trainer=fsdp"], tmp_path / "run")
     with pytest.raises(ConfigError, match="trainer.strategy=fsdp cannot help RecurrentLM"):
         check_distributed(cfg, RecurrentLM(40, cell="lstm", d_model=16, n_layer=1))
     check_distributed(cfg, GPT(40, d_model=16, n_layer=1, n_head=2, block_size=8))  # attention: fine

@@ -48,13 +48,39 @@ def block_wrap_policy() -> Any:
 
 
 class AtomicFSDPStrategy(FSDPStrategy):
-    """Lightning's FSDPStrategy whose sharded checkpoints are never half-written (conf/trainer/fsdp.yaml).
+    """Lightning's FSDPStrategy with whole checkpoints and evaluation after training (conf/trainer/fsdp.yaml).
 
-    Lightning writes a sharded checkpoint's files into the existing folder one by one, so a job killed
-    mid-save (a SLURM time limit, a node failure) leaves a `last.ckpt/` of old and new shards that a
-    resume would trust. Here every rank writes into `<name>.saving/` and global rank 0 swaps it in
-    once all shards and `meta.pt` are on disk: a reader sees the previous checkpoint or the new one.
+    Checkpoints: Lightning writes a sharded checkpoint's files into the existing folder one by one, so
+    a job killed mid-save (a SLURM time limit, a node failure) leaves a `last.ckpt/` of old and new
+    shards that a resume would trust. Here every rank writes into `<name>.saving/` and global rank 0
+    swaps it in once all shards and `meta.pt` are on disk: a reader sees the old checkpoint or the new.
+
+    Evaluation after fit (`train.py` scores val/test with the same Trainer): Lightning reconnects the
+    bare LightningModule for each stage and, finding its blocks already wrapped, leaves the root
+    unwrapped, so the embeddings and head, still sharded, are called as they are. Here the model keeps
+    its FSDP root from stage to stage, on its device (the teardown's move to CPU would strand it).
     """
+
+    def connect(self, model: pl.LightningModule) -> None:
+        wrapped = getattr(self, "_wrapped", None)
+        super().connect(model)
+        if wrapped is not None and wrapped.module is model:
+            self.model = wrapped
+
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        if isinstance(model, FSDP):  # wrapped by an earlier stage of this Trainer
+            return model
+        self._wrapped = super()._setup_model(model)
+        return self._wrapped
+
+    def teardown(self) -> None:
+        module, self._lightning_module = self._lightning_module, None  # not moved to CPU: the next stage goes on
+        try:
+            super().teardown()
+        finally:
+            self._lightning_module = module
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         if self._state_dict_type != "sharded":
@@ -108,9 +134,17 @@ def full_weights(trainer: pl.Trainer) -> Iterator[None]:
 def check_distributed(cfg: DictConfig, model: LanguageModel) -> None:
     """Settings that would crash, hang or silently do nothing on several processes: FSDP for a recurrent
     model, a sharded checkpoint resumed without FSDP, a SLURM launcher whose tasks disagree with the Trainer."""
-    fsdp = uses_fsdp(cfg.trainer.get("strategy", "auto"))
+    strategy = cfg.trainer.get("strategy", "auto")
+    fsdp = uses_fsdp(strategy)
     if fsdp:
         check_fsdp_model(model)
+    target = strategy if isinstance(strategy, str) else strategy.get("_target_", "")
+    if fsdp and not str(target).endswith(AtomicFSDPStrategy.__name__):
+        raise ConfigError(
+            f"trainer.strategy={target} is Lightning's FSDP as it comes: one shard unit for the whole model, "
+            "checkpoints that a kill can half-write, and val/test after training on sharded weights; "
+            "use trainer=fsdp (lmlab's preset) instead"
+        )
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path and is_sharded(Path(ckpt_path)) and not fsdp:
         raise ConfigError(
