@@ -27,7 +27,7 @@ from lmlab.errors import ConfigError, LmlabError, RunInterrupted, RunStopped
 from lmlab.generate import SamplingConfig, sample_text
 from lmlab.io import atomic_write_json, atomic_write_text
 from lmlab.report.terminal import print_summary
-from lmlab.run.budgets import apply_byte_budget, byte_budget
+from lmlab.run.budgets import apply_byte_budget, apply_flops_budget, byte_budget, flops_budget
 from lmlab.run.build import build
 from lmlab.run.checks import (
     check_context_fits,
@@ -79,7 +79,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
     check_training_length(cfg.trainer)
     sampling = SamplingConfig.from_config(cfg.sample)  # checked now rather than after the training
-    max_bytes = byte_budget(cfg)
+    max_bytes, max_flops = byte_budget(cfg), flops_budget(cfg)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -101,6 +101,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer: pl.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers)
     if max_bytes is not None:
         apply_byte_budget(trainer, cfg, datamodule, max_bytes)
+    if max_flops is not None:
+        apply_flops_budget(trainer, cfg, datamodule, model, max_flops)
     # once, as built (matched width, step budget), so it rebuilds exactly this run
     atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     trainer.callbacks.append(SelfContainedCheckpoints(run_record(cfg, tokenizer)))
