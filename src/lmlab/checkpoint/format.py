@@ -12,7 +12,7 @@ Under FSDP (`trainer=fsdp`) a checkpoint is a folder instead: Lightning's sharde
 shards of the weights and optimizer state (torch.distributed.checkpoint) plus `meta.pt` with
 everything else, the `"lmlab"` section included. lmlab reads such a folder as it reads a file, the
 model's weights gathered from the shards in one process, so generate.py, evaluate.py and
-fine-tuning need no GPU and no process group; training resumes from it on any number of GPUs.
+fine-tuning need no GPU and no process group. Training resumes from it under `trainer=fsdp`.
 It is not consolidated into one file at the end of training: that would gather the full weights
 and optimizer state on one rank, the very memory FSDP was chosen to avoid.
 """
