@@ -24,7 +24,7 @@ import numpy as np
 from lmlab.data.corpus import SPLITS
 from lmlab.tokenizers import Tokenizer, load_tokenizer
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # bumped whenever the ids a tokenizer gives for the same settings change (2: PTB <unk>)
 
 Pieces = Callable[[], Iterable[str]]  # a split's text, as pieces its tokenizer may encode one by one
 Advance = Callable[[str, int], None]  # progress: (phase, bytes done)
