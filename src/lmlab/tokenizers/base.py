@@ -75,8 +75,11 @@ def safe_pieces(texts: Iterable[str], size: int = CHUNK_CHARS) -> Iterator[str]:
         buffer += text
         if len(buffer) < retry_at:
             continue
-        *ready, buffer = split_chunks(buffer, size)
-        yield from ready
+        chunks = split_chunks(buffer, size)
+        buffer = next(chunks)
+        for chunk in chunks:  # one chunk ahead: the last one may still grow
+            yield buffer
+            buffer = chunk
         retry_at = size if len(buffer) < size else 2 * len(buffer)
     if buffer:
         yield buffer
@@ -210,8 +213,14 @@ class HFBackedTokenizer(Tokenizer):
         # The trainer counts the pre-tokens of each chunk; cut only at safe places, the chunks hold
         # exactly the pre-tokens of the whole text, so the vocabulary is the whole text's.
         hf = self._new_hf()
-        hf.train_from_iterator(safe_pieces(pieces, CHUNK_CHARS), trainer=self._trainer())
+        chunks = map(self._training_chunk, safe_pieces(pieces, CHUNK_CHARS))
+        hf.train_from_iterator(chunks, trainer=self._trainer())
         self._hf = hf
+
+    def _training_chunk(self, chunk: str) -> str:
+        """The text the trainer counts for one safely cut chunk: the chunk itself, unless a subclass
+        must hide something from the trainer (a change that no safe cut can split)."""
+        return chunk
 
     @property
     def is_trained(self) -> bool:

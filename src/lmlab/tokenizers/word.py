@@ -166,11 +166,14 @@ class WordTokenizer(HFBackedTokenizer):
         )
 
     def _train(self, pieces: Iterator[str]) -> None:
-        if self.unk:  # "<unk>" written in the text (PTB) is the special token, not a second word with its own id
-            pieces = (piece.replace(UNK, " ") for piece in pieces)
         super()._train(pieces)
         if not self.unk:
             self._hf = self._open_vocabulary([w for w, _ in sorted(self._hf.get_vocab().items(), key=lambda kv: kv[1])])
+
+    def _training_chunk(self, chunk: str) -> str:
+        # closed: "<unk>" written in the text (PTB) is the special token, not a second word with its own
+        # id. It holds no whitespace, so no safe cut falls inside it: replacing it chunk by chunk is exact.
+        return chunk.replace(UNK, " ") if self.unk else chunk
 
     def _open_vocabulary(self, pieces: list[str]) -> HFTokenizer:
         """The 256 byte symbols, then the most frequent `pieces` that fit. A BPE model with no
