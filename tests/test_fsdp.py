@@ -9,6 +9,7 @@ checkpoint format) is what a GPU run uses.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from datetime import timedelta
@@ -156,6 +157,23 @@ def _rank_main(rank: int, port: int, corpus: Path, root: Path) -> None:
         last = root / "killed" / "checkpoints" / "last.ckpt"
         results["resumed"] = _fit(cfg, root / "killed", ckpt_path=str(last))
         torch.save(results, root / f"rank{rank}.pt")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train_main(rank: int, port: int, corpus: Path, run_dir: Path) -> None:
+    """train.py's own path, `train(cfg)`, under the preset on this rank: fit, best-checkpoint scoring, sample."""
+    from lmlab.run.train import train
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0")
+    torch.set_num_threads(1)
+    try:
+        cfg = _fsdp_config(corpus, run_dir)
+        with open_dict(cfg):
+            cfg.trainer.max_steps = 5  # validations at 3 (the best, here or not) and none at 5: scored again
+            del cfg.callbacks["progress_bar"]
+        train(cfg)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -330,3 +348,17 @@ def test_sharded_checkpoint_loads_in_one_process_for_generate_and_evaluate(fsdp_
     assert "optimizer_states" not in checkpoint and set(model_weights(checkpoint)) == set(
         ranks[0]["straight"]["weights"]
     )
+
+
+@pytest.mark.slow
+def test_train_py_trains_scores_and_samples_under_fsdp(tmp_path):
+    corpus, run_dir = tmp_path / "corpus.txt", tmp_path / "run"
+    corpus.write_text(SHAKESPEARE.read_text()[:20_000])
+    mp.spawn(_train_main, args=(_free_port(), corpus, run_dir), nprocs=2, join=True)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["steps"] == 5 and metrics["best_step"] == STOP
+    curve = (run_dir / "curve.csv").read_text().splitlines()
+    best_bpb = float(curve[1].split(",")[-1])  # val/bpb logged at step 3, during training
+    assert metrics["val/bpb"] == pytest.approx(best_bpb, abs=1e-5)  # the sharded best checkpoint scored again
+    assert len((run_dir / "sample.txt").read_text()) >= 20  # sample.max_new_tokens=20 characters
+    assert is_sharded(run_dir / "checkpoints" / "last.ckpt")

@@ -138,8 +138,8 @@ def check_distributed(cfg: DictConfig, model: LanguageModel) -> None:
     fsdp = uses_fsdp(strategy)
     if fsdp:
         check_fsdp_model(model)
-    target = strategy if isinstance(strategy, str) else strategy.get("_target_", "")
-    if fsdp and not str(target).endswith(AtomicFSDPStrategy.__name__):
+    target = str(strategy if isinstance(strategy, str) else strategy.get("_target_", ""))
+    if fsdp and not _is_subclass(target, AtomicFSDPStrategy):
         raise ConfigError(
             f"trainer.strategy={target} is Lightning's FSDP as it comes: one shard unit for the whole model, "
             "checkpoints that a kill can half-write, and val/test after training on sharded weights; "
@@ -204,6 +204,19 @@ def check_launcher(launcher: DictConfig | None, trainer_cfg: DictConfig) -> None
             f"hydra.launcher.gpus_per_node={gpus} leaves {per_node} GPU tasks per node without GPUs: "
             f"set hydra.launcher.gpus_per_node={per_node}"
         )
+
+
+def _is_subclass(target: str, cls: type) -> bool:
+    """Whether the `_target_` path `target` names `cls` or a subclass of it (a Lightning name like `fsdp` does not)."""
+    from hydra.utils import get_class
+
+    if "." not in target:
+        return False
+    try:
+        found = get_class(target)
+    except (ImportError, ValueError):
+        return False
+    return isinstance(found, type) and issubclass(found, cls)
 
 
 def _launcher_config() -> DictConfig | None:
