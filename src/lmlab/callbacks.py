@@ -24,6 +24,7 @@ from lmlab.checkpoint import SECTION
 from lmlab.errors import ConfigError, DivergedError, RunInterrupted
 from lmlab.generate import SamplingConfig, sample_text
 from lmlab.report.blocks import write_test_blocks
+from lmlab.run.distributed import full_weights, uses_fsdp
 
 
 class SyncFreeProgressBar(RichProgressBar):
@@ -330,6 +331,8 @@ class ValidationSample(pl.Callback):
 
     The same prompt and seed each time, so successive samples differ only by what the model learnt.
     Sampling uses its own generator, so it never changes the training run's random stream.
+    Under FSDP each rank holds a shard of the weights and gathering them is collective, so every rank
+    samples with the full weights (lmlab.run.distributed.full_weights) and global rank 0 logs.
     """
 
     def __init__(self, sample: Any, max_new_tokens: int = 120) -> None:
@@ -337,9 +340,15 @@ class ValidationSample(pl.Callback):
         self.sampling = SamplingConfig.from_config(sample, max_new_tokens=max_new_tokens)
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit" or not trainer.is_global_zero:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        text = sample_text(pl_module.model, trainer.datamodule.tokenizer, self.sampling)
+        sharded = uses_fsdp(trainer.strategy)
+        if not (sharded or trainer.is_global_zero):
+            return
+        with full_weights(trainer):
+            text = sample_text(pl_module.model, trainer.datamodule.tokenizer, self.sampling)
+        if not trainer.is_global_zero:
+            return
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_text"):
