@@ -3,6 +3,7 @@
     python bench/prepare_corpus.py                          # a 4 GB synthetic corpus, char / word / bpe
     python bench/prepare_corpus.py --size 100MB             # smaller
     python bench/prepare_corpus.py --size 4GB --tokenizers bpe --keep-corpus   # one tokenizer per command
+    python bench/prepare_corpus.py --size 4GB --tokenizers word --train-only   # the tokenizer's training alone
 
 A run of some of the tokenizers writes prepare_corpus_<size>_<names>.json, so that one command
 per tokenizer (each within a time limit) does not overwrite the others' results; `--keep-corpus`
@@ -109,6 +110,26 @@ def child_prepare(tokenizer: str, corpus: Path, cache: Path) -> dict:
     }
 
 
+def child_train(tokenizer: str, corpus: Path, cache: Path) -> dict:
+    """Only what preparation does up to the trained tokenizer (the byte split, the training split
+    streamed into the tokenizer), for a quick look at that step's memory on a large corpus."""
+    from lmlab.data.cache import train_tokenizer
+    from lmlab.data.prepare import CHUNK_BYTES, text_pieces
+    from lmlab.data.sources import local_source
+
+    trained = tokenizer_from_conf(tokenizer)
+    start = time.perf_counter()
+    text, first, end = local_source(str(corpus)).ranges()["train"]
+    train_tokenizer(trained, text_pieces(text, first, end, CHUNK_BYTES))
+    return {
+        "tokenizer": tokenizer,
+        "train_split_MB": (end - first) / 1e6,
+        "vocab": trained.vocab_size,
+        "train_s": time.perf_counter() - start,
+        "train_peak_rss_MB": peak_rss_mb(),
+    }
+
+
 def child_start(tokenizer: str, corpus: Path, cache: Path) -> dict:
     """What a run pays before its first step when the cache exists."""
     from lmlab.data import TextDataModule
@@ -118,6 +139,9 @@ def child_start(tokenizer: str, corpus: Path, cache: Path) -> dict:
     dm.prepare_data()
     next(iter(dm.train_dataloader()))
     return {"start_s": time.perf_counter() - start, "start_rss_MB": peak_rss_mb()}
+
+
+CHILDREN = {"prepare": child_prepare, "start": child_start, "train": child_train}
 
 
 def run_child(mode: str, tokenizer: str, corpus: Path, cache: Path) -> dict:
@@ -145,14 +169,16 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=ROOT / ".cache" / "bench-prepare")
     parser.add_argument("--keep", action="store_true", help="keep the corpus and the token caches afterwards")
     parser.add_argument("--keep-corpus", action="store_true", help="keep the generated corpus (not the caches)")
-    parser.add_argument("--child", choices=["prepare", "start"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--train-only", action="store_true", help="only train each tokenizer (memory of that step; no cache)"
+    )
+    parser.add_argument("--child", choices=list(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        measure = child_prepare if args.child == "prepare" else child_start
-        args.out.write_text(json.dumps(measure(args.tokenizers, args.corpus, args.cache)))
+        args.out.write_text(json.dumps(CHILDREN[args.child](args.tokenizers, args.corpus, args.cache)))
         return
 
     size = parse_size(args.size)
@@ -164,6 +190,9 @@ def main() -> None:
     for name in args.tokenizers.split(","):
         cache = args.workdir / f"cache-{name}"
         shutil.rmtree(cache, ignore_errors=True)
+        if args.train_only:
+            rows.append(run_child("train", name, corpus, cache))
+            continue
         row = run_child("prepare", name, corpus, cache)
         row.update(run_child("start", name, corpus, cache))
         rows.append(row)
@@ -171,11 +200,15 @@ def main() -> None:
             shutil.rmtree(cache, ignore_errors=True)
     columns = ["tokenizer", "MB", "vocab", "tokens", "prepare_s", "MB_per_s", "train_s", "train_peak_rss_MB"]
     columns += ["peak_rss_MB", "start_s", "start_rss_MB"]
+    if args.train_only:
+        columns = ["tokenizer", "train_split_MB", "vocab", "train_s", "train_peak_rss_MB"]
     print(table(rows, columns))
     payload = {"corpus_bytes": corpus.stat().st_size, "versions": versions(), "results": rows}
     name = f"prepare_corpus_{args.size.lower()}"
     if args.tokenizers != DEFAULT_TOKENIZERS:
         name += "_" + args.tokenizers.replace(",", "_")
+    if args.train_only:
+        name += "_train_only"
     print("written to", write_results(name, payload))
     if not (args.keep or args.keep_corpus):
         corpus.unlink()
