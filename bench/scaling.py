@@ -342,6 +342,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=8, help="untimed steps first (compilation, allocator)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="eager (default: task.compile)")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="skip the kill-and-resume check")
+    p.add_argument("--resume-only", action="store_true", help="only the kill-and-resume check, on max(--gpus) GPUs")
     p.add_argument("--resume-model", default="gpt2-small")
     p.add_argument("--resume-strategy", default="fsdp")
     p.add_argument("--resume-steps", type=int, default=40)
@@ -367,10 +368,11 @@ def main() -> None:
         return resume_worker(args)
     deadline = time.monotonic() + args.budget_s
     work = Path(tempfile.mkdtemp(prefix="lmlab-scaling-"))
-    rows = throughput(args, work, deadline)
+    rows = [] if args.resume_only else throughput(args, work, deadline)
     resume = resume_check(args, work, deadline) if args.resume else None
     columns = ["model", "strategy", "gpus", "tokens_per_s", "speedup", "efficiency", "peak_mem_gib_per_gpu", "mfu"]
-    print(table(rows, [*columns, "status"]))
+    if rows:
+        print(table(rows, [*columns, "status"]))
     if resume:
         print(json.dumps({k: v for k, v in resume.items() if not k.startswith("losses")}, indent=2))
     path = write_results(args.name + ("_tiny" if args.tiny else ""), {"throughput": rows, "resume": resume})
