@@ -53,7 +53,8 @@ class AtomicFSDPStrategy(FSDPStrategy):
     Checkpoints: Lightning writes a sharded checkpoint's files into the existing folder one by one, so
     a job killed mid-save (a SLURM time limit, a node failure) leaves a `last.ckpt/` of old and new
     shards that a resume would trust. Here every rank writes into `<name>.saving/` and global rank 0
-    swaps it in once all shards and `meta.pt` are on disk: a reader sees the old checkpoint or the new.
+    swaps it in once all shards and `meta.pt` are on disk (two renames, the old folder deleted after):
+    a reader finds the old checkpoint or the new one, never a mixture.
 
     Evaluation after fit (`train.py` scores val/test with the same Trainer): Lightning reconnects the
     bare LightningModule for each stage and, finding its blocks already wrapped, leaves the root
@@ -61,11 +62,14 @@ class AtomicFSDPStrategy(FSDPStrategy):
     its FSDP root from stage to stage, on its device (the teardown's move to CPU would strand it).
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._wrapped: nn.Module | None = None  # the FSDP root, once the first stage has wrapped the model
+
     def connect(self, model: pl.LightningModule) -> None:
-        wrapped = getattr(self, "_wrapped", None)
         super().connect(model)
-        if wrapped is not None and wrapped.module is model:
-            self.model = wrapped
+        if self._wrapped is not None and self._wrapped.module is model:
+            self.model = self._wrapped
 
     def _setup_model(self, model: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
