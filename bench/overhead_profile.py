@@ -22,6 +22,7 @@ import pstats
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -72,7 +73,14 @@ def profiled_fit(
         **kwargs,
     )
     loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False)
-    trainer.fit(task, datamodule=BenchData(loader, p.block))
+    with warnings.catch_warnings(record=True) as caught:  # on a GPU: PyTorch's own sync warnings, see StepClock
+        warnings.simplefilter("always")
+        trainer.fit(task, datamodule=BenchData(loader, p.block))
+    clock.cuda_syncs = {}
+    for warning in caught:
+        if "synchroniz" in str(warning.message):
+            where = f"{Path(warning.filename).parent.name}/{Path(warning.filename).name}:{warning.lineno}"
+            clock.cuda_syncs[where] = clock.cuda_syncs.get(where, 0) + 1 / steps
     return profiler.recorded_durations, clock
 
 
@@ -98,12 +106,16 @@ class StepClock(pl.Callback):
             self.start = time.perf_counter()
             if self.profile:
                 self.profile.enable()
+                if self.device.type == "cuda":  # every synchronizing CUDA call warns, with its Python caller
+                    torch.cuda.set_sync_debug_mode("warn")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == trainer.max_steps:
             if self.profile:
                 self.profile.disable()
                 self.stats = pstats.Stats(self.profile)
+                if self.device.type == "cuda":
+                    torch.cuda.set_sync_debug_mode("default")
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             self.seconds = time.perf_counter() - self.start
@@ -120,12 +132,19 @@ def hook_rows(durations: dict[str, list[float]], steps: int) -> list[dict]:
     return sorted(rows, key=lambda r: -r["ms_per_step"])
 
 
-def call_counts(stats: pstats.Stats, steps: int) -> dict[str, float]:
-    """Calls per step of the functions that sync with the device, and the time spent in logging."""
+def call_counts(stats: pstats.Stats, steps: int) -> dict:
+    """Per step: the calls that wait for the device, by calling function, and the time spent in logging.
+
+    An optimizer reading its CPU step counters (torch/optim `_get_value`, CPU only) is not a device sync.
+    """
     syncs, log_ms = {}, 0.0
-    for (filename, _, function), (_, calls, _, cumulative, _) in stats.stats.items():
-        if function in SYNC_CALLS or any(f"'{name}' of 'torch._C" in function for name in SYNC_CALLS):
-            syncs[function] = syncs.get(function, 0) + calls / steps
+    for (filename, _, function), (_, _, _, cumulative, callers) in stats.stats.items():
+        name = function.split("'")[1] if function.startswith("<method") else function
+        if name in SYNC_CALLS and (function.startswith("<method") or "torch" in filename):
+            for (caller_file, line, caller), (_, calls, *_) in callers.items():
+                if not caller_file.endswith("torch/optim/optimizer.py"):
+                    where = f"{name} <- {Path(caller_file).parent.name}/{Path(caller_file).name}:{line}({caller})"
+                    syncs[where] = syncs.get(where, 0) + calls / steps
         if function in LOGGING_CALLS and ("lightning" in filename or "lmlab" in filename):
             log_ms += 1e3 * cumulative / steps
     return {"syncs_per_step": syncs, "log_ms_per_step": log_ms}
@@ -148,6 +167,8 @@ def main() -> None:
     _, counted = profiled_fit(args.preset, args.steps, args.warmup, args.setup, profile_calls=True)
     rows = hook_rows(durations, args.steps)
     counts = call_counts(counted.stats, args.steps)
+    if torch.cuda.is_available():
+        counts["cuda_syncs_per_step"] = counted.cuda_syncs
     step_s = clock.seconds / args.steps
     summary = {
         "preset": args.preset,
@@ -162,7 +183,13 @@ def main() -> None:
     print(table(rows[: args.top], ["action", "ms_per_step"]))
     print(f"\nlmlab {summary['lmlab_ms_per_step']:.2f} ms/step, plain loop {summary['plain_ms_per_step']:.2f} ms/step")
     print(f"logging (self.log and the loggers, under cProfile): {counts['log_ms_per_step']:.3f} ms/step")
-    print("device-sync calls per step:", {k: round(v, 2) for k, v in counts["syncs_per_step"].items()})
+    print("calls that wait for the device, per step:")
+    for where, calls in sorted(counts["syncs_per_step"].items(), key=lambda item: -item[1]):
+        print(f"  {calls:6.2f}  {where}")
+    if "cuda_syncs_per_step" in counts:
+        print("synchronizing CUDA calls per step (torch.cuda.set_sync_debug_mode):")
+        for where, calls in sorted(counts["cuda_syncs_per_step"].items(), key=lambda item: -item[1]):
+            print(f"  {calls:6.2f}  {where}")
     counted.stats.sort_stats("tottime").print_stats(15)
     name = args.name or f"overhead_profile_{args.preset}_{'cuda' if torch.cuda.is_available() else 'cpu'}"
     print("written to", write_results(name, {"summary": summary, "actions": rows}))

@@ -46,9 +46,12 @@ from lmlab.callbacks import SyncFreeProgressBar, TokenThroughput
 from lmlab.metrics import token_nats
 from lmlab.models import GPT, RecurrentLM, count_parameters, detach_state
 from lmlab.optim import parameter_groups, warmup_cosine
+from lmlab.run.quiet import quiet_lightning
 from lmlab.task import LanguageModelTask, attention_context
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]
 
 H100_BF16_PEAK = 989e12
 
@@ -165,7 +168,7 @@ def plain_loop(p: Preset, model: torch.nn.Module, data, warmup: int, device: tor
     for i, (x, y) in enumerate(data):
         if i == warmup:
             sync(device)
-            start = time.perf_counter()
+            start = clock()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast, attention():
             loss, state = loss_fn(x, y, state if p.stateful else None)
@@ -176,7 +179,7 @@ def plain_loop(p: Preset, model: torch.nn.Module, data, warmup: int, device: tor
         schedule.step()
         state = detach_state(state)
     sync(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 class StepTimer(pl.Callback):
@@ -190,12 +193,12 @@ class StepTimer(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.warmup:
             sync(self.device)
-            self.start = time.perf_counter()
+            self.start = clock()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.last + 1:
             sync(self.device)
-            self.seconds = time.perf_counter() - self.start
+            self.seconds = clock() - self.start
 
 
 def _resolve(node, out_dir: Path):
@@ -272,13 +275,13 @@ class TimedLoader:
     def _timed(self, iterator):
         i = 0
         while True:
-            start = time.perf_counter()
+            start = clock()
             try:
                 batch = next(iterator)
             except StopIteration:
                 return
             if i >= self.warmup:
-                self.waiting += time.perf_counter() - start
+                self.waiting += clock() - start
             i += 1
             yield batch
 
@@ -422,6 +425,13 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also train on Tiny Shakespeare through lmlab's data module and report the data wait",
     )
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="cpu: this process's CPU time instead of wall time, for a CPU shared with other jobs (with --threads 1)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--name", default="throughput", help="results file: bench/results/NAME.json")
     return parser
 
@@ -433,6 +443,11 @@ COLUMNS += ["real_data_tok_s", "data_wait"]
 
 def main() -> None:
     args = parser().parse_args()
+    quiet_lightning()
+    global clock
+    clock = CLOCKS[args.clock]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = [run(name, args) for name in args.preset]
     print(table(rows, COLUMNS))
     settings = {key: value for key, value in vars(args).items() if key != "name"}
