@@ -154,12 +154,14 @@ class NonFiniteLossGuard(pl.Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         self._check_losses(trainer)
-        for name, tensor in checkpoint.get("state_dict", {}).items():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise DivergedError(
-                    f"the weights became NaN or infinite by step {trainer.global_step} ({name}); "
-                    f"{self._advice(trainer)}"
-                )
+        bad = next((name for name, tensor in checkpoint.get("state_dict", {}).items() if not _finite(tensor)), None)
+        # under FSDP each rank checks only its own shards: every rank stops, or none (saving is collective)
+        if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(bad is not None, all=False):
+            bad = bad or "a shard held by another rank"
+        if bad is not None:
+            raise DivergedError(
+                f"the weights became NaN or infinite by step {trainer.global_step} ({bad}); {self._advice(trainer)}"
+            )
 
     def _check_losses(self, trainer) -> None:
         if not self._pending:
@@ -178,6 +180,13 @@ class NonFiniteLossGuard(pl.Callback):
         last = getattr(trainer.checkpoint_callback, "last_model_path", "")
         kept = f"the last good checkpoint is {last}" if last and os.path.exists(last) else "no checkpoint was saved"
         return f"{kept}; lower optimizer.lr or raise scheduler.warmup_steps, then resume from it or start again"
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    """Whether a saved tensor holds no NaN or inf; a sharded one (FSDP) is checked on this rank's shard."""
+    local = tensor.local_tensor() if hasattr(tensor, "local_tensor") else tensor  # ShardedTensor
+    local = local.to_local() if hasattr(local, "to_local") else local  # DTensor
+    return not local.is_floating_point() or bool(torch.isfinite(local).all())
 
 
 class CheckpointOnInterrupt(pl.Callback):

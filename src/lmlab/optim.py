@@ -23,17 +23,30 @@ from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 from lmlab.errors import ConfigError
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Split trainable parameters into decayed matrices and everything else (biases, norms, embeddings)."""
+def decayed_parameters(model: nn.Module) -> set[int]:
+    """The ids of the parameters weight decay applies to: weight matrices, not biases, norms, embeddings or
+    matrices a model marks `_no_weight_decay` (Mamba's A_log: decay rates).
+
+    Decided on the model as built: FSDP (use_orig_params) later turns each parameter into a 1-D shard
+    of itself, the same object with another shape, so its dimensions no longer tell a matrix.
+    """
     embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
+    return {
+        id(p)
+        for p in model.parameters()
+        if p.dim() >= 2 and id(p) not in embeddings and not getattr(p, "_no_weight_decay", False)
+    }
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, decayed: set[int] | None = None) -> list[dict]:
+    """Split trainable parameters into decayed matrices (`decayed`, by default found now) and everything else."""
+    decayed = decayed_parameters(model) if decayed is None else decayed
     decay, no_decay, seen = [], [], set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        # a model marks matrices that are not weights (Mamba's A_log: decay rates) with _no_weight_decay
-        decayed = p.dim() >= 2 and id(p) not in embeddings and not getattr(p, "_no_weight_decay", False)
-        (decay if decayed else no_decay).append(p)
+        (decay if id(p) in decayed else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

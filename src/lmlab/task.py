@@ -18,7 +18,7 @@ from lmlab.data.windows import IGNORE_INDEX
 from lmlab.errors import ConfigError
 from lmlab.metrics import split_scores, token_nats
 from lmlab.models import LanguageModel, count_parameters, detach_state, state_from_data, state_to_data
-from lmlab.optim import ValidationPlateau, lightning_scheduler, parameter_groups, schedule_arguments
+from lmlab.optim import ValidationPlateau, decayed_parameters, lightning_scheduler, parameter_groups, schedule_arguments
 
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 
@@ -68,6 +68,7 @@ class LanguageModelTask(pl.LightningModule):
                 f"label_smoothing must be in [0, 1] (got {label_smoothing}): e.g. task.label_smoothing=0.1"
             )
         self.model = model
+        self._decayed = decayed_parameters(model)  # before FSDP turns every parameter into a 1-D shard
         self._resumed_rng: dict | None = None
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.weight_decay, self.label_smoothing, self.stateful = weight_decay, label_smoothing, stateful
@@ -200,7 +201,7 @@ class LanguageModelTask(pl.LightningModule):
             and getattr(self.trainer.precision_plugin, "scaler", None) is None
         ):
             extra["fused"] = True  # one kernel for the whole update (not with fp16's loss scaler)
-        optimizer = factory(parameter_groups(self.model, self.weight_decay), **extra)
+        optimizer = factory(parameter_groups(self.model, self.weight_decay, self._decayed), **extra)
         if self.scheduler_factory is None:
             return optimizer
         total_steps = int(self.trainer.estimated_stepping_batches)

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmlab.callbacks import SelfContainedCheckpoints
 from lmlab.checkpoint import run_record
+from lmlab.checkpoint.format import checkpoint_step
 from lmlab.checkpoint.resume import continue_unfinished_run, start_from_checkpoint
 from lmlab.data import TextDataModule
 from lmlab.errors import ConfigError, LmlabError, RunInterrupted, RunStopped
@@ -37,7 +38,7 @@ from lmlab.run.checks import (
     check_training_length,
 )
 from lmlab.run.dashboards import log_final, log_run_info
-from lmlab.run.distributed import check_distributed
+from lmlab.run.distributed import check_distributed, full_weights
 from lmlab.run.quiet import quiet_lightning
 from lmlab.run.sizing import apply_target_params
 from lmlab.task import LanguageModelTask
@@ -128,7 +129,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # before the best checkpoint's step and count are loaded back
     steps, tokens_seen = trainer.global_step, task.tokens_seen * trainer.world_size
     scores = _final_scores(trainer, task, datamodule)
-    sample = sample_text(task.model, tokenizer, sampling)
+    with full_weights(trainer):  # FSDP: every rank gathers the full weights and samples (collective)
+        sample = sample_text(task.model, tokenizer, sampling)
 
     metrics: dict[str, Any] = {
         "model": cfg.names.model,
@@ -164,11 +166,7 @@ def _final_scores(trainer: pl.Trainer, task: LanguageModelTask, datamodule: Text
     """
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
     # mmap: only the step is read here, not the weights and optimizer state
-    best_step = (
-        int(torch.load(best, map_location="cpu", weights_only=True, mmap=True)["global_step"])
-        if best
-        else trainer.global_step
-    )
+    best_step = checkpoint_step(best) if best else trainer.global_step  # a file, or a sharded folder (FSDP)
     scored = trainer.callback_metrics
     if not (best_step == trainer.global_step and all(key in scored for key in VAL_METRICS)):
         trainer.validate(task, datamodule=datamodule, ckpt_path=best, verbose=False)
