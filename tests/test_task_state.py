@@ -89,6 +89,6 @@ def test_evaluation_carries_the_state_across_batches():
             task._eval_step(batch)
             per_batch.append(task.eval_nats.compute() - before)
         carried, dropped = _manual_nats(model, batches, carry=True), _manual_nats(model, batches, carry=False)
-    torch.testing.assert_close(torch.stack(per_batch), torch.stack(carried), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.stack(per_batch).double(), torch.stack(carried).double(), rtol=1e-5, atol=0)
     # the check can tell the two apart: without the state, every batch after the first scores differently
     assert all((a - b).abs() > 1e-4 for a, b in zip(carried[1:], dropped[1:]))
