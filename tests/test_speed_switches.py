@@ -149,3 +149,16 @@ def test_the_host_side_switches_leave_the_loss_curve_bit_identical(tmp_path):
     console = {"file": io.StringIO(), "width": 80}
     shipped = [SyncFreeProgressBar(console_kwargs=console), TokenThroughput(every_n_steps=5), NonFiniteLossGuard(5)]
     assert torch.equal(_fit_losses(tmp_path, shipped, progress_bar=True), bare)
+
+
+def test_pinning_the_attention_kernel_keeps_the_loss():
+    torch.manual_seed(0)
+    model = GPT(vocab_size=37, d_model=32, n_layer=1, n_head=2, block_size=16)
+    seq = torch.randint(0, 37, (4, 17), generator=torch.Generator().manual_seed(1))
+    losses = {}
+    for name in ("auto", "math"):
+        task = LanguageModelTask(model, optimizer=torch.optim.SGD, attention=name)
+        losses[name] = task._step_loss(seq[:, :-1], seq[:, 1:], training=True)[0].item()
+    assert losses["math"] == pytest.approx(losses["auto"], rel=1e-5)
+    with pytest.raises(ValueError, match="task.attention must be one of"):
+        LanguageModelTask(model, optimizer=torch.optim.SGD, attention="fast")
