@@ -160,5 +160,8 @@ def test_pinning_the_attention_kernel_keeps_the_loss():
         task = LanguageModelTask(model, optimizer=torch.optim.SGD, attention=name)
         losses[name] = task._step_loss(seq[:, :-1], seq[:, 1:], training=True)[0].item()
     assert losses["math"] == pytest.approx(losses["auto"], rel=1e-5)
+    with LanguageModelTask(model, optimizer=torch.optim.SGD, attention="math")._attention():
+        assert torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled()  # restored on exit
     with pytest.raises(ValueError, match="task.attention must be one of"):
         LanguageModelTask(model, optimizer=torch.optim.SGD, attention="fast")
