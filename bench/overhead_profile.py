@@ -31,7 +31,7 @@ from pytorch_lightning.profilers import SimpleProfiler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table, write_results
-from throughput import PRESETS, SCHEDULE, SETUPS, BenchData, batches, optimizer_factory, plain_loop
+from throughput import PRESETS, SCHEDULE, SETUPS, BenchData, batches, optimizer_factory, plain_loop, precision
 
 from lmlab.run.quiet import quiet_lightning
 from lmlab.task import LanguageModelTask
@@ -64,7 +64,7 @@ def profiled_fit(
     trainer = pl.Trainer(
         accelerator=device.type,
         devices=1,
-        precision=p.precision if device.type == "cuda" else "32-true",
+        precision=precision(p, device),
         max_steps=len(data),
         max_epochs=-1,
         limit_val_batches=0,

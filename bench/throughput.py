@@ -150,6 +150,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def precision(p: Preset, device: torch.device) -> str:
+    """The preset's precision on a GPU; fp32 on a CPU, for both loops."""
+    return p.precision if device.type == "cuda" else "32-true"
+
+
 def plain_loop(p: Preset, model: torch.nn.Module, data, warmup: int, device: torch.device) -> float:
     """The reference: the loop a careful engineer writes by hand. Returns seconds for the timed steps."""
     model = model.to(device).train()
@@ -163,7 +168,7 @@ def plain_loop(p: Preset, model: torch.nn.Module, data, warmup: int, device: tor
         return token_nats(logits, y, reduction="mean", chunk_rows=p.loss_chunk_rows), state
 
     loss_fn = torch.compile(loss_fn, mode=p.compile_mode) if p.compile else loss_fn
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=p.precision.startswith("bf16"))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision(p, device).startswith("bf16"))
     state = None
     for i, (x, y) in enumerate(data):
         if i == warmup:
@@ -332,7 +337,7 @@ def lightning_loop(
     trainer = pl.Trainer(
         accelerator=device.type,
         devices=1,
-        precision=p.precision if device.type == "cuda" else "32-true",
+        precision=precision(p, device),
         max_steps=len(data),
         max_epochs=-1,
         limit_val_batches=0,
@@ -385,7 +390,7 @@ def run(name: str, args: argparse.Namespace) -> dict:
         "params": count_parameters(model),
         "batch": p.batch,
         "block": p.block,
-        "precision": p.precision if device.type == "cuda" else "32-true",
+        "precision": precision(p, device),
         "compile": p.compile and (p.compile_mode or "default"),
         "loss_chunk_rows": p.loss_chunk_rows,
         "attention": p.attention,
