@@ -7,6 +7,10 @@
 #   4. cached generation tokens/s of the 124M model at batch 1 and 16 against plain loops
 # Results: $OUT if set (the device tool's output folder), else bench/results. Usage, from the repo root:
 #   NANOGPT=../shared/anchors/nanoGPT LMLAB_COMMIT=$(git rev-parse HEAD) bash bench/gpu_suite.sh
+# On the device machine (no ../shared, no .git): copy the checkout into an ignored folder and carry it
+# with the wheels of ../shared/DEVICE.md:
+#   cp -r ../shared/anchors/nanoGPT .nanogpt && echo /.nanogpt/ >> .git/info/exclude
+#   NANOGPT=$PWD/.nanogpt LMLAB_COMMIT=<commit> bash bench/gpu_suite.sh          (carry: .whl, .nanogpt)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${NANOGPT:?set NANOGPT to a nanoGPT checkout (the folder holding bench.py)}"
