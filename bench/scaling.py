@@ -140,7 +140,7 @@ def throughput_worker(args: argparse.Namespace) -> None:
     seed = 1000 + int(os.environ.get("LOCAL_RANK", 0)) + 100 * int(os.environ.get("NODE_RANK", 0))
     loader = DataLoader(RandomTokens(model.vocab_size, context, seed), batch_size=batch, num_workers=1)
     trainer.fit(task, train_dataloaders=loader)
-    peak = trainer.strategy.all_gather(torch.tensor(float(timer.peak_bytes), device=task.device))
+    peak = trainer.strategy.all_gather(torch.tensor(float(timer.peak_bytes), device=trainer.strategy.root_device))
     if not trainer.is_global_zero:
         return
     world = trainer.world_size
@@ -156,7 +156,7 @@ def throughput_worker(args: argparse.Namespace) -> None:
         "step_s": timer.seconds / args.steps,
         "tokens_per_s": tokens_per_s,
         "peak_mem_gib_per_gpu": float(peak.max()) / 2**30,
-        "mfu": tokens_per_s * flops_per_token / (world * H100_BF16_PEAK) if task.device.type == "cuda" else None,
+        "mfu": tokens_per_s * flops_per_token / (world * H100_BF16_PEAK) if trainer.strategy.root_device.type == "cuda" else None,
     }
     Path(args.json).write_text(json.dumps(result))
 

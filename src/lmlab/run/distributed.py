@@ -129,7 +129,12 @@ def full_weights(trainer: pl.Trainer) -> Iterator[None]:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     if isinstance(model, FSDP):
-        with FSDP.summon_full_params(model, writeback=False, recurse=True):
+        # the blocks stay wrapped and cast their inputs to the mixed-precision dtype, while the gathered
+        # weights are full precision: calls run under the trainer's precision context (autocast), as in training
+        with (
+            FSDP.summon_full_params(model, writeback=False, recurse=True),
+            trainer.strategy.precision_plugin.forward_context(),
+        ):
             yield
     else:
         yield
