@@ -21,8 +21,11 @@ RESULTS = Path(os.environ.get("LMLAB_RESULTS_DIR") or ROOT / "bench" / "results"
 def git_commit() -> str:
     """The commit the numbers come from, '-dirty' when tracked files have uncommitted changes.
 
-    A copy of the tree without its .git (a device run) takes the commit from LMLAB_COMMIT.
+    LMLAB_COMMIT, when set, names it instead: a copy of the tree on another machine (a device run) may
+    carry no .git, or a stale one.
     """
+    if os.environ.get("LMLAB_COMMIT"):
+        return os.environ["LMLAB_COMMIT"]
 
     def git(*args: str) -> str:
         try:
@@ -32,7 +35,7 @@ def git_commit() -> str:
 
     commit = git("rev-parse", "HEAD")
     if not commit:
-        return os.environ.get("LMLAB_COMMIT", "unknown")
+        return "unknown"
     return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -44,8 +45,11 @@ def git_state(folder: Path = REPO_ROOT) -> dict[str, Any] | None:
     """The commit checked out in `folder` and whether tracked files differ from it; None outside git.
 
     `--no-optional-locks` keeps `git status` from rewriting the index, so recording the state never
-    collides with someone committing in the same checkout.
+    collides with someone committing in the same checkout. LMLAB_COMMIT, when set, names the commit
+    instead: a copy of the tree on another machine may carry no .git, or a stale one.
     """
+    if os.environ.get("LMLAB_COMMIT"):
+        return {"commit": os.environ["LMLAB_COMMIT"], "dirty": None}
 
     def git(*args: str) -> str:
         return subprocess.run(
