@@ -156,7 +156,9 @@ def throughput_worker(args: argparse.Namespace) -> None:
         "step_s": timer.seconds / args.steps,
         "tokens_per_s": tokens_per_s,
         "peak_mem_gib_per_gpu": float(peak.max()) / 2**30,
-        "mfu": tokens_per_s * flops_per_token / (world * H100_BF16_PEAK) if trainer.strategy.root_device.type == "cuda" else None,
+        "mfu": tokens_per_s * flops_per_token / (world * H100_BF16_PEAK)
+        if trainer.strategy.root_device.type == "cuda"
+        else None,
     }
     Path(args.json).write_text(json.dumps(result))
 
