@@ -3,11 +3,15 @@ grouped-query form, and what the attention language models share (AttentionLM)."
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmlab.models.base import LanguageModel, check_dropout, check_heads, check_sizes
+from lmlab.models.moe import MoE, is_moe_layer
 from lmlab.models.rope import apply_rope
 from lmlab.models.state import KVCache
 
@@ -103,6 +107,32 @@ class GroupedQueryAttention(nn.Module):
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, -1)))
 
 
+def check_attention(
+    vocab_size: int, d_model: int, n_layer: int, n_head: int, dropout: float, **other_sizes: int
+) -> None:
+    """What every model with attention heads checks first: positive sizes (in this order), heads that
+    split d_model exactly, a dropout in [0, 1)."""
+    check_sizes(vocab_size=vocab_size, d_model=d_model, n_layer=n_layer, n_head=n_head, **other_sizes)
+    check_heads(d_model, n_head)
+    check_dropout(dropout)
+
+
+def mlp_or_moe(
+    layer: int,
+    make_mlp: Callable[[], nn.Module],
+    d_model: int,
+    n_experts: int,
+    top_k: int,
+    moe_every: int,
+    aux_loss_weight: float,
+) -> nn.Module:
+    """The feed-forward of layer `layer`: a mixture of `make_mlp` experts on every `moe_every`-th
+    layer when n_experts > 0 (GPT, Llama and Jamba share this rule), else one make_mlp()."""
+    if is_moe_layer(layer, n_experts, moe_every):
+        return MoE(d_model, n_experts, top_k, aux_loss_weight, make_mlp)
+    return make_mlp()
+
+
 def check_kv_heads(n_head: int, n_kv_head: int) -> None:
     check_sizes(n_kv_head=n_kv_head)
     if n_head % n_kv_head != 0:
@@ -131,20 +161,32 @@ class AttentionLM(LanguageModel):
         **other_sizes: int,
     ) -> None:
         super().__init__()
-        check_sizes(
-            vocab_size=vocab_size,
-            d_model=d_model,
-            n_layer=n_layer,
-            n_head=n_head,
+        check_attention(
+            vocab_size,
+            d_model,
+            n_layer,
+            n_head,
+            dropout,
             block_size=block_size,
             pad_vocab_to=pad_vocab_to,
             **other_sizes,
         )
-        check_heads(d_model, n_head)
-        check_dropout(dropout)
         self.vocab_size, self.context_length = vocab_size, block_size
         self.d_model, self.n_layer, self.n_head = d_model, n_layer, n_head
         self.n_kv_head = n_head  # key/value heads the cache holds; fewer with grouped-query attention
+
+    def init_gpt2(self) -> None:
+        """GPT-2's init: linear and embedding weights N(0, 0.02), biases zero; the projections that
+        write into the residual stream (`proj`) N(0, 0.02 / sqrt(2 * n_layer)), as 2 * n_layer of
+        them add up along it."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        for name, weight in self.blocks.named_parameters():
+            if name.endswith("proj.weight"):  # attention and MLP (or expert) output projections
+                nn.init.normal_(weight, mean=0.0, std=0.02 / math.sqrt(2 * self.n_layer))
 
     def run_blocks(self, x: Tensor, state: KVCache | None) -> Tensor:
         for layer, block in enumerate(self.blocks):

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor, nn
 
-from lmlab.models.attention import AttentionLM, CausalSelfAttention, positions
+from lmlab.models.attention import AttentionLM, CausalSelfAttention, mlp_or_moe, positions
 from lmlab.models.base import padded_vocab_size
-from lmlab.models.moe import MoE, check_moe, is_moe_layer
+from lmlab.models.moe import check_moe
 from lmlab.models.state import KVCache
 
 
@@ -70,9 +68,9 @@ class GPT(AttentionLM):
         check_moe(n_experts, top_k, moe_every, n_layer, aux_loss_weight)
 
         def mlp(layer: int) -> nn.Module:
-            if is_moe_layer(layer, n_experts, moe_every):
-                return MoE(d_model, n_experts, top_k, aux_loss_weight, lambda: MLP(d_model, dropout, bias))
-            return MLP(d_model, dropout, bias)
+            return mlp_or_moe(
+                layer, lambda: MLP(d_model, dropout, bias), d_model, n_experts, top_k, moe_every, aux_loss_weight
+            )
 
         n_rows = padded_vocab_size(vocab_size, pad_vocab_to)
         self.wte = nn.Embedding(n_rows, d_model)
@@ -83,20 +81,7 @@ class GPT(AttentionLM):
         self.lm_head = nn.Linear(d_model, n_rows, bias=False)
         # weight tying: the output layer reuses the token embedding (Press & Wolf, 2017)
         self.wte.weight = self.lm_head.weight
-
-        # GPT-2 init: N(0, 0.02); the projections that write into the residual stream get
-        # 0.02 / sqrt(2 * n_layer), as 2 * n_layer of them add up along it
-        self.apply(self._init_weights)
-        for name, weight in self.blocks.named_parameters():
-            if name.endswith("proj.weight"):  # attention and MLP (or expert) output projections
-                nn.init.normal_(weight, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+        self.init_gpt2()
 
     def forward(self, idx: Tensor, state: KVCache | None = None) -> tuple[Tensor, KVCache | None]:
         pos = positions(idx, state, self.context_length)

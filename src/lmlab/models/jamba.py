@@ -12,18 +12,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lmlab.models.attention import GroupedQueryAttention, check_kv_heads, positions
-from lmlab.models.base import (
-    LanguageModel,
-    check_dropout,
-    check_heads,
-    check_period,
-    check_sizes,
-    padded_vocab_size,
-)
+from lmlab.models.attention import GroupedQueryAttention, check_attention, check_kv_heads, mlp_or_moe, positions
+from lmlab.models.base import LanguageModel, check_period, padded_vocab_size
 from lmlab.models.ffn import SwiGLU, swiglu_hidden
-from lmlab.models.mamba import MambaMixer, check_mamba, empty_ssm_cache, init_residual_stack, stack_states
-from lmlab.models.moe import MoE, check_moe, is_moe_layer
+from lmlab.models.mamba import (
+    MambaMixer,
+    check_mamba,
+    empty_ssm_cache,
+    init_residual_stack,
+    layer_states,
+    stack_states,
+)
+from lmlab.models.moe import check_moe
 from lmlab.models.state import HybridCache, KVCache
 
 
@@ -82,17 +82,17 @@ class Jamba(LanguageModel):
     ) -> None:
         super().__init__()
         n_kv_head = n_head if n_kv_head is None else n_kv_head
-        check_sizes(
-            vocab_size=vocab_size,
-            d_model=d_model,
-            n_layer=n_layer,
-            n_head=n_head,
+        check_attention(
+            vocab_size,
+            d_model,
+            n_layer,
+            n_head,
+            dropout,
             block_size=block_size,
             multiple_of=multiple_of,
             pad_vocab_to=pad_vocab_to,
             **({} if d_ff is None else {"d_ff": d_ff}),
         )
-        check_heads(d_model, n_head)
         check_kv_heads(n_head, n_kv_head)
         check_period("attn_every", attn_every, n_layer, "attention")
         if not 0 <= attn_offset < attn_every:
@@ -102,7 +102,6 @@ class Jamba(LanguageModel):
             )
         check_mamba(d_state, d_conv, expand, dt_rank, scan, kernels)
         check_moe(n_experts, top_k, moe_every, n_layer, aux_loss_weight)
-        check_dropout(dropout)
         self.vocab_size, self.context_length = vocab_size, block_size
         self.d_model, self.n_layer, self.n_head, self.n_kv_head = d_model, n_layer, n_head, n_kv_head
         d_ff = swiglu_hidden(d_model, multiple_of) if d_ff is None else d_ff
@@ -113,9 +112,9 @@ class Jamba(LanguageModel):
             return MambaMixer(d_model, d_state, d_conv, expand, dt_rank, scan, kernels, recompute_scan)
 
         def mlp(layer: int) -> nn.Module:
-            if is_moe_layer(layer, n_experts, moe_every):
-                return MoE(d_model, n_experts, top_k, aux_loss_weight, lambda: SwiGLU(d_model, d_ff, dropout))
-            return SwiGLU(d_model, d_ff, dropout)
+            return mlp_or_moe(
+                layer, lambda: SwiGLU(d_model, d_ff, dropout), d_model, n_experts, top_k, moe_every, aux_loss_weight
+            )
 
         n_rows = padded_vocab_size(vocab_size, pad_vocab_to)
         self.wte = nn.Embedding(n_rows, d_model)
@@ -137,8 +136,7 @@ class Jamba(LanguageModel):
                 h = layer.mixer(h, kv, n_attention)
                 n_attention += 1
             else:
-                m = len(conv)
-                h, c, s = layer.mixer(h, *((None, None) if state is None else (state.ssm.conv[m], state.ssm.ssm[m])))
+                h, c, s = layer.mixer(h, *layer_states(None if state is None else state.ssm, len(conv)))
                 conv.append(c)
                 ssm.append(s)
             x = x + layer.drop(h)

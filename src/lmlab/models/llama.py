@@ -7,10 +7,10 @@ import math
 
 from torch import Tensor, nn
 
-from lmlab.models.attention import AttentionLM, GroupedQueryAttention, check_kv_heads, positions
+from lmlab.models.attention import AttentionLM, GroupedQueryAttention, check_kv_heads, mlp_or_moe, positions
 from lmlab.models.base import check_sizes, padded_vocab_size
 from lmlab.models.ffn import SwiGLU, swiglu_hidden
-from lmlab.models.moe import MoE, check_moe, is_moe_layer
+from lmlab.models.moe import check_moe
 from lmlab.models.state import KVCache
 
 
@@ -81,9 +81,9 @@ class Llama(AttentionLM):
         )
 
         def mlp(layer: int) -> nn.Module:
-            if is_moe_layer(layer, n_experts, moe_every):
-                return MoE(d_model, n_experts, top_k, aux_loss_weight, lambda: SwiGLU(d_model, d_ff, dropout))
-            return SwiGLU(d_model, d_ff, dropout)
+            return mlp_or_moe(
+                layer, lambda: SwiGLU(d_model, d_ff, dropout), d_model, n_experts, top_k, moe_every, aux_loss_weight
+            )
 
         n_rows = padded_vocab_size(vocab_size, pad_vocab_to)
         self.wte = nn.Embedding(n_rows, d_model)
@@ -99,14 +99,7 @@ class Llama(AttentionLM):
         )
         self.norm = nn.RMSNorm(d_model, eps=norm_eps)
         self.lm_head = nn.Linear(d_model, n_rows, bias=False)
-
-        # N(0, 0.02), output projections 0.02 / sqrt(2 * n_layer) as in GPT-2
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        for name, weight in self.blocks.named_parameters():
-            if name.endswith("proj.weight"):
-                nn.init.normal_(weight, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+        self.init_gpt2()  # no biases to zero here
         if tie_weights:
             self.lm_head.weight = self.wte.weight
 

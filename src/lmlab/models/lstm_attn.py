@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmlab.models.base import LanguageModel, check_dropout, check_heads, check_sizes, padded_vocab_size
+from lmlab.models.attention import check_attention
+from lmlab.models.base import LanguageModel, padded_vocab_size
 from lmlab.models.state import MemoryState
 
 
@@ -45,16 +46,7 @@ class LSTMAttentionLM(LanguageModel):
         pad_vocab_to: int = 1,
     ) -> None:
         super().__init__()
-        check_sizes(
-            vocab_size=vocab_size,
-            d_model=d_model,
-            n_layer=n_layer,
-            n_head=n_head,
-            window=window,
-            pad_vocab_to=pad_vocab_to,
-        )
-        check_heads(d_model, n_head)
-        check_dropout(dropout)
+        check_attention(vocab_size, d_model, n_layer, n_head, dropout, window=window, pad_vocab_to=pad_vocab_to)
         self.vocab_size, self.context_length = vocab_size, None
         self.d_model, self.n_layer, self.n_head, self.window = d_model, n_layer, n_head, window
 

@@ -146,6 +146,11 @@ class MambaBlock(nn.Module):
         return x + self.drop(y), conv_state, ssm_state
 
 
+def layer_states(state: SSMCache | None, layer: int) -> tuple[Tensor | None, Tensor | None]:
+    """The conv and SSM states of Mamba layer `layer` in `state`; (None, None) starts it fresh."""
+    return (None, None) if state is None else (state.conv[layer], state.ssm[layer])
+
+
 def stack_states(conv: list[Tensor], ssm: list[Tensor]) -> SSMCache:
     return SSMCache(torch.stack(conv), torch.stack(ssm))
 
@@ -204,7 +209,7 @@ class Mamba(LanguageModel):
     def forward(self, idx: Tensor, state: SSMCache | None = None) -> tuple[Tensor, SSMCache]:
         x, conv, ssm = self.drop(self.wte(idx)), [], []
         for layer, block in enumerate(self.blocks):
-            x, c, s = block(x, *((None, None) if state is None else (state.conv[layer], state.ssm[layer])))
+            x, c, s = block(x, *layer_states(state, layer))
             conv.append(c)
             ssm.append(s)
         return self._unpad(self.lm_head(self.norm(x))), stack_states(conv, ssm)
