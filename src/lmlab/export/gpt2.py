@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from lmlab.errors import ConfigError
-from lmlab.models import GPT
+from lmlab.models import GPT, LanguageModel
 from lmlab.models.gpt import MLP
 
 # nn.GELU's `approximate` setting -> the transformers activation that computes the same function
@@ -58,14 +58,21 @@ def _norm(norm: nn.LayerNorm) -> tuple[Tensor, Tensor]:
     return norm.weight, norm.bias if norm.bias is not None else torch.zeros_like(norm.weight)
 
 
+def hf_weights(model: LanguageModel, embedding: str, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`weights` with the token embedding (named `embedding`) and lm_head, less lmlab's padding rows
+    (transformers' vocabulary is the tokenizer's), detached and contiguous as save_pretrained wants."""
+    weights = {
+        embedding: model.wte.weight[: model.vocab_size],
+        "lm_head.weight": model.lm_head.weight[: model.vocab_size],
+        **weights,
+    }
+    return {name: tensor.detach().contiguous() for name, tensor in weights.items()}
+
+
 def gpt2_weights(model: GPT) -> dict[str, Tensor]:
     """GPT2LMHeadModel's state dict holding `model`'s weights."""
     _check(model)
-    weights = {
-        "transformer.wte.weight": model.wte.weight[: model.vocab_size],
-        "transformer.wpe.weight": model.wpe.weight,
-        "lm_head.weight": model.lm_head.weight[: model.vocab_size],
-    }
+    weights = {"transformer.wpe.weight": model.wpe.weight}
     parts: dict[str, tuple[Tensor, Tensor]] = {"transformer.ln_f": _norm(model.ln_f)}
     for i, block in enumerate(model.blocks):
         h = f"transformer.h.{i}"
@@ -79,4 +86,4 @@ def gpt2_weights(model: GPT) -> dict[str, Tensor]:
         }
     for name, (weight, bias) in parts.items():
         weights[f"{name}.weight"], weights[f"{name}.bias"] = weight, bias
-    return {name: tensor.detach().contiguous() for name, tensor in weights.items()}
+    return hf_weights(model, "transformer.wte.weight", weights)

@@ -12,6 +12,7 @@ from typing import Any
 from torch import Tensor
 
 from lmlab.errors import ConfigError
+from lmlab.export.gpt2 import hf_weights
 from lmlab.models.ffn import SwiGLU
 from lmlab.models.llama import Llama
 
@@ -58,11 +59,7 @@ def llama_config(model: Llama) -> dict[str, Any]:
 def llama_weights(model: Llama) -> dict[str, Tensor]:
     """LlamaForCausalLM's state dict holding `model`'s weights."""
     _check(model)
-    weights = {
-        "model.embed_tokens.weight": model.wte.weight[: model.vocab_size],
-        "model.norm.weight": model.norm.weight,
-        "lm_head.weight": model.lm_head.weight[: model.vocab_size],
-    }
+    weights = {"model.norm.weight": model.norm.weight}
     for i, block in enumerate(model.blocks):
         layer, attn = f"model.layers.{i}", block.attn
         k, v = attn.kv.weight.chunk(2, dim=0)  # lmlab's kv output is [k heads | v heads]
@@ -77,4 +74,4 @@ def llama_weights(model: Llama) -> dict[str, Tensor]:
             f"{layer}.mlp.up_proj.weight": block.mlp.up.weight,
             f"{layer}.mlp.down_proj.weight": block.mlp.proj.weight,
         }
-    return {name: tensor.detach().contiguous() for name, tensor in weights.items()}
+    return hf_weights(model, "model.embed_tokens.weight", weights)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
+from torch import Tensor
 
 from lmlab.checkpoint import load_checkpoint, resolve_device
 from lmlab.errors import ConfigError
@@ -84,22 +85,27 @@ def continuation(tokenizer: Tokenizer, prompt: list[int], new: list[int]) -> str
     return stream.text
 
 
-def sample_text(model: LanguageModel, tokenizer: Tokenizer, sampling: SamplingConfig) -> str:
-    """The prompt and a seeded sample after it: what training shows at each validation and at the end."""
-    ids = prompt_ids(tokenizer, sampling.prompt, model.context_length, notify=lambda message: None)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    new = stream_tokens(
+def _sampled(model: LanguageModel, prompt: Tensor, sampling: SamplingConfig) -> Iterator[Tensor]:
+    """The tokens `sampling` draws after `prompt` [B, T], one [B] step at a time, from a generator
+    seeded with sampling.seed: the same settings give the same text in training and in generate.py."""
+    generator = torch.Generator(device=prompt.device).manual_seed(sampling.seed)
+    return stream_tokens(
         model,
-        torch.tensor([ids], device=device),
+        prompt,
         sampling.max_new_tokens,
         temperature=sampling.temperature,
         top_k=sampling.top_k,
         top_p=sampling.top_p,
         generator=generator,
     )
+
+
+def sample_text(model: LanguageModel, tokenizer: Tokenizer, sampling: SamplingConfig) -> str:
+    """The prompt and a seeded sample after it: what training shows at each validation and at the end."""
+    ids = prompt_ids(tokenizer, sampling.prompt, model.context_length, notify=lambda message: None)
+    was_training = model.training
+    model.eval()
+    new = _sampled(model, torch.tensor([ids], device=next(model.parameters()).device), sampling)
     text = continuation(tokenizer, ids, [int(token) for token in new])
     model.train(was_training)
     return sampling.prompt + text
@@ -114,18 +120,7 @@ def _samples(
         beams = beam_search(model, prompt, settings.max_new_tokens, settings.num_beams)
         yield from (beam.tokens for beam in beams[: settings.num_samples])
         return
-    generator = torch.Generator(device=device).manual_seed(settings.seed)
-    new = list(
-        stream_tokens(
-            model,
-            prompt.expand(settings.num_samples, -1),
-            settings.max_new_tokens,
-            temperature=settings.temperature,
-            top_k=settings.top_k,
-            top_p=settings.top_p,
-            generator=generator,
-        )
-    )
+    new = list(_sampled(model, prompt.expand(settings.num_samples, -1), settings))
     rows = torch.stack(new, dim=1).tolist() if new else [[] for _ in range(settings.num_samples)]
     yield from rows
 
@@ -174,16 +169,7 @@ def _stream_one(
     """Print the prompt, then each piece of text as soon as its token is chosen."""
     stream, write = TextStream(tokenizer, ids), out.file.write
     write(prompt)
-    generator = torch.Generator(device=device).manual_seed(settings.seed)
-    for token in stream_tokens(
-        model,
-        torch.tensor([ids], device=device),
-        settings.max_new_tokens,
-        temperature=settings.temperature,
-        top_k=settings.top_k,
-        top_p=settings.top_p,
-        generator=generator,
-    ):
+    for token in _sampled(model, torch.tensor([ids], device=device), settings):
         write(stream.push(int(token)))
         out.file.flush()
     write(stream.flush() + "\n")
