@@ -31,7 +31,7 @@ from pytorch_lightning.profilers import SimpleProfiler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table, write_results
-from throughput import PRESETS, SCHEDULE, SETUPS, BenchData, batches, optimizer_factory, plain_loop, precision
+from throughput import PRESETS, SCHEDULE, SETUPS, BenchData, batches, bench_trainer, optimizer_factory, plain_loop
 
 from lmlab.run.quiet import quiet_lightning
 from lmlab.task import LanguageModelTask
@@ -58,20 +58,9 @@ def profiled_fit(
     )
     out_dir = Path(tempfile.mkdtemp(prefix="lmlab-profile-"))
     profiler = SimpleProfiler(dirpath=out_dir, filename="lightning-profile")  # its own report, kept out of the way
-    kwargs = SETUPS[setup](out_dir)
+    setup_kwargs = SETUPS[setup](out_dir)
     clock = StepClock(warmup, device, profile_calls)
-    kwargs["callbacks"].append(clock)
-    trainer = pl.Trainer(
-        accelerator=device.type,
-        devices=1,
-        precision=precision(p, device),
-        max_steps=len(data),
-        max_epochs=-1,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        profiler=profiler,
-        **kwargs,
-    )
+    trainer = bench_trainer(p, device, len(data), setup_kwargs, clock, profiler=profiler)
     loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False)
     with warnings.catch_warnings(record=True) as caught:  # on a GPU: PyTorch's own sync warnings, see StepClock
         warnings.simplefilter("always")
