@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
+import traceback
 from datetime import timedelta
 from pathlib import Path
 from unittest import mock
@@ -147,19 +149,34 @@ def _fit(cfg: DictConfig, run_dir: Path, stop_at: int | None = None, ckpt_path: 
     }
 
 
+def _exit_when_done(work) -> None:
+    """Run a spawned rank's work, then leave at once: its results are on disk by then, and tearing down
+    gloo's threads at interpreter exit now and then aborts the process ("terminate called without an
+    active exception") on a loaded machine. A failure still exits non-zero, with its traceback."""
+    try:
+        work()
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stdout.flush()
+    os._exit(0)
+
+
 def _rank_main(rank: int, port: int, corpus: Path, root: Path) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0")
     torch.set_num_threads(1)
-    try:
+
+    def work() -> None:
         cfg = _fsdp_config(corpus, root / "straight")
         results = {"straight": _fit(cfg, root / "straight")}
         results["stopped"] = _fit(cfg, root / "killed", stop_at=STOP)
         last = root / "killed" / "checkpoints" / "last.ckpt"
         results["resumed"] = _fit(cfg, root / "killed", ckpt_path=str(last))
         torch.save(results, root / f"rank{rank}.pt")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        dist.barrier()
+
+    _exit_when_done(work)
 
 
 def _train_main(rank: int, port: int, corpus: Path, run_dir: Path) -> None:
@@ -168,15 +185,16 @@ def _train_main(rank: int, port: int, corpus: Path, run_dir: Path) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0")
     torch.set_num_threads(1)
-    try:
+
+    def work() -> None:
         cfg = _fsdp_config(corpus, run_dir)
         with open_dict(cfg):
             cfg.trainer.max_steps = 5  # validations at 3 (the best, here or not) and none at 5: scored again
             del cfg.callbacks["progress_bar"]
         train(cfg)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        dist.barrier()
+
+    _exit_when_done(work)
 
 
 def _free_port() -> int:

@@ -110,12 +110,12 @@ def test_a_failing_job_is_reported_and_the_sweep_goes_on(tmp_path, small_corpus)
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
-        "error: n_layer must be >= 1 (got 0): set model.n_layer to a positive integer"
+        "error: invalid model config: n_layer must be >= 1 (got 0): set model.n_layer to a positive integer"
     ]
     rows = {row["run"]: row for row in report_rows(sweep)}
     assert rows["model.n_layer=1"]["status"] == "completed"
     assert rows["model.n_layer=0"]["status"] == "failed"
-    assert rows["model.n_layer=0"]["error"].startswith("n_layer must be >= 1")
+    assert rows["model.n_layer=0"]["error"].startswith("invalid model config: n_layer must be >= 1")
     assert "| failed |" in (sweep / "comparison.md").read_text()
 
 
