@@ -106,7 +106,7 @@ def test_bad_input_raises_its_one_line_error_before_training(tmp_path, small_cor
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["model=mamba"], "Could not find 'model/mamba'"),
+        (["model=resnet"], "Could not find 'model/resnet'"),
         (["tokenizer=sentencepiece"], "Could not find 'tokenizer/sentencepiece'"),
         (["optimizer=lion"], "Could not find 'optimizer/lion'"),
         (["model.n_layr=2"], "Could not override 'model.n_layr'"),
@@ -119,7 +119,7 @@ def test_unknown_choices_and_keys_fail_when_the_config_is_composed(tmp_path, arg
 
 def test_hydra_errors_reach_the_user_without_a_traceback(tmp_path):
     for args, message in (
-        (["model=mamba"], "Could not find 'model/mamba'"),
+        (["model=resnet"], "Could not find 'model/resnet'"),
         (["model.n_layr=2"], "Key 'n_layr' is not in struct"),
     ):
         result = subprocess.run(
