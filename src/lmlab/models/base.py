@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lmlab.models.moe import MoE
-from lmlab.models.state import State, detach_state  # noqa: F401  (State and detach_state were defined here)
+from lmlab.models.state import State
 
 
 class LanguageModel(nn.Module, ABC):
