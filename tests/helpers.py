@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytorch_lightning as pl
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -80,3 +81,20 @@ def sweep_overrides(corpus: Path, sweep_dir: Path, swept: list[str], fixed: tupl
     )
     names = ",".join(o.split("=")[0] for o in fixed)
     return [*fixed, *swept, f"hydra.sweep.dir={sweep_dir}", f"hydra.job.config.override_dirname.exclude_keys=[{names}]"]
+
+
+def cpu_trainer(devices: int, callbacks=(), **kwargs) -> pl.Trainer:
+    """A bare Trainer on 1 or N CPU processes (DDP over gloo), sharding its data as lmlab does."""
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        use_distributed_sampler=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=list(callbacks),
+        **kwargs,
+    )

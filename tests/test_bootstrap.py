@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -24,7 +23,7 @@ from lmlab.report.blocks import BLOCKS_FILE, TestBlocks, load_test_blocks, score
 from lmlab.report.bootstrap import MIN_BLOCKS, mean_blocks, paired_bootstrap
 from lmlab.task import LanguageModelTask
 from lmlab.tokenizers import CharTokenizer
-from tests.helpers import REPO
+from tests.helpers import REPO, cpu_trainer
 
 
 def blocks(nats, size=500, sha="text-a") -> TestBlocks:
@@ -139,17 +138,7 @@ def _test_blocks(devices: int, corpus: Path, out: Path) -> None:
         else:
             model = GPT(vocab, d_model=16, n_layer=1, n_head=2, block_size=29)
         task = LanguageModelTask(model, optimizer=partial(torch.optim.AdamW, lr=1e-3), stateful=stateful)
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            devices=devices,
-            strategy="ddp" if devices > 1 else "auto",
-            use_distributed_sampler=False,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[SaveTestBlocks(str(out / name / BLOCKS_FILE))],
-        )
+        trainer = cpu_trainer(devices, [SaveTestBlocks(str(out / name / BLOCKS_FILE))])
         trainer.test(task, datamodule=data, verbose=False)
         if trainer.is_global_zero:
             (out / name / "test_bpb").write_text(str(float(trainer.callback_metrics["test/bpb"])))

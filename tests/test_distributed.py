@@ -25,6 +25,7 @@ from lmlab.data import TextDataModule
 from lmlab.models import GPT, RecurrentLM
 from lmlab.task import LanguageModelTask
 from lmlab.tokenizers import CharTokenizer
+from tests.helpers import cpu_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = 4  # stateful training rows in all: ROWS // world_size per rank
@@ -40,22 +41,6 @@ class BatchRecorder(pl.Callback):
         self.batches.append((batch[0].clone(), batch[1].clone()))
 
 
-def _trainer(devices: int, callbacks=(), **kwargs) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy="ddp" if devices > 1 else "auto",
-        use_distributed_sampler=False,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=list(callbacks),
-        **kwargs,
-    )
-
-
 def _datamodule(corpus: Path, **kwargs) -> TextDataModule:
     module = TextDataModule(CharTokenizer(), str(corpus), cache_dir=str(corpus.parent / "cache"), seed=5, **kwargs)
     module.prepare_data()
@@ -68,7 +53,7 @@ def _task(model: torch.nn.Module, stateful: bool = False) -> LanguageModelTask:
 
 def _score(devices: int, stage: str, task: LanguageModelTask, data: TextDataModule) -> float:
     """val/bpb or test/bpb of one full pass (`stage`: validate or test), as this process sees it."""
-    trainer = _trainer(devices)
+    trainer = cpu_trainer(devices)
     getattr(trainer, stage)(task, datamodule=data, verbose=False)
     return float(trainer.callback_metrics[("val" if stage == "validate" else "test") + "/bpb"])
 
@@ -87,7 +72,7 @@ def _run_checks(devices: int, corpus: Path) -> dict:
     lstm = _task(RecurrentLM(data.tokenizer.vocab_size, cell="lstm", d_model=16, n_layer=1, dropout=0.0), True)
     results["initial"] = {k: v.detach().clone() for k, v in lstm.model.state_dict().items()}
     recorder = BatchRecorder()
-    _trainer(devices, [recorder], max_steps=3, limit_val_batches=0).fit(lstm, datamodule=data)
+    cpu_trainer(devices, [recorder], max_steps=3, limit_val_batches=0).fit(lstm, datamodule=data)
     results["batches"] = recorder.batches
     results["weights"] = {k: v.detach().clone() for k, v in lstm.model.state_dict().items()}
     results["stateful val/bpb"] = _score(devices, "validate", lstm, data)
@@ -118,10 +103,12 @@ def _resume_difference(devices: int, corpus: Path) -> float:
 
     middle = corpus.parent / "middle.ckpt"
     data, task = build()
-    _trainer(devices, [SaveAt(middle, 2)], max_steps=4, limit_val_batches=0).fit(task, datamodule=data)
+    cpu_trainer(devices, [SaveAt(middle, 2)], max_steps=4, limit_val_batches=0).fit(task, datamodule=data)
     straight = {k: v.clone() for k, v in task.model.state_dict().items()}
     data, task = build()
-    _trainer(devices, max_steps=4, limit_val_batches=0).fit(task, datamodule=data, ckpt_path=middle, weights_only=False)
+    cpu_trainer(devices, max_steps=4, limit_val_batches=0).fit(
+        task, datamodule=data, ckpt_path=middle, weights_only=False
+    )
     return max((task.model.state_dict()[k] - v).abs().max().item() for k, v in straight.items())
 
 
