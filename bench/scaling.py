@@ -63,7 +63,8 @@ def compose_run(model: str, strategy: str, devices: int, out_dir: Path, tiny: bo
     overrides += [f"trainer={preset}", f"trainer.devices={devices}", "trainer.precision=bf16-mixed"]
     if tiny:  # CPU: nothing to gain from bf16 autocast; DDP over gloo
         overrides += ["trainer.accelerator=cpu", "trainer.precision=32-true"]
-    overrides += ["task.scheduler.warmup_steps=10", *extra]
+    # CUDA graphs replay a step on one GPU only: off here, so the 1-GPU row runs the step the N-GPU rows run
+    overrides += ["task.scheduler.warmup_steps=10", "task.cuda_graphs=false", *extra]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     with open_dict(cfg):

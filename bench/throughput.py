@@ -69,6 +69,7 @@ class Preset:
     compile_mode: str | None = None
     loss_chunk_rows: int = 0
     attention: str = "auto"
+    cuda_graphs: bool | str = "auto"  # task.cuda_graphs, as shipped
     extra: dict = field(default_factory=dict)
 
 
@@ -345,6 +346,7 @@ def lightning_loop(
         compile_mode=p.compile_mode,
         loss_chunk_rows=p.loss_chunk_rows,
         attention=p.attention,
+        cuda_graphs=p.cuda_graphs,
     )
     timer = StepTimer(warmup, len(data), device)
     loader = loader or torch.utils.data.DataLoader(data, batch_size=None, shuffle=False)
@@ -362,6 +364,7 @@ def run(name: str, args: argparse.Namespace) -> dict:
         "compile_mode": args.compile_mode,
         "loss_chunk_rows": args.loss_chunk_rows,
         "attention": args.attention,
+        "cuda_graphs": {"true": True, "false": False, "auto": "auto", None: None}[args.cuda_graphs],
     }
     p = Preset(**{**PRESETS[name].__dict__, **{k: v for k, v in overrides.items() if v is not None}})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -400,6 +403,7 @@ def run(name: str, args: argparse.Namespace) -> dict:
         "compile": p.compile and (p.compile_mode or "default"),
         "loss_chunk_rows": p.loss_chunk_rows,
         "attention": p.attention,
+        "cuda_graphs": p.cuda_graphs,
         "lmlab_tok_s": tokens / best["lmlab"],
         "ms_per_step": 1000 * best["lmlab"] / args.steps,
     }
@@ -432,6 +436,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--loss-chunk-rows", type=int, default=None, help="chunked fp32 cross-entropy (0: off)")
     parser.add_argument("--attention", default=None, help="auto, cudnn, flash, efficient or math")
     parser.add_argument(
+        "--cuda-graphs", choices=["auto", "true", "false"], default=None, help="task.cuda_graphs (shipped: auto)"
+    )
+    parser.add_argument(
         "--real-data",
         action="store_true",
         help="also train on Tiny Shakespeare through lmlab's data module and report the data wait",
@@ -448,7 +455,17 @@ def parser() -> argparse.ArgumentParser:
 
 
 COLUMNS = ["preset", "setup", "device", "params", "batch", "block", "precision", "compile", "loss_chunk_rows"]
-COLUMNS += ["attention", "plain_tok_s", "lmlab_tok_s", "ratio", "best_ratio", "ms_per_step", "mfu", "peak_gib"]
+COLUMNS += [
+    "attention",
+    "cuda_graphs",
+    "plain_tok_s",
+    "lmlab_tok_s",
+    "ratio",
+    "best_ratio",
+    "ms_per_step",
+    "mfu",
+    "peak_gib",
+]
 COLUMNS += ["real_data_tok_s", "data_wait"]
 
 

@@ -16,6 +16,7 @@ from torchmetrics import SumMetric
 
 from lmlab.data.windows import IGNORE_INDEX
 from lmlab.errors import ConfigError
+from lmlab.graphed_step import GraphedTrainingStep, state_tensors
 from lmlab.metrics import split_scores, token_nats
 from lmlab.models import LanguageModel, count_parameters, detach_state, state_from_data, state_to_data
 from lmlab.optim import ValidationPlateau, decayed_parameters, lightning_scheduler, parameter_groups, schedule_arguments
@@ -61,6 +62,7 @@ class LanguageModelTask(pl.LightningModule):
         compile_mode: str | None = None,
         loss_chunk_rows: int = 0,
         attention: str = "auto",
+        cuda_graphs: bool | str = "auto",
     ) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing <= 1.0:
@@ -81,6 +83,10 @@ class LanguageModelTask(pl.LightningModule):
             raise ValueError(f"task.loss_chunk_rows must be >= 0 (got {loss_chunk_rows}): 0 scores all rows at once")
         self.loss_chunk_rows = loss_chunk_rows
         self._attention = attention_context(attention)
+        if cuda_graphs not in (True, False, "auto"):
+            raise ValueError(f"task.cuda_graphs must be auto, true or false (got {cuda_graphs!r})")
+        self.cuda_graphs, self.compile_mode = cuda_graphs, compile_mode if compile else None
+        self._graphed: GraphedTrainingStep | None = None
         self.tokens_seen = 0
         self._train_state = self._eval_state = None
         # float64 sums: the same bits per byte to the last digit on 1 or N processes
@@ -118,7 +124,7 @@ class LanguageModelTask(pl.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        loss, aux = self._step_loss(x, y, training=True)
+        loss, aux = self._graphed_step(x, y) if self._graphed is not None else self._step_loss(x, y, training=True)
         self.tokens_seen += y.numel()
         # Logged only on the steps the loggers write (Lightning's own rule), and not prog_bar=True,
         # which would turn it into a Python float after every batch: a host-device sync per step.
@@ -131,6 +137,61 @@ class LanguageModelTask(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._train_state = None
+
+    # --- CUDA graphs (lmlab.graphed_step): forward and backward replayed, the rest of the step eager ---
+
+    def _graphed_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        state = None
+        if self.stateful:
+            state = self._train_state if self._train_state is not None else self.model.init_state(x.size(0), x.device)
+        loss, aux, state = self._graphed(x, y, state)
+        if self.stateful:
+            self._train_state = state
+        return loss, aux
+
+    def _graph_step_function(self, x: torch.Tensor, y: torch.Tensor, state):
+        with self._attention():
+            loss, state, aux = self._loss(x, y, state, self.label_smoothing, "mean")
+        return (loss if aux is None else loss + aux), loss, aux, state
+
+    def cuda_graph_obstacle(self) -> str | None:
+        """Why this run cannot replay its training step as a CUDA graph, or None if it can."""
+        trainer = self.trainer
+        if self.device.type != "cuda":
+            return "training does not run on a CUDA GPU"
+        if trainer.world_size > 1:
+            return "the run is distributed (CUDA graphs are used on one GPU: trainer.devices=1)"
+        if trainer.accumulate_grad_batches > 1:
+            return "gradients are accumulated over batches (trainer.accumulate_grad_batches > 1)"
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return "fp16 loss scaling checks every step's gradients on the host (use bf16-mixed)"
+        if self.model.has_data_dependent_shapes():
+            return "the model's shapes depend on the data (mixture-of-experts routing)"
+        if self.compile_mode in ("reduce-overhead", "max-autotune"):
+            return f"torch.compile's mode {self.compile_mode!r} captures CUDA graphs itself"
+        if self.stateful and state_tensors(self.model.init_state(1, "meta")) is None:
+            return "the model's recurrent state is not a tensor or tuple of tensors"
+        return None
+
+    def on_fit_start(self) -> None:
+        self._graphed = None
+        if self.cuda_graphs is False:
+            return
+        obstacle = self.cuda_graph_obstacle()
+        if obstacle is None:
+            self._graphed = GraphedTrainingStep(self._graph_step_function, list(self.model.parameters()))
+        elif self.cuda_graphs is True:
+            raise ConfigError(f"task.cuda_graphs=true cannot be used: {obstacle}; set task.cuda_graphs=auto or false")
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        if self._graphed is None:  # a graphed step writes its gradients itself, into tensors it keeps
+            optimizer.zero_grad()
+
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        if self._graphed is None:  # a graphed step has already computed the gradients
+            super().backward(loss, *args, **kwargs)
+
+    # --- end of CUDA graphs ---
 
     def _eval_step(self, batch) -> None:
         x, y = batch

@@ -33,6 +33,11 @@ class LanguageModel(nn.Module, ABC):
     def init_state(self, batch_size: int, device: torch.device | str) -> State | None:
         """The state before any token: zero hidden state (recurrent) or an empty cache."""
 
+    def has_data_dependent_shapes(self) -> bool:
+        """True when a forward's tensor shapes depend on the token values (mixture-of-experts routing
+        picks how many tokens each expert gets), which rules out replaying it as a CUDA graph."""
+        return any(isinstance(m, MoE) for m in self.modules())
+
     def aux_loss(self) -> Tensor | None:
         """The weighted load-balancing loss of the last forward's mixture-of-experts layers (their
         mean), to add to the training loss; None for a model without experts."""

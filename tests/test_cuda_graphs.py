@@ -1,0 +1,153 @@
+"""CUDA graphs (task.cuda_graphs) replay a step's forward and backward: same numbers, fresh dropout, clear refusals.
+
+The GPU tests run where a GPU is (`pytest tests/test_cuda_graphs.py` on the GPU machine); the CPU
+tests check the choice of when graphs are used and the errors when they cannot be.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from lmlab.errors import ConfigError
+from lmlab.graphed_step import GraphedTrainingStep
+from lmlab.models import GPT, Jamba, RecurrentLM
+from lmlab.run.train import train
+from lmlab.task import LanguageModelTask
+from tests.helpers import compose_config, tiny_overrides
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+VOCAB = 41
+
+
+def batches(n: int, batch: int = 4, block: int = 16, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(s[:, :-1], s[:, 1:]) for s in (torch.randint(0, VOCAB, (batch, block + 1), generator=g) for _ in range(n))]
+
+
+class StepLosses(pl.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def fit(make_model, cuda_graphs, data, stateful: bool, precision: str = "32-true"):
+    """Per-step losses and final weights of a short GPU run, and whether it replayed a graph."""
+    torch.manual_seed(0)
+    model = make_model()
+    task = LanguageModelTask(
+        model, optimizer=partial(torch.optim.AdamW, lr=3e-3), stateful=stateful, cuda_graphs=cuda_graphs
+    )
+    losses = StepLosses()
+    trainer = pl.Trainer(
+        accelerator="gpu",
+        devices=1,
+        precision=precision,
+        max_steps=len(data),
+        max_epochs=-1,
+        gradient_clip_val=1.0,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[losses],
+    )
+    trainer.fit(task, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    captured = task._graphed is not None and task._graphed.captured
+    return losses.losses, [p.detach().cpu() for p in model.parameters()], captured
+
+
+MODELS = {
+    "lstm-stateful": (lambda: RecurrentLM(VOCAB, cell="lstm", d_model=32, n_layer=2, dropout=0.0), True),
+    "gru": (lambda: RecurrentLM(VOCAB, cell="gru", d_model=32, n_layer=2, dropout=0.0), False),
+    "gpt": (lambda: GPT(VOCAB, d_model=32, n_layer=2, n_head=2, block_size=16, dropout=0.0), False),
+}
+
+
+@needs_gpu
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_graphed_training_gives_the_eager_losses_and_weights(name):
+    make_model, stateful = MODELS[name]
+    data = batches(12)
+    eager_losses, eager_weights, eager_captured = fit(make_model, False, data, stateful)
+    losses, weights, captured = fit(make_model, True, data, stateful)
+    assert captured and not eager_captured
+    assert losses == pytest.approx(eager_losses, rel=1e-5, abs=1e-6)  # steps 4-12 replayed, state carried
+    for a, b in zip(weights, eager_weights):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@needs_gpu
+def test_graphed_bf16_training_follows_the_eager_run():
+    make_model, stateful = MODELS["lstm-stateful"]
+    data = batches(10)
+    eager, _, _ = fit(make_model, False, data, stateful, precision="bf16-mixed")
+    graphed, _, captured = fit(make_model, True, data, stateful, precision="bf16-mixed")
+    assert captured
+    assert graphed == pytest.approx(eager, rel=1e-2)
+
+
+def _graphed_step(model: torch.nn.Module) -> GraphedTrainingStep:
+    def step(x, y, state):
+        logits, state = model(x, state)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        return loss, loss, None, state
+
+    return GraphedTrainingStep(step, list(model.parameters()), warmup_steps=1)
+
+
+@needs_gpu
+def test_each_replay_draws_fresh_dropout_masks():
+    torch.manual_seed(0)
+    model = GPT(VOCAB, d_model=32, n_layer=2, n_head=2, block_size=16, dropout=0.5).cuda()
+    graphed = _graphed_step(model)
+    x, y = (t.cuda() for t in batches(1)[0])
+    losses = [graphed(x, y)[0].item() for _ in range(4)]  # one eager warm-up step, then capture and replays
+    assert graphed.captured
+    assert len(set(losses[1:])) == 3, losses
+
+
+@needs_gpu
+def test_a_batch_of_another_shape_runs_eagerly_into_the_graph_gradients():
+    torch.manual_seed(0)
+    model = RecurrentLM(VOCAB, cell="lstm", d_model=32, n_layer=1, dropout=0.0).cuda()
+    graphed = _graphed_step(model)
+    full, short = batches(1)[0], batches(1, batch=3, seed=1)[0]
+    for _ in range(2):
+        graphed(*(t.cuda() for t in full))
+    grads = [p.grad for p in model.parameters()]
+    x, y = (t.cuda() for t in short)
+    loss, _, _ = graphed(x, y)
+    assert all(p.grad is g for p, g in zip(model.parameters(), grads))  # the tensors the optimizer holds
+    reference = torch.nn.functional.cross_entropy(model(x)[0].flatten(0, 1), y.flatten())
+    expected = torch.autograd.grad(reference, list(model.parameters()))
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    for p, g in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_mixture_of_experts_models_report_data_dependent_shapes():
+    assert Jamba(
+        VOCAB, d_model=32, n_layer=2, n_head=2, n_experts=2, attn_every=2, attn_offset=1
+    ).has_data_dependent_shapes()
+    assert not GPT(VOCAB, d_model=32, n_layer=1, n_head=2, block_size=8).has_data_dependent_shapes()
+    assert not RecurrentLM(VOCAB, d_model=16, n_layer=1).has_data_dependent_shapes()
+
+
+def test_a_setting_other_than_auto_true_or_false_is_refused():
+    with pytest.raises(ValueError, match="task.cuda_graphs must be auto, true or false"):
+        LanguageModelTask(GPT(VOCAB, d_model=16, n_layer=1, n_head=2, block_size=8), optimizer=None, cuda_graphs="yes")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_asking_for_cuda_graphs_on_a_cpu_is_one_clear_error(tmp_path, small_corpus):
+    cfg = compose_config([*tiny_overrides("gpt", small_corpus, steps=2), "task.cuda_graphs=true"], tmp_path)
+    with pytest.raises(ConfigError, match="task.cuda_graphs=true cannot be used: training does not run on a CUDA GPU"):
+        train(cfg)
