@@ -6,6 +6,7 @@ tests check the choice of when graphs are used and the errors when they cannot b
 
 from __future__ import annotations
 
+import json
 from functools import partial
 
 import pytest
@@ -13,8 +14,8 @@ import pytorch_lightning as pl
 import torch
 
 from lmlab.errors import ConfigError
-from lmlab.graphed_step import GraphedTrainingStep
-from lmlab.models import GPT, Jamba, RecurrentLM
+from lmlab.graphed_step import GraphCaptureError, GraphedTrainingStep
+from lmlab.models import GPT, Jamba, Llama, LSTMAttentionLM, Mamba, RecurrentLM, TransformerLM
 from lmlab.run.train import train
 from lmlab.task import LanguageModelTask
 from tests.helpers import compose_config, tiny_overrides
@@ -68,6 +69,10 @@ MODELS = {
     "lstm-stateful": (lambda: RecurrentLM(VOCAB, cell="lstm", d_model=32, n_layer=2, dropout=0.0), True),
     "gru": (lambda: RecurrentLM(VOCAB, cell="gru", d_model=32, n_layer=2, dropout=0.0), False),
     "gpt": (lambda: GPT(VOCAB, d_model=32, n_layer=2, n_head=2, block_size=16, dropout=0.0), False),
+    "transformer": (lambda: TransformerLM(VOCAB, d_model=32, n_layer=1, n_head=2, block_size=16, dropout=0.0), False),
+    "llama": (lambda: Llama(VOCAB, d_model=32, n_layer=2, n_head=4, n_kv_head=2, block_size=16), False),
+    "lstm_attn": (lambda: LSTMAttentionLM(VOCAB, d_model=32, n_layer=2, n_head=2, window=4, dropout=0.0), False),
+    "mamba": (lambda: Mamba(VOCAB, d_model=32, n_layer=2, d_state=4, d_conv=3, kernels="torch"), False),
 }
 
 
@@ -131,6 +136,98 @@ def test_a_batch_of_another_shape_runs_eagerly_into_the_graph_gradients():
     assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
     for p, g in zip(model.parameters(), expected):
         torch.testing.assert_close(p.grad, g)
+
+
+@needs_gpu
+def test_gradients_released_between_steps_are_bound_again():
+    """Lightning sets every .grad to None before each validation; the next replay must hand the
+    optimizer the graph's gradients again, not leave it with none (which silently stops training)."""
+    torch.manual_seed(0)
+    model = RecurrentLM(VOCAB, cell="lstm", d_model=32, n_layer=1, dropout=0.0).cuda()
+    graphed = _graphed_step(model)
+    x, y = (t.cuda() for t in batches(1)[0])
+    for _ in range(3):
+        graphed(x, y)
+    model.zero_grad(set_to_none=True)
+    graphed(x, y)
+    reference = torch.nn.functional.cross_entropy(model(x)[0].flatten(0, 1), y.flatten())
+    for p, g in zip(model.parameters(), torch.autograd.grad(reference, list(model.parameters()))):
+        assert p.grad is not None
+        torch.testing.assert_close(p.grad, g)
+
+
+class StackedLSTM(torch.nn.Module):
+    """cuDNN's own dropout between LSTM layers, and nothing else random."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = torch.nn.Embedding(VOCAB, 32)
+        self.rnn = torch.nn.LSTM(32, 32, num_layers=2, dropout=0.5, batch_first=True)
+        self.head = torch.nn.Linear(32, VOCAB)
+
+    def forward(self, idx, state=None):
+        x, state = self.rnn(self.wte(idx), state)
+        return self.head(x), state
+
+
+@needs_gpu
+def test_cudnn_dropout_between_recurrent_layers_differs_between_replays():
+    torch.manual_seed(0)
+    model = StackedLSTM().cuda()
+    graphed = _graphed_step(model)
+    x, y = (t.cuda() for t in batches(1)[0])
+    losses = [graphed(x, y)[0].item() for _ in range(4)]
+    assert graphed.captured
+    assert len(set(losses[1:])) == 3, losses
+
+
+@needs_gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["lstm", "gpt"])
+def test_a_full_run_with_validation_and_test_scores_as_the_eager_one(tmp_path, small_corpus, model):
+    scores = {}
+    for graphs in (False, True):
+        overrides = [*tiny_overrides(model, small_corpus, steps=24), "trainer.accelerator=gpu", "model.dropout=0.0"]
+        overrides += ["trainer.precision=32-true", f"task.cuda_graphs={str(graphs).lower()}", "seed=3"]
+        overrides += ["data.stateful=true"] if model == "lstm" else []
+        train(compose_config(overrides, tmp_path / str(graphs)))
+        scores[graphs] = json.loads((tmp_path / str(graphs) / "metrics.json").read_text())
+    for key in ("val/bpb", "test/bpb"):  # two validations (steps 12 and 24): training went on after the first
+        assert scores[True][key] == pytest.approx(scores[False][key], rel=1e-4), key
+
+
+class HostSyncingGPT(GPT):
+    """A model whose forward reads a value on the host: legal eagerly, impossible inside a CUDA graph."""
+
+    def forward(self, idx, state=None):
+        if float(idx.float().mean()) < 0:
+            raise AssertionError("never")
+        return super().forward(idx, state)
+
+
+def host_syncing_gpt() -> HostSyncingGPT:
+    return HostSyncingGPT(VOCAB, d_model=32, n_layer=1, n_head=2, block_size=16, dropout=0.0)
+
+
+@needs_gpu
+def test_a_step_that_cannot_be_captured_says_why():
+    graphed = _graphed_step(host_syncing_gpt().cuda())
+    x, y = (t.cuda() for t in batches(1)[0])
+    graphed(x, y)  # the eager warm-up step
+    with pytest.raises(GraphCaptureError):
+        graphed(x, y)
+
+
+@needs_gpu
+def test_auto_falls_back_to_eager_steps_and_true_refuses_in_one_line():
+    data = batches(8)
+    eager, _, _ = fit(host_syncing_gpt, False, data, stateful=False)
+    with pytest.warns(UserWarning, match="cannot be captured"):
+        auto, _, captured = fit(host_syncing_gpt, "auto", data, stateful=False)
+    assert not captured
+    assert auto == pytest.approx(eager, rel=1e-5)
+    with pytest.raises(ConfigError, match="task.cuda_graphs=true: this model's step cannot be captured"):
+        fit(host_syncing_gpt, True, data, stateful=False)
 
 
 def test_mixture_of_experts_models_report_data_dependent_shapes():

@@ -23,6 +23,10 @@ from torch import Tensor
 StepFunction = Callable[[Tensor, Tensor, object], tuple[Tensor, Tensor, Tensor | None, object]]
 
 
+class GraphCaptureError(RuntimeError):
+    """The step did something a CUDA graph cannot hold (a host sync such as `.item()`, a CPU tensor)."""
+
+
 def state_tensors(state) -> list[Tensor] | None:
     """The tensors of a state a graph can carry (None, a Tensor or a tuple of Tensors), else None."""
     if state is None:
@@ -78,9 +82,17 @@ class GraphedTrainingStep:
         for static, value in zip(self._inputs, inputs):
             if static is not value:
                 static.copy_(value)
+        self._bind_gradients()
         self.graph.replay()
         aux = None if self._aux is None else self._aux.clone()
         return self._loss.clone(), aux, self._state  # clones: the next replay overwrites the outputs
+
+    def _bind_gradients(self) -> None:
+        """Point `.grad` back at the tensors the graph writes: anything may have released them since
+        (Lightning sets them to None before every validation), and the optimizer reads `.grad`."""
+        for p, grad in zip(self.parameters, self._grads):
+            if p.grad is not grad:
+                p.grad = grad
 
     def _eager(self, x: Tensor, y: Tensor, state) -> tuple[Tensor, Tensor, Tensor | None, object]:
         for p in self.parameters:
@@ -99,6 +111,7 @@ class GraphedTrainingStep:
 
     def _eager_into_graph_grads(self, x: Tensor, y: Tensor, state):
         """An eager step that leaves its gradients in the tensors the graph writes (and the optimizer holds)."""
+        self._bind_gradients()
         total, loss, aux, state = self.step(x, y, state)
         grads = torch.autograd.grad(total, self.parameters, allow_unused=True)
         for static, grad in zip(self._grads, grads):
@@ -113,11 +126,16 @@ class GraphedTrainingStep:
         for p in self.parameters:
             p.grad = None  # backward allocates them from the graph's memory pool, and replays write them
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            total, loss, aux, new_state = self.step(static_x, static_y, self._state)
-            total.backward()
-            for buffer, value in zip(carried, state_tensors(new_state) or []):
-                buffer.copy_(value.detach())
+        try:
+            with torch.cuda.graph(graph):
+                total, loss, aux, new_state = self.step(static_x, static_y, self._state)
+                total.backward()
+                for buffer, value in zip(carried, state_tensors(new_state) or []):
+                    buffer.copy_(value.detach())
+        except RuntimeError as err:
+            for p in self.parameters:
+                p.grad = None
+            raise GraphCaptureError(str(err).strip().splitlines()[0]) from err
         self.graph, self._loss, self._aux = graph, loss.detach(), None if aux is None else aux.detach()
         self._grads = [p.grad for p in self.parameters]
 

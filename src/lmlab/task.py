@@ -11,12 +11,12 @@ from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import move_data_to_device
+from pytorch_lightning.utilities import move_data_to_device, rank_zero_warn
 from torchmetrics import SumMetric
 
 from lmlab.data.windows import IGNORE_INDEX
 from lmlab.errors import ConfigError
-from lmlab.graphed_step import GraphedTrainingStep, state_tensors
+from lmlab.graphed_step import GraphCaptureError, GraphedTrainingStep, state_tensors
 from lmlab.metrics import split_scores, token_nats
 from lmlab.models import LanguageModel, count_parameters, detach_state, state_from_data, state_to_data
 from lmlab.optim import ValidationPlateau, decayed_parameters, lightning_scheduler, parameter_groups, schedule_arguments
@@ -144,7 +144,16 @@ class LanguageModelTask(pl.LightningModule):
         state = None
         if self.stateful:
             state = self._train_state if self._train_state is not None else self.model.init_state(x.size(0), x.device)
-        loss, aux, state = self._graphed(x, y, state)
+        try:
+            loss, aux, state = self._graphed(x, y, state)
+        except GraphCaptureError as err:
+            if self.cuda_graphs is True:
+                raise ConfigError(
+                    f"task.cuda_graphs=true: this model's step cannot be captured ({err}); set task.cuda_graphs=false"
+                ) from None
+            rank_zero_warn(f"task.cuda_graphs=auto: this model's step cannot be captured ({err}); training eagerly")
+            self._graphed = None  # this step and the rest run eagerly, Lightning's backward included
+            return self._step_loss(x, y, training=True)
         if self.stateful:
             self._train_state = state
         return loss, aux
