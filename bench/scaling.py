@@ -17,6 +17,7 @@ straight run's, and the sharded checkpoint is read back in one process as genera
     python bench/scaling.py --gpus 1,2                          # both models, DDP and FSDP, then the resume check
     python bench/scaling.py --gpus 1,2,4,8 --resume-model llama-1b   # issue 15, on 8 GPUs
     python bench/scaling.py --tiny --gpus 1 --strategies ddp    # a CPU smoke test of this script
+    python bench/scaling.py --gpus 2 --strategies ddp --set trainer.strategy.bucket_cap_mb=100   # a DDP setting
 
 `--budget-s` bounds the whole run: configurations that would start after it are reported as skipped.
 Results: RESULTS/scaling.json (bench/results/, or $LMLAB_RESULTS_DIR) and a markdown table on stdout.
@@ -120,7 +121,12 @@ def throughput_worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     _, _, vocab_size, batch, context = MODELS[args.model]
     cfg = compose_run(
-        args.model, args.strategy, args.devices, Path(args.json).parent, args.tiny, (f"task.compile={args.compile}",)
+        args.model,
+        args.strategy,
+        args.devices,
+        Path(args.json).parent,
+        args.tiny,
+        (f"task.compile={args.compile}", *args.set),
     )
     model = build(cfg.model, "model", vocab_size=vocab_size)
     timer = StepTimer(args.warmup, args.steps)
@@ -241,6 +247,7 @@ def _worker_command(args: argparse.Namespace, mode: str, **settings) -> list[str
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", mode]
     for key, value in settings.items():
         command += [f"--{key.replace('_', '-')}", str(value)]
+    command += [f"--set={override}" for override in args.set]
     return command + (["--tiny"] if args.tiny else []) + ([] if args.compile else ["--no-compile"])
 
 
@@ -353,6 +360,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt-every", type=int, default=10)
     p.add_argument("--budget-s", type=float, default=3600.0, help="start nothing after this many seconds")
     p.add_argument("--name", default="scaling", help="results file: RESULTS/<name>.json")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help="a train.py override for the throughput rows, e.g. trainer.strategy.static_graph=true",
+    )
     p.add_argument("--tiny", action="store_true", help="a 2-layer GPT on CPU: checks this script, measures nothing")
     p.add_argument("--worker", choices=["throughput", "resume"], help=argparse.SUPPRESS)
     for hidden in ("--model", "--strategy", "--json", "--run-dir", "--phase"):
