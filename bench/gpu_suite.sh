@@ -30,6 +30,9 @@ python3 bench/throughput.py --preset lstm-medium --preset gru-medium --steps 200
   --name gpu_recurrent_shipped
 stage "issue 17: char GPT 4x256, batch 64x128, shipped configuration vs plain loop"
 python3 bench/throughput.py --preset char-gpt --steps 200 --warmup 20 --repeats 3 --name gpu_char_gpt_shipped
+stage "issue 17: the same three with the eager step (task.cuda_graphs=false), for comparison"
+python3 bench/throughput.py --preset lstm-medium --preset gru-medium --preset char-gpt --steps 200 --warmup 20 \
+  --repeats 3 --cuda-graphs false --name gpu_throughput_graphs_off
 stage "issue 17: where an LSTM step's host time goes"
 python3 bench/overhead_profile.py --preset lstm-medium --steps 100 --warmup 20 --top 20 \
   --name gpu_overhead_profile_lstm
@@ -37,6 +40,7 @@ python3 bench/overhead_profile.py --preset lstm-medium --steps 100 --warmup 20 -
 stage "issue 16: GPT-2 small, lmlab vs nanoGPT's bench.py, same card"
 python3 bench/nanogpt_side_by_side.py --nanogpt "$NANOGPT" --batch 12 --batch 32 --winner-only --timeout 240 \
   --variant "compiled=" \
+  --variant "eager-step=--cuda-graphs false" \
   --variant "compiled+cudnn+chunked=--attention cudnn --loss-chunk-rows 8192" \
   --name gpu_gpt2_vs_nanogpt
 
