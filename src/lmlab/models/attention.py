@@ -4,14 +4,12 @@ grouped-query form, and what the attention language models share (AttentionLM)."
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmlab.models.base import LanguageModel, check_dropout, check_heads, check_sizes
-from lmlab.models.moe import MoE, is_moe_layer
 from lmlab.models.rope import apply_rope
 from lmlab.models.state import KVCache
 
@@ -115,22 +113,6 @@ def check_attention(
     check_sizes(vocab_size=vocab_size, d_model=d_model, n_layer=n_layer, n_head=n_head, **other_sizes)
     check_heads(d_model, n_head)
     check_dropout(dropout)
-
-
-def mlp_or_moe(
-    layer: int,
-    make_mlp: Callable[[], nn.Module],
-    d_model: int,
-    n_experts: int,
-    top_k: int,
-    moe_every: int,
-    aux_loss_weight: float,
-) -> nn.Module:
-    """The feed-forward of layer `layer`: a mixture of `make_mlp` experts on every `moe_every`-th
-    layer when n_experts > 0 (GPT, Llama and Jamba share this rule), else one make_mlp()."""
-    if is_moe_layer(layer, n_experts, moe_every):
-        return MoE(d_model, n_experts, top_k, aux_loss_weight, make_mlp)
-    return make_mlp()
 
 
 def check_kv_heads(n_head: int, n_kv_head: int) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lmlab.models.attention import AttentionLM, CausalSelfAttention, mlp_or_moe, positions
+from lmlab.models.attention import AttentionLM, CausalSelfAttention, positions
 from lmlab.models.base import padded_vocab_size
-from lmlab.models.moe import check_moe
+from lmlab.models.moe import check_moe, mlp_or_moe
 from lmlab.models.state import KVCache
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lmlab.models.attention import GroupedQueryAttention, check_attention, check_kv_heads, mlp_or_moe, positions
+from lmlab.models.attention import GroupedQueryAttention, check_attention, check_kv_heads, positions
 from lmlab.models.base import LanguageModel, check_period, padded_vocab_size
 from lmlab.models.ffn import SwiGLU, swiglu_hidden
 from lmlab.models.mamba import (
@@ -23,7 +23,7 @@ from lmlab.models.mamba import (
     layer_states,
     stack_states,
 )
-from lmlab.models.moe import check_moe
+from lmlab.models.moe import check_moe, mlp_or_moe
 from lmlab.models.state import HybridCache, KVCache
 
 

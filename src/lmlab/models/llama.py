@@ -7,10 +7,10 @@ import math
 
 from torch import Tensor, nn
 
-from lmlab.models.attention import AttentionLM, GroupedQueryAttention, check_kv_heads, mlp_or_moe, positions
+from lmlab.models.attention import AttentionLM, GroupedQueryAttention, check_kv_heads, positions
 from lmlab.models.base import check_sizes, padded_vocab_size
 from lmlab.models.ffn import SwiGLU, swiglu_hidden
-from lmlab.models.moe import check_moe
+from lmlab.models.moe import check_moe, mlp_or_moe
 from lmlab.models.state import KVCache
 
 

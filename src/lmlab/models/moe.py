@@ -42,6 +42,22 @@ def is_moe_layer(layer: int, n_experts: int, moe_every: int) -> bool:
     return n_experts > 0 and (layer + 1) % moe_every == 0
 
 
+def mlp_or_moe(
+    layer: int,
+    make_mlp: Callable[[], nn.Module],
+    d_model: int,
+    n_experts: int,
+    top_k: int,
+    moe_every: int,
+    aux_loss_weight: float,
+) -> nn.Module:
+    """The feed-forward of layer `layer`: a mixture of `make_mlp` experts on every `moe_every`-th
+    layer when n_experts > 0 (GPT, Llama and Jamba share this rule), else one make_mlp()."""
+    if is_moe_layer(layer, n_experts, moe_every):
+        return MoE(d_model, n_experts, top_k, aux_loss_weight, make_mlp)
+    return make_mlp()
+
+
 class MoE(nn.Module):
     """`n_experts` copies of a feed-forward built by `make_expert`, and a linear router."""
 
