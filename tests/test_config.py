@@ -69,6 +69,17 @@ def test_default_run_is_gpt_on_characters_of_tiny_shakespeare(tmp_path):
     assert cfg.model.block_size == cfg.data.block_size
 
 
+def test_each_model_family_gets_its_own_adamw_rate_unless_one_is_given(tmp_path):
+    table = OmegaConf.load(CONF / "train.yaml").adamw_lr
+    models = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+    assert sorted(table) == models  # every family has a rate, and the table names no other
+    for model in models:
+        assert compose_config([f"model={model}"], tmp_path).task.optimizer.lr == table[model]
+    assert table.lstm > table.gpt  # recurrent cells want a higher rate (measured, docs/comparisons.md)
+    assert compose_config(["model=lstm", "task.optimizer.lr=1e-3"], tmp_path).task.optimizer.lr == 1e-3
+    assert compose_config(["model=lstm", "optimizer=sgd"], tmp_path).task.optimizer.lr == 1.0  # AdamW's only
+
+
 def test_unknown_choice_is_reported_without_a_traceback():
     result = subprocess.run(
         [sys.executable, "train.py", "model=resnet"], cwd=REPO, capture_output=True, text=True, timeout=120

@@ -258,6 +258,14 @@ def test_each_pair_gets_the_learning_rate_with_the_best_validation_score(tmp_pat
     assert "| 2 | gpt, char | 0.003 | 0.001 0.003 0.01 |  | 1.8000 | 1.8500 | 1 |" in markdown
 
 
+def test_runs_made_under_different_default_rate_tables_stay_one_grid(tmp_path):
+    _grid(tmp_path, "gpt", {1e-3: (2.0, 2.0), 3e-3: (1.8, 1.85)})
+    config = tmp_path / "model=gpt,tokenizer=char,task.optimizer.lr=0.003" / "config.yaml"
+    config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "adamw_lr": {"gpt": 1e-2}}))
+    (choice,) = choose_learning_rates(find_runs([tmp_path]))  # the table acts only through lr, which differs anyway
+    assert choice.grid == (1e-3, 3e-3) and choice.lr == 3e-3
+
+
 def test_a_best_rate_at_the_edge_of_its_grid_is_flagged(tmp_path):
     _grid(tmp_path, "gpt", {1e-3: (2.0, 2.0), 3e-3: (1.8, 1.8), 1e-2: (1.9, 1.9)})
     _grid(tmp_path, "lstm", {1e-3: (2.2, 2.2), 3e-3: (2.1, 2.1), 1e-2: (1.7, 1.7)})
