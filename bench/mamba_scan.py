@@ -3,6 +3,7 @@ reference (and mamba-ssm's fused CUDA kernel where it imports), at sequence leng
 
     python bench/mamba_scan.py --device cuda                          # one Mamba layer of a ~100M model
     python bench/mamba_scan.py --device cpu --d-inner 64 --seq-lens 256 512 --repeats 2   # a quick CPU check
+    python bench/mamba_scan.py --device cpu --d-inner 256 --batch 2 --sequential-up-to 2048 --repeats 1
 
 Writes bench/results/mamba_scan_<device>.json (machine, versions, git commit, one row per length
 and method). Inputs are random with Mamba's shapes (u, dt, z [B, T, d_inner]; B, C [B, T, d_state]);
@@ -86,6 +87,15 @@ def main() -> None:
     parser.add_argument("--d-state", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--name", default=None, help="results file: bench/results/NAME.json (default mamba_scan_<device>)"
+    )
+    parser.add_argument(
+        "--sequential-up-to",
+        type=int,
+        default=None,
+        help="skip the sequential reference beyond this length (slow on CPU)",
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -96,12 +106,17 @@ def main() -> None:
     rows = []
     for length in args.seq_lens:
         tensors = inputs(args.batch, length, args.d_inner, args.d_state, device)
-        for method in methods:
+        skip = {"sequential"} if args.sequential_up_to is not None and length > args.sequential_up_to else set()
+        measured = {}
+        for method in (m for m in methods if m not in skip):
             row = {"seq_len": length, "method": method, **measure(method, tensors, args.repeats, device)}
             rows.append(row)
+            measured[method] = row
             print(row, flush=True)
-        parallel, sequential = (r for r in rows[-len(methods) :][:2])
-        parallel["speed-up vs sequential"] = sequential["fwd+bwd ms"] / parallel["fwd+bwd ms"]
+        if "sequential" in measured:
+            measured["parallel"]["speed-up vs sequential"] = (
+                measured["sequential"]["fwd+bwd ms"] / measured["parallel"]["fwd+bwd ms"]
+            )
 
     print(
         f"batch {args.batch}, d_inner {args.d_inner}, d_state {args.d_state}, fp32, {device.type}, "
@@ -109,7 +124,7 @@ def main() -> None:
     )
     print(table(rows, list(dict.fromkeys(k for r in rows for k in r))))
     settings = {k: getattr(args, k) for k in ("batch", "d_inner", "d_state", "repeats", "threads")}
-    path = write_results(f"mamba_scan_{device.type}", {"settings": settings, "rows": rows})
+    path = write_results(args.name or f"mamba_scan_{device.type}", {"settings": settings, "rows": rows})
     print(f"wrote {path}")
 
 

@@ -75,7 +75,7 @@ class Jamba(LanguageModel):
         block_size: int = 256,
         tie_weights: bool = True,
         norm_eps: float = 1e-5,
-        scan: str = "parallel",
+        scan: str = "auto",
         kernels: str = "auto",
         recompute_scan: bool = True,
         pad_vocab_to: int = 1,

@@ -60,7 +60,7 @@ class MambaMixer(nn.Module):
         d_conv: int = 4,
         expand: int = 2,
         dt_rank: int | None = None,
-        scan: str = "parallel",
+        scan: str = "auto",
         kernels: str = "auto",
         recompute_scan: bool = True,
         dt_min: float = 1e-3,
@@ -159,8 +159,8 @@ class Mamba(LanguageModel):
     """Embedding -> n_layer Mamba blocks -> RMSNorm -> (tied) output layer. No context limit.
 
     Like RecurrentLM it always returns its state, so truncated BPTT (data.stateful) and generation
-    carry it. `scan` picks the pure-PyTorch scan (parallel for training, sequential as the
-    reference); `kernels=auto` uses mamba-ssm's CUDA scan when it is installed and the input is on
+    carry it. `scan` picks the pure-PyTorch scan (`auto`: parallel on a GPU, sequential on a CPU,
+    where it is faster; both compute the same recurrence); `kernels=auto` uses mamba-ssm's CUDA scan when it is installed and the input is on
     a GPU (from a fresh state), `torch` never, `cuda` insists on it.
     """
 
@@ -176,7 +176,7 @@ class Mamba(LanguageModel):
         dropout: float = 0.0,
         tie_weights: bool = True,
         norm_eps: float = 1e-5,
-        scan: str = "parallel",
+        scan: str = "auto",
         kernels: str = "auto",
         recompute_scan: bool = True,
         pad_vocab_to: int = 1,

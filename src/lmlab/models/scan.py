@@ -12,7 +12,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-SCANS = ("parallel", "sequential")
+SCANS = ("auto", "parallel", "sequential")
+
+
+def resolve_scan(method: str, device: torch.device) -> str:
+    """`auto`: the parallel scan on a GPU, where its log depth pays; the sequential one on a CPU, where
+    the parallel scan's extra elementwise work costs more than its depth saves (1.3-1.8x slower
+    forward + backward at 64-4,096 steps, docs/benchmarks.md)."""
+    if method != "auto":
+        return method
+    return "parallel" if device.type == "cuda" else "sequential"
 
 
 def parallel_scan(a: Tensor, b: Tensor) -> Tensor:
@@ -30,10 +39,13 @@ def parallel_scan(a: Tensor, b: Tensor) -> Tensor:
 
 
 def sequential_scan(a: Tensor, b: Tensor) -> Tensor:
-    """The same recurrence one step at a time: the reference the parallel scan must equal."""
+    """The same recurrence one step at a time: the reference the parallel scan must equal.
+
+    The steps come from unbind(): indexing a[:, t] instead would make each step's backward write a
+    full-size gradient of `a`, a backward quadratic in T."""
     h, out = torch.zeros_like(b[:, 0]), []
-    for t in range(a.size(1)):
-        h = a[:, t] * h + b[:, t]
+    for a_t, b_t in zip(a.unbind(1), b.unbind(1)):
+        h = a_t * h + b_t
         out.append(h)
     return torch.stack(out, dim=1)
 
@@ -47,7 +59,7 @@ def selective_scan(
     D: Tensor,
     z: Tensor,
     h0: Tensor | None = None,
-    method: str = "parallel",
+    method: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Mamba's S6 layer (Gu & Dao 2023, algorithm 2) with its skip and gate, computed in fp32.
 
@@ -61,6 +73,6 @@ def selective_scan(
     b = (dt * u).unsqueeze(-1) * B.unsqueeze(2)
     if h0 is not None:  # start from h0: fold it into the first step
         b = torch.cat([b[:, :1] + a[:, :1] * h0.float().unsqueeze(1), b[:, 1:]], dim=1)
-    h = (parallel_scan if method == "parallel" else sequential_scan)(a, b)
+    h = (parallel_scan if resolve_scan(method, a.device) == "parallel" else sequential_scan)(a, b)
     y = torch.einsum("btdn,btn->btd", h, C) + u * D.float()
     return (y * torch.nn.functional.silu(z)).to(dtype), h[:, -1]
