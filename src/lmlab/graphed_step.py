@@ -115,8 +115,12 @@ class GraphedTrainingStep:
         total, loss, aux, state = self.step(x, y, state)
         grads = torch.autograd.grad(total, self.parameters, allow_unused=True)
         for static, grad in zip(self._grads, grads):
-            if static is not None:
-                static.copy_(grad) if grad is not None else static.zero_()
+            if static is None:
+                continue
+            if grad is None:
+                static.zero_()
+            else:
+                static.copy_(grad)
         return loss.detach(), None if aux is None else aux.detach(), _detached(state)
 
     def _capture(self, x: Tensor, y: Tensor, state) -> None:
