@@ -108,14 +108,16 @@ class LanguageModelTask(pl.LightningModule):
         )
         return loss, state, self.model.aux_loss()
 
+    def _pinned_loss(self, x: torch.Tensor, y: torch.Tensor, state, training: bool):
+        """`_loss` under the pinned attention kernel: the mean training loss or the summed nats."""
+        with self._attention():
+            return self._loss(x, y, state, self.label_smoothing if training else 0.0, "mean" if training else "sum")
+
     def _step_loss(self, x: torch.Tensor, y: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Mean loss (training) or summed nats (evaluation), and the auxiliary loss, carrying recurrent
         state across batches when the data is stateful."""
         state = (self._train_state if training else self._eval_state) if self.stateful else None
-        with self._attention():
-            loss, state, aux = self._loss(
-                x, y, state, self.label_smoothing if training else 0.0, "mean" if training else "sum"
-            )
+        loss, state, aux = self._pinned_loss(x, y, state, training)
         if self.stateful and training:
             self._train_state = detach_state(state)
         elif self.stateful:
@@ -159,8 +161,7 @@ class LanguageModelTask(pl.LightningModule):
         return loss, aux
 
     def _graph_step_function(self, x: torch.Tensor, y: torch.Tensor, state):
-        with self._attention():
-            loss, state, aux = self._loss(x, y, state, self.label_smoothing, "mean")
+        loss, state, aux = self._pinned_loss(x, y, state, training=True)
         return (loss if aux is None else loss + aux), loss, aux, state
 
     def cuda_graph_obstacle(self) -> str | None:
