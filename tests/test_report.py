@@ -209,6 +209,15 @@ def test_single_run_directories_and_several_sweeps_can_be_compared(tmp_path):
     assert labels == ["s1/model=gpt", "s2/model=gpt"]
 
 
+def test_a_grid_split_over_two_sweeps_is_one_choice_named_without_the_sweeps(tmp_path):
+    for sweep, lr, val_bpb in (("gpu0", 1e-3, 2.1), ("more", 3e-2, 2.0)):
+        name = f"model=gru,tokenizer=char,task.optimizer.lr={lr}"
+        fake_run(tmp_path / sweep, name, model="gru", tokenizer="char", lr=lr, val_bpb=val_bpb, test_bpb=val_bpb)
+    (choice,) = choose_learning_rates(find_runs([tmp_path / "gpu0", tmp_path / "more"]))
+    assert choice.grid == (1e-3, 3e-2) and choice.lr == 3e-2
+    assert choice.name == "gru, char"
+
+
 def test_nothing_to_compare_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="no runs under"):
         find_runs([tmp_path])

@@ -54,9 +54,19 @@ class Choice:
 
 
 def _setting(run: Run) -> str:
-    """The run's label without model, tokenizer, learning rate and seed: what else its group varies."""
+    """The run's label without model, tokenizer, learning rate and seed: what else its group varies.
+
+    A group can gather runs from several sweeps (a grid split over GPUs, or extended later), so the
+    sweep's name that prefixes a merged label ("sweep/model=gru") names none of them and is dropped.
+    """
     dropped = ("model=", "tokenizer=", "task.optimizer.lr=", "seed=")
-    return ",".join(p for p in (run.label or run.name).split(",") if p and not p.startswith(dropped))
+    parts = (_without_sweep(p) for p in (run.label or run.name).split(","))
+    return ",".join(p for p in parts if p and not p.startswith(dropped))
+
+
+def _without_sweep(part: str) -> str:
+    key, equals, value = part.partition("=")
+    return key.rsplit("/", 1)[-1] + equals + value if equals else part
 
 
 def choose_learning_rates(runs: Iterable[Run]) -> list[Choice]:
