@@ -285,6 +285,17 @@ def test_a_best_rate_at_the_edge_of_its_grid_is_flagged(tmp_path):
     assert "at the highest rate: extend the grid" in markdown and "at the lowest rate: extend the grid" in markdown
 
 
+def test_a_higher_rate_that_diverged_brackets_the_grid_and_a_crash_does_not(tmp_path):
+    _grid(tmp_path / "a", "gru", {1e-3: (2.2, 2.2), 1e-2: (1.9, 1.9)})
+    _grid(tmp_path / "b", "lstm", {1e-3: (2.2, 2.2), 1e-2: (1.9, 1.9)})
+    nan = "the training loss became nan at step 190; the last good checkpoint is ..."
+    for sweep, model, error in (("a", "gru", nan), ("b", "lstm", "CUDA out of memory")):
+        name = f"model={model},tokenizer=char,task.optimizer.lr=0.03"
+        fake_run(tmp_path / sweep, name, model=model, tokenizer="char", lr=3e-2, status="failed", error=error)
+    edges = {c.model: (c.edge, c.failed) for c in choose_learning_rates(find_runs([tmp_path]))}
+    assert edges == {"gru": ("", (3e-2,)), "lstm": ("highest", (3e-2,))}
+
+
 def test_a_rate_whose_runs_all_failed_is_listed_but_never_chosen(tmp_path):
     _grid(tmp_path, "gpt", {1e-3: (2.0, 2.0), 3e-3: (1.8, 1.8)})
     fake_run(tmp_path, "model=gpt,task.optimizer.lr=0.01", model="gpt", tokenizer="char", lr=1e-2, status="failed")

@@ -28,6 +28,7 @@ class Choice:
     grid: tuple[float, ...]  # every rate of the group with a completed run, ascending
     runs: tuple[Run, ...]  # the chosen rate's completed runs (its seeds)
     failed: tuple[float, ...]  # rates none of whose runs completed (e.g. diverged)
+    diverged: tuple[float, ...] = ()  # the failed rates whose runs all stopped on a NaN or infinite loss
 
     def mean(self, key: str) -> float:
         values = [run.score(key) for run in self.runs if math.isfinite(run.score(key))]
@@ -39,10 +40,18 @@ class Choice:
 
     @property
     def edge(self) -> str:
-        """ "lowest" or "highest" when the chosen rate is at that end of a grid of two or more, else ""."""
+        """ "lowest" or "highest" when the chosen rate is at that end of a grid of two or more, else "".
+
+        A rate beyond the chosen one whose runs diverged brackets the grid as well as a scored one:
+        the best rate lies between them, so no extension is asked for.
+        """
         if self.lr is None or len(self.grid) < 2:
             return ""
-        return "lowest" if self.lr == self.grid[0] else "highest" if self.lr == self.grid[-1] else ""
+        if self.lr == self.grid[0] and not any(lr < self.lr for lr in self.diverged):
+            return "lowest"
+        if self.lr == self.grid[-1] and not any(lr > self.lr for lr in self.diverged):
+            return "highest"
+        return ""
 
     @property
     def optimistic(self) -> bool:
@@ -62,6 +71,13 @@ def _setting(run: Run) -> str:
     dropped = ("model=", "tokenizer=", "task.optimizer.lr=", "seed=")
     parts = (_without_sweep(p) for p in (run.label or run.name).split(","))
     return ",".join(p for p in parts if p and not p.startswith(dropped))
+
+
+def _diverged(run: Run) -> bool:
+    """Stopped by lmlab's check for a NaN or infinite loss or weights (lmlab.callbacks), a sign of too
+    high a rate, unlike a crash or a kill, which says nothing about the rate."""
+    error = str(run.metrics.get("error", "")).lower()
+    return run.status == "failed" and any(f"became {word}" in error for word in ("nan", "inf", "-inf"))
 
 
 def _without_sweep(part: str) -> str:
@@ -92,12 +108,10 @@ def choose_learning_rates(runs: Iterable[Run]) -> list[Choice]:
         best = min(scored, key=lambda lr: (scored[lr], lr or 0.0)) if scored else None
         grid = tuple(sorted(lr for lr in scored if lr is not None))
         failed = tuple(sorted(lr for lr in by_lr if lr is not None and lr not in scored))
+        diverged = tuple(lr for lr in failed if all(_diverged(r) for r in by_lr[lr]))
         first = members[0]
-        choices.append(
-            Choice(
-                first.model, first.tokenizer, _setting(first), best, grid, tuple(done[best]) if scored else (), failed
-            )
-        )
+        chosen = tuple(done[best]) if scored else ()
+        choices.append(Choice(first.model, first.tokenizer, _setting(first), best, grid, chosen, failed, diverged))
 
     def rank(choice: Choice) -> tuple:
         test = choice.mean("test/bpb")
