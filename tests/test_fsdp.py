@@ -374,9 +374,14 @@ def test_train_py_trains_scores_and_samples_under_fsdp(tmp_path):
     corpus.write_text(SHAKESPEARE.read_text()[:20_000])
     mp.spawn(_train_main, args=(_free_port(), corpus, run_dir), nprocs=2, join=True)
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["status"] == "completed" and metrics["steps"] == 5 and metrics["best_step"] == STOP
-    curve = (run_dir / "curve.csv").read_text().splitlines()
-    best_bpb = float(curve[1].split(",")[-1])  # val/bpb logged at step 3, during training
-    assert metrics["val/bpb"] == pytest.approx(best_bpb, abs=1e-5)  # the sharded best checkpoint scored again
+    assert metrics["status"] == "completed" and metrics["steps"] == 5
+    curve = {
+        int(line.split(",")[0]): float(line.split(",")[-1])
+        for line in (run_dir / "curve.csv").read_text().splitlines()[1:]
+    }
+    assert list(curve) == [STOP, 5]  # validated every 3 steps, and at the last step
+    best = metrics["best_step"]
+    assert curve[best] == min(curve.values())
+    assert metrics["val/bpb"] == pytest.approx(curve[best], abs=1e-5)  # the sharded best checkpoint scored again
     assert len((run_dir / "sample.txt").read_text()) >= 20  # sample.max_new_tokens=20 characters
     assert is_sharded(run_dir / "checkpoints" / "last.ckpt")

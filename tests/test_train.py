@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from lmlab.run.train import train
 from tests.helpers import MODELS, REPO, TOKENIZERS, compose_config, tiny_overrides
@@ -41,6 +42,15 @@ def test_every_model_trains_with_every_tokenizer(tmp_path, small_corpus, model, 
     assert metrics["val/loss"] < math.log(metrics["vocab_size"])
     assert math.isclose(metrics["val/ppl"], math.exp(metrics["val/loss"]), rel_tol=1e-4)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["test/bpb"] == metrics["test/bpb"]
+
+
+def test_the_last_step_is_validated_and_saved_when_the_interval_does_not_divide_it(tmp_path, small_corpus):
+    overrides = tiny_overrides("gpt", small_corpus, steps=13) + ["trainer.val_check_interval=5"]
+    metrics = train(compose_config(overrides, tmp_path / "run"))
+    curve = (tmp_path / "run" / "curve.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in curve[1:]] == ["5", "10", "13"]
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == metrics["steps"] == 13
 
 
 @pytest.mark.slow

@@ -137,6 +137,15 @@ class LanguageModelTask(pl.LightningModule):
                 self.log("train/aux_loss", aux, on_step=True, on_epoch=False)
         return loss if aux is None else loss + aux
 
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """End on the last step as a stopped run ends: with a validation, so its score and checkpoints
+        cover every step trained. Lightning otherwise finishes at max_steps without validating when the
+        validation interval does not divide it (1,850 steps every 500: last.ckpt and the score would be
+        step 1,500's, and the last 350 steps lost)."""
+        trainer = self.trainer
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
+
     def on_train_epoch_start(self) -> None:
         self._train_state = None
 
