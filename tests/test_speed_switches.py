@@ -15,7 +15,7 @@ from rich.console import Console
 from lmlab.callbacks import SyncFreeProgressBar, TokenThroughput
 from lmlab.models import GPT
 from lmlab.run.quiet import quiet_lightning
-from lmlab.task import LanguageModelTask
+from lmlab.task import SHORT_CPU_CONTEXT, LanguageModelTask, auto_attention
 
 
 def _losses(compile: bool, loss_chunk_rows: int = 0) -> list[float]:
@@ -156,12 +156,20 @@ def test_pinning_the_attention_kernel_keeps_the_loss():
     model = GPT(vocab_size=37, d_model=32, n_layer=1, n_head=2, block_size=16)
     seq = torch.randint(0, 37, (4, 17), generator=torch.Generator().manual_seed(1))
     losses = {}
-    for name in ("auto", "math"):
+    for name in ("auto", "flash", "math"):
         task = LanguageModelTask(model, optimizer=torch.optim.SGD, attention=name)
         losses[name] = task._step_loss(seq[:, :-1], seq[:, 1:], training=True)[0].item()
-    assert losses["math"] == pytest.approx(losses["auto"], rel=1e-5)
-    with LanguageModelTask(model, optimizer=torch.optim.SGD, attention="math")._attention():
+    assert losses["math"] == pytest.approx(losses["flash"], rel=1e-5) == pytest.approx(losses["auto"], rel=1e-5)
+    with LanguageModelTask(model, optimizer=torch.optim.SGD, attention="math")._attention(seq):
         assert torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
     assert torch.backends.cuda.flash_sdp_enabled()  # restored on exit
     with pytest.raises(ValueError, match="task.attention must be one of"):
         LanguageModelTask(model, optimizer=torch.optim.SGD, attention="fast")
+
+
+@pytest.mark.parametrize(("length", "math_only"), [(64, True), (SHORT_CPU_CONTEXT, True), (256, False)])
+def test_auto_attention_takes_the_math_kernel_for_short_contexts_on_a_cpu(length, math_only):
+    """On a CPU the flash kernel's backward is slow for short sequences (docs/benchmarks.md)."""
+    with auto_attention(torch.zeros(2, length, dtype=torch.long)):
+        assert torch.backends.cuda.flash_sdp_enabled() is not math_only
+        assert torch.backends.cuda.math_sdp_enabled()

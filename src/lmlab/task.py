@@ -12,6 +12,7 @@ from collections.abc import Callable
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import move_data_to_device, rank_zero_warn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torchmetrics import SumMetric
 
 from lmlab.data.windows import IGNORE_INDEX
@@ -24,22 +25,33 @@ from lmlab.optim import ValidationPlateau, decayed_parameters, lightning_schedul
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 
 
-def attention_context(name: str) -> Callable[[], contextlib.AbstractContextManager]:
-    """A context that pins scaled_dot_product_attention to one kernel (`task.attention`); "auto" lets
-    PyTorch pick. On Hopper, cuDNN's attention is often faster than flash for training."""
+SHORT_CPU_CONTEXT = 128  # up to here a CPU trains faster with the math attention kernel (auto_attention)
+
+
+def attention_context(name: str) -> Callable[[torch.Tensor], contextlib.AbstractContextManager]:
+    """A context, given the batch's token ids, that pins scaled_dot_product_attention to one kernel
+    (`task.attention`); "auto" is `auto_attention`. On Hopper, cuDNN's attention is often faster than
+    flash for training."""
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"task.attention must be one of {', '.join(ATTENTION_BACKENDS)} (got {name!r})")
     if name == "auto":
-        return contextlib.nullcontext
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
+        return auto_attention
     backend = {
         "cudnn": SDPBackend.CUDNN_ATTENTION,
         "flash": SDPBackend.FLASH_ATTENTION,
         "efficient": SDPBackend.EFFICIENT_ATTENTION,
         "math": SDPBackend.MATH,
     }[name]
-    return lambda: sdpa_kernel([backend])
+    return lambda idx: sdpa_kernel([backend])
+
+
+def auto_attention(idx: torch.Tensor) -> contextlib.AbstractContextManager:
+    """PyTorch's choice of kernel, except for contexts of up to 128 tokens on a CPU. There its flash
+    kernel's backward takes about 8x its forward, and the plain math kernel trains the default GPT
+    1.35x faster under bf16 (level in fp32); from 256 tokens flash is faster (docs/benchmarks.md)."""
+    if idx.device.type == "cpu" and idx.size(-1) <= SHORT_CPU_CONTEXT:
+        return sdpa_kernel([SDPBackend.MATH])
+    return contextlib.nullcontext()
 
 
 class LanguageModelTask(pl.LightningModule):
@@ -110,7 +122,7 @@ class LanguageModelTask(pl.LightningModule):
 
     def _pinned_loss(self, x: torch.Tensor, y: torch.Tensor, state, training: bool):
         """`_loss` under the pinned attention kernel: the mean training loss or the summed nats."""
-        with self._attention():
+        with self._attention(x):
             return self._loss(x, y, state, self.label_smoothing if training else 0.0, "mean" if training else "sum")
 
     def _step_loss(self, x: torch.Tensor, y: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
