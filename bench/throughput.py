@@ -46,6 +46,7 @@ from lmlab.callbacks import SyncFreeProgressBar, TokenThroughput
 from lmlab.metrics import token_nats
 from lmlab.models import GPT, RecurrentLM, count_parameters, detach_state
 from lmlab.optim import parameter_groups, warmup_cosine
+from lmlab.run.precision import cpu_has_native_bf16
 from lmlab.run.quiet import quiet_lightning
 from lmlab.task import LanguageModelTask, attention_context
 
@@ -97,12 +98,12 @@ PRESETS = {
         precision="bf16-mixed",
         compile=True,
     ),
-    "default": Preset(
+    "default": Preset(  # bf16 where the CPU has it natively, as the shipped trainer.precision=auto
         lambda v, b: GPT(v, d_model=128, n_layer=3, n_head=4, block_size=b),
         vocab=66,
         batch=32,
         block=64,
-        precision="32-true",
+        precision="bf16-mixed",
         compile=False,
         lr=4e-3,
     ),
@@ -115,7 +116,7 @@ PRESETS = {
         compile=False,
         lr=1e-3,
     ),
-    "char-gpt": Preset(  # a small character model on a GPU (bf16 there, fp32 on CPU)
+    "char-gpt": Preset(  # a small character model on a GPU (bf16; on a CPU only where native)
         lambda v, b: GPT(v, d_model=256, n_layer=4, n_head=4, block_size=b),
         vocab=65,
         batch=64,
@@ -149,8 +150,10 @@ def sync(device: torch.device) -> None:
 
 
 def precision(p: Preset, device: torch.device) -> str:
-    """The preset's precision on a GPU; fp32 on a CPU, for both loops."""
-    return p.precision if device.type == "cuda" else "32-true"
+    """The preset's precision, for both loops; on a CPU bf16 only where it is native (lmlab's `auto`)."""
+    if device.type == "cuda" or (p.precision.startswith("bf16") and cpu_has_native_bf16()):
+        return p.precision
+    return "32-true"
 
 
 def plain_loop(p: Preset, model: torch.nn.Module, data, warmup: int, device: torch.device) -> float:
@@ -173,7 +176,7 @@ def plain_loop(p: Preset, model: torch.nn.Module, data, warmup: int, device: tor
             sync(device)
             start = clock()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast, attention():
+        with autocast, attention(x):
             loss, state = loss_fn(x, y, state if p.stateful else None)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -39,9 +39,10 @@ def tiny_sweep(tmp_path_factory, small_corpus) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, small_corpus) -> Path:
     """The run directory of a tiny GPT trained 20 steps on characters: the checkpoint, generation and
-    evaluation tests share its checkpoints."""
+    evaluation tests share its checkpoints. In fp32 whatever the CPU, so that evaluate.py (fp32)
+    reproduces its validation score exactly."""
     from lmlab.run.train import train
 
     run = tmp_path_factory.mktemp("trained") / "run"
-    train(compose_config(tiny_overrides("gpt", small_corpus), run))
+    train(compose_config([*tiny_overrides("gpt", small_corpus), "trainer.precision=32-true"], run))
     return run

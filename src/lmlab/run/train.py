@@ -39,6 +39,7 @@ from lmlab.run.checks import (
 )
 from lmlab.run.dashboards import log_final, log_run_info
 from lmlab.run.distributed import check_distributed, full_weights
+from lmlab.run.precision import resolve_precision
 from lmlab.run.quiet import quiet_lightning
 from lmlab.run.sizing import apply_target_params
 from lmlab.task import LanguageModelTask
@@ -79,6 +80,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
     check_training_length(cfg.trainer)
+    resolve_precision(cfg.trainer)
     sampling = SamplingConfig.from_config(cfg.sample)  # checked now rather than after the training
     max_bytes, max_flops = byte_budget(cfg), flops_budget(cfg)
     output_dir = Path(cfg.paths.output_dir)
