@@ -316,6 +316,14 @@ def test_optimistic_runs_rank_below_every_run_that_pays_for_every_byte(tmp_path)
     assert labels == ["tokenizer=char", "tokenizer=word (optimistic)"]
 
 
+def test_a_tuned_sweep_draws_the_learning_curves_of_each_pairs_chosen_rate_only(tmp_path):
+    _grid(tmp_path, "gpt", {1e-3: (2.0, 2.0), 3e-3: (1.8, 1.8), 1e-2: (1.9, 1.9)})
+    _grid(tmp_path, "lstm", {1e-3: (2.2, 2.2), 3e-3: (2.1, 2.1), 1e-2: (1.7, 1.7)})
+    figure = learning_curves(find_runs([tmp_path]))
+    labels = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
+    assert labels == ["lstm, char (lr 0.01)", "gpt, char (lr 0.003)"]
+
+
 def test_the_compute_frontier_is_the_lower_envelope_of_every_curve():
     points = [(1.0, 3.0), (2.0, 2.5), (2.0, 2.7), (3.0, 2.6), (4.0, 2.0), (5.0, float("nan")), (6.0, 2.1)]
     assert frontier(points) == [(1.0, 3.0), (2.0, 2.5), (4.0, 2.0)]

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from lmlab.io import atomic_write_bytes
 from lmlab.report.runs import Run, read_curve
 from lmlab.report.tables import MODEL_ORDER, TOKENIZER_ORDER
-from lmlab.report.tuning import choose_learning_rates
+from lmlab.report.tuning import choose_learning_rates, tuned
 
 LINESTYLES = ("-", "--", ":", "-.")
 PLOT_LABELS = {"test/bpb": "test bits per byte", "val/bpb": "validation bits per byte"}
@@ -28,8 +28,27 @@ def _ordered(values: Iterable[str], preferred: tuple[str, ...]) -> list[str]:
 
 
 def learning_curves(runs: Iterable[Run]) -> Figure:
-    """Validation bits per byte against training bytes seen, one line per run (colour: model, dash: tokenizer)."""
+    """Validation bits per byte against training bytes seen, one line per run (colour: model, dash: tokenizer).
+
+    When the runs tune a learning rate, only each group's chosen rate is drawn (its seeds): a grid of
+    4 rates x 27 pairs would be 108 lines and a legend no one can read, and the other rates' curves
+    are in the runs' own folders and TensorBoard.
+    """
     runs = list(runs)
+    choices = choose_learning_rates(runs)
+    if tuned(choices):
+        drawn_runs = [
+            (run, f"{choice.name} (lr {choice.lr:g})" + (" (optimistic)" if run.optimistic else ""))
+            for choice in choices
+            for run in choice.runs
+        ]
+        title = "Learning curves at each pair's chosen learning rate"
+    else:
+        drawn_runs = [
+            (run, _shorten(run.label or run.name) + (" (optimistic)" if run.optimistic else ""))
+            for run in sorted(runs, key=lambda r: r.name)
+        ]
+        title = "Learning curves"
     colors = {model: f"C{i % 10}" for i, model in enumerate(_ordered((r.model for r in runs), MODEL_ORDER))}
     dashes = {
         tok: LINESTYLES[i % len(LINESTYLES)]
@@ -38,7 +57,7 @@ def learning_curves(runs: Iterable[Run]) -> Figure:
     fig = Figure(figsize=(10, 5.5), layout="constrained")
     ax = fig.subplots()
     drawn = 0
-    for run in sorted(runs, key=lambda r: r.name):
+    for run, label in drawn_runs:
         curve = read_curve(run.path)
         if curve:
             ax.plot(
@@ -47,15 +66,15 @@ def learning_curves(runs: Iterable[Run]) -> Figure:
                 marker=".",
                 color=colors[run.model],
                 linestyle=dashes[run.tokenizer],
-                label=_shorten(run.label or run.name) + (" (optimistic)" if run.optimistic else ""),
+                label=label,
             )
             drawn += 1
     ax.set_xlabel("training text seen (bytes)")
     ax.set_ylabel("validation bits per byte (lower is better)")
-    ax.set_title("Learning curves")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     if drawn:
-        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), ncols=1 + drawn // 30)
     else:
         ax.text(0.5, 0.5, "no validation points yet (curve.csv)", ha="center", va="center", transform=ax.transAxes)
     return fig
