@@ -89,24 +89,26 @@ def gpt2_rows(args: argparse.Namespace) -> list[dict]:
     rows = []
     for batch in args.batch:
         prompt = torch.randint(0, 50257, (batch, args.prompt), generator=torch.Generator().manual_seed(0)).to(device)
-        reference = None
-        for name, loop in loops.items():
-            loop(model, prompt, 8)  # warm-up: kernels chosen, compiled graphs built
-            best = float("inf")
-            for _ in range(args.repeats):
+        for loop in loops.values():  # warm-up at full length: every cache length's kernels chosen, graphs built
+            loop(model, prompt, args.new_tokens)
+        best = dict.fromkeys(loops, float("inf"))
+        outputs = {}
+        for _ in range(args.repeats):  # round robin: no loop is always the first one timed after a pause
+            for name, loop in loops.items():
                 sync(device)
                 start = time.perf_counter()
-                out = loop(model, prompt, args.new_tokens)
+                outputs[name] = loop(model, prompt, args.new_tokens)
                 sync(device)
-                best = min(best, time.perf_counter() - start)
-            reference = out if reference is None else reference
+                best[name] = min(best[name], time.perf_counter() - start)
+        reference = next(iter(outputs.values()))
+        for name, seconds in best.items():
             rows.append(
                 {
                     "batch": batch,
                     "loop": name,
-                    "tokens_per_s": batch * args.new_tokens / best,
-                    "ms_per_token_step": 1e3 * best / args.new_tokens,
-                    "same_tokens": bool(torch.equal(out, reference)),
+                    "tokens_per_s": batch * args.new_tokens / seconds,
+                    "ms_per_token_step": 1e3 * seconds / args.new_tokens,
+                    "same_tokens": bool(torch.equal(outputs[name], reference)),
                 }
             )
     return rows
