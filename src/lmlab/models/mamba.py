@@ -160,8 +160,9 @@ class Mamba(LanguageModel):
 
     Like RecurrentLM it always returns its state, so truncated BPTT (data.stateful) and generation
     carry it. `scan` picks the pure-PyTorch scan (`auto`: parallel on a GPU, sequential on a CPU,
-    where it is faster; both compute the same recurrence); `kernels=auto` uses mamba-ssm's CUDA scan when it is installed and the input is on
-    a GPU (from a fresh state), `torch` never, `cuda` insists on it.
+    where it is faster; both compute the same recurrence); `kernels=auto` uses mamba-ssm's CUDA scan
+    when it is installed and the input is on a GPU (from a fresh state), `torch` never, `cuda`
+    insists on it.
     """
 
     def __init__(

@@ -37,17 +37,10 @@ def learning_curves(runs: Iterable[Run]) -> Figure:
     runs = list(runs)
     choices = choose_learning_rates(runs)
     if tuned(choices):
-        drawn_runs = [
-            (run, f"{choice.name} (lr {choice.lr:g})" + (" (optimistic)" if run.optimistic else ""))
-            for choice in choices
-            for run in choice.runs
-        ]
+        drawn_runs = [(run, f"{choice.name} (lr {choice.lr:g})") for choice in choices for run in choice.runs]
         title = "Learning curves at each pair's chosen learning rate"
     else:
-        drawn_runs = [
-            (run, _shorten(run.label or run.name) + (" (optimistic)" if run.optimistic else ""))
-            for run in sorted(runs, key=lambda r: r.name)
-        ]
+        drawn_runs = [(run, _shorten(run.label or run.name)) for run in sorted(runs, key=lambda r: r.name)]
         title = "Learning curves"
     colors = {model: f"C{i % 10}" for i, model in enumerate(_ordered((r.model for r in runs), MODEL_ORDER))}
     dashes = {
@@ -66,7 +59,7 @@ def learning_curves(runs: Iterable[Run]) -> Figure:
                 marker=".",
                 color=colors[run.model],
                 linestyle=dashes[run.tokenizer],
-                label=label,
+                label=label + (" (optimistic)" if run.optimistic else ""),
             )
             drawn += 1
     ax.set_xlabel("training text seen (bytes)")

@@ -8,8 +8,9 @@ converts it, per run, to the `max_steps` that reads that many bytes:
 
 rounded to the nearest step, so runs of one sweep read the same text to within one optimizer step.
 The validation interval is then nudged (to between half and all of `trainer.val_check_interval`) so
-that the last validation falls on the final step, or a few steps before it: a run's score then
-covers (nearly) all of its budget, not only the part before its last scheduled validation.
+that the scheduled validations end on the final step, or a few steps before it: the curve's points
+stay evenly spaced. (Every run also validates on its last step, LanguageModelTask.on_train_batch_end,
+so its score covers all of its budget either way.)
 
 A compute budget (`budget.max_flops`) is the same idea in training FLOPs, the x axis of scaling
 studies: each run gets the steps whose FLOPs come nearest to it,
