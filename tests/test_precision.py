@@ -6,7 +6,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from lmlab.run import precision
-from lmlab.run.precision import resolve_precision
+from lmlab.errors import ConfigError
+from lmlab.run.precision import resolve_precision, set_float32_matmul_precision
 from lmlab.run.train import train
 from tests.helpers import compose_config, tiny_overrides
 
@@ -35,3 +36,23 @@ def test_a_run_records_the_precision_it_trained_in(monkeypatch, tmp_path, small_
     assert cfg.trainer.precision == "auto"  # the shipped default
     train(cfg)
     assert OmegaConf.load(tmp_path / "run" / "config.yaml").trainer.precision == "32-true"
+
+
+def test_float32_matmul_precision_is_checked_before_training(tmp_path, small_corpus):
+    cfg = compose_config(
+        tiny_overrides("gpt", small_corpus, steps=4) + ["float32_matmul_precision=tf32"], tmp_path / "r"
+    )
+    with pytest.raises(ConfigError, match="float32_matmul_precision='tf32' is not one of highest, high, medium"):
+        train(cfg)
+
+
+@pytest.mark.parametrize(("value", "cudnn_tf32"), [("highest", False), ("high", True)])
+def test_highest_also_turns_off_cudnn_tf32(monkeypatch, value, cudnn_tf32):
+    """cuDNN's LSTM ignores torch's matmul setting: a recipe asking for full fp32 must switch both."""
+    chosen = []
+    monkeypatch.setattr(precision.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(precision.torch, "set_float32_matmul_precision", chosen.append)
+    monkeypatch.setattr(precision.torch.backends.cudnn, "allow_tf32", not cudnn_tf32)
+    set_float32_matmul_precision(value)
+    assert chosen == [value]
+    assert precision.torch.backends.cudnn.allow_tf32 is cudnn_tf32

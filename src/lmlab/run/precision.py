@@ -11,7 +11,10 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig, open_dict
 
+from lmlab.errors import ConfigError
+
 AUTO = "auto"
+MATMUL_PRECISIONS = ("highest", "high", "medium")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -29,3 +32,20 @@ def resolve_precision(trainer_cfg: DictConfig) -> None:
     on_cpu = accelerator == "cpu" or (accelerator == AUTO and not torch.cuda.is_available())
     with open_dict(trainer_cfg):
         trainer_cfg.precision = "bf16-mixed" if on_cpu and cpu_has_native_bf16() else "32-true"
+
+
+def set_float32_matmul_precision(value: str) -> None:
+    """How a GPU multiplies fp32 matrices, cuDNN's recurrent and convolution kernels included.
+
+    `high` (the default) lets Ampere and newer GPUs use TF32 tensor cores: about 10 mantissa bits in
+    the products, much faster. `highest` keeps IEEE fp32 throughout, the numerics of a paper from
+    before TF32, for a recipe that reproduces one. torch's own switch covers matmuls only; cuDNN's
+    RNNs follow `torch.backends.cudnn.allow_tf32`, so both are set together."""
+    if value not in MATMUL_PRECISIONS:
+        raise ConfigError(
+            f"float32_matmul_precision={value!r} is not one of {', '.join(MATMUL_PRECISIONS)}: "
+            "highest is full fp32, high allows TF32 (the default)"
+        )
+    if torch.cuda.is_available():  # a CPU's fp32 products are left as they are
+        torch.set_float32_matmul_precision(value)
+        torch.backends.cudnn.allow_tf32 = value != "highest"

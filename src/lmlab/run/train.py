@@ -39,7 +39,7 @@ from lmlab.run.checks import (
 )
 from lmlab.run.dashboards import log_final, log_run_info
 from lmlab.run.distributed import check_distributed, full_weights
-from lmlab.run.precision import resolve_precision
+from lmlab.run.precision import resolve_precision, set_float32_matmul_precision
 from lmlab.run.quiet import quiet_lightning
 from lmlab.run.sizing import apply_target_params
 from lmlab.task import LanguageModelTask
@@ -77,8 +77,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     cfg = continue_unfinished_run(cfg)  # never on top of another run's results
     cfg, start = start_from_checkpoint(cfg)  # resume (ckpt_path=) or fine-tune (init_from=), else (cfg, None)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    if torch.cuda.is_available():
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
+    set_float32_matmul_precision(cfg.get("float32_matmul_precision", "high"))
     check_training_length(cfg.trainer)
     resolve_precision(cfg.trainer)
     sampling = SamplingConfig.from_config(cfg.sample)  # checked now rather than after the training
