@@ -96,9 +96,10 @@ def tiny_ptb_overrides(recipe: str, folder: Path, *extra: str) -> list[str]:
                 "task.optimizer.lr": 35.0,
                 "task.optimizer.momentum": 0.0,
                 "task.scheduler._target_": "lmlab.optim.step_decay",
-                "task.scheduler.start_epoch": 6,
+                "task.scheduler.start_epoch": 7,  # the Torch code's first decayed epoch is the 8th
                 "trainer.max_epochs": 39,
                 "trainer.precision": "32-true",
+                "float32_matmul_precision": "highest",
                 "trainer.accelerator": "gpu",
                 "tokenizer.eos_per_line": True,
                 "tokenizer.unk": True,

@@ -58,9 +58,9 @@ def epoch_rates(scheduler, optimizer, epochs: int) -> list[float]:
 
 def test_step_decay_keeps_the_peak_for_k_epochs_then_multiplies_each_epoch():
     optimizer = sgd()
-    rates = epoch_rates(step_decay(optimizer, factor=1 / 1.2, start_epoch=6), optimizer, 39)
-    assert rates[:6] == [1.0] * 6  # Zaremba medium: epochs 1-6 at lr 1
-    assert rates[6:] == pytest.approx([1.2**-k for k in range(1, 34)], rel=1e-12)  # epoch 39: 1 / 1.2^33
+    rates = epoch_rates(step_decay(optimizer, factor=1 / 1.2, start_epoch=7), optimizer, 39)
+    assert rates[:7] == [1.0] * 7  # Zaremba's code: epochs 1-7 at lr 1 (it decays once `epoch > 6`)
+    assert rates[7:] == pytest.approx([1.2**-k for k in range(1, 33)], rel=1e-12)  # epoch 39: 1 / 1.2^32
     optimizer = sgd(2.0)
     assert epoch_rates(step_decay(optimizer, factor=0.5, start_epoch=0), optimizer, 3) == [1.0, 0.5, 0.25]
 

@@ -101,8 +101,9 @@ class EpochStepDecay(LambdaLR):
 def step_decay(optimizer: torch.optim.Optimizer, factor: float = 1 / 1.2, start_epoch: int = 6) -> EpochStepDecay:
     """The peak rate for the first `start_epoch` epochs, then `factor` times less each following epoch.
 
-    Zaremba et al. (2014), medium: factor 1/1.2 after epoch 6, so epoch 7 trains at lr/1.2 and epoch 39
-    at lr/1.2^33 (the TensorFlow tutorial's lr_decay ** max(i + 1 - max_epoch, 0) for 0-based epoch i).
+    start_epoch=6 is the TensorFlow PTB tutorial's max_epoch=6 (lr_decay ** max(i + 1 - max_epoch, 0) for
+    0-based epoch i: epoch 7 is the first decayed). Zaremba et al.'s Torch code, with the same max_epoch,
+    decays when `epoch > max_epoch` at an epoch's end, one epoch later: start_epoch=7 here.
     """
     if not factor > 0:
         raise ConfigError(
