@@ -1,12 +1,12 @@
-"""`trainer.precision=auto`: bf16 autocast on a CPU with native bf16, fp32 elsewhere, recorded as run."""
+"""`trainer.precision=auto` (bf16 autocast on a CPU with native bf16, fp32 elsewhere, recorded as run) and `float32_matmul_precision`."""
 
 from __future__ import annotations
 
 import pytest
 from omegaconf import OmegaConf
 
-from lmlab.run import precision
 from lmlab.errors import ConfigError
+from lmlab.run import precision
 from lmlab.run.precision import resolve_precision, set_float32_matmul_precision
 from lmlab.run.train import train
 from tests.helpers import compose_config, tiny_overrides
