@@ -18,7 +18,7 @@ straight run's, and the sharded checkpoint is read back in one process as genera
     python bench/scaling.py --gpus 1,2,4,8 --resume-model llama-1b   # issue 15, on 8 GPUs
     python bench/scaling.py --tiny --gpus 1 --strategies ddp    # a CPU smoke test of this script
     python bench/scaling.py --gpus 2 --strategies ddp --set trainer.strategy.bucket_cap_mb=100   # a DDP setting
-    python bench/scaling.py --gpus 1,2 --strategies ddp --models gpt2-small --batch 32 --dynamo-ddp whole
+    python bench/scaling.py --gpus 1,2 --strategies ddp --models gpt2-small --batch 32 --set task.compile_ddp=whole
 
 `--budget-s` bounds the whole run: configurations that would start after it are reported as skipped.
 Results: RESULTS/scaling.json (bench/results/, or $LMLAB_RESULTS_DIR) and a markdown table on stdout.
@@ -120,9 +120,6 @@ def throughput_worker(args: argparse.Namespace) -> None:
     from lmlab.run.build import build
 
     torch.manual_seed(0)
-    # whole: one compiled graph, gradients all-reduced after it; split: Dynamo's DDPOptimizer cuts the
-    # graph at bucket boundaries so that the all-reduce overlaps the backward, at the price of fusion
-    torch._dynamo.config.optimize_ddp = args.dynamo_ddp == "split"
     _, _, vocab_size, batch, context = MODELS[args.model]
     batch = args.batch or batch
     cfg = compose_run(
@@ -165,7 +162,7 @@ def throughput_worker(args: argparse.Namespace) -> None:
         "batch_per_gpu": batch,
         "context": context,
         "compiled": args.compile,
-        "dynamo_ddp": args.dynamo_ddp if args.compile and world > 1 else None,
+        "compile_ddp": cfg.task.compile_ddp if args.compile and world > 1 else None,
         "step_s": timer.seconds / args.steps,
         "tokens_per_s": tokens_per_s,
         "peak_mem_gib_per_gpu": float(peak.max()) / 2**30,
@@ -253,7 +250,7 @@ def _worker_command(args: argparse.Namespace, mode: str, **settings) -> list[str
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", mode]
     for key, value in settings.items():
         command += [f"--{key.replace('_', '-')}", str(value)]
-    command += [f"--set={override}" for override in args.set] + ["--dynamo-ddp", args.dynamo_ddp]
+    command += [f"--set={override}" for override in args.set]
     command += ["--batch", str(args.batch)] if args.batch else []
     return command + (["--tiny"] if args.tiny else []) + ([] if args.compile else ["--no-compile"])
 
@@ -360,12 +357,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", dest="compile", action="store_false", help="eager (default: task.compile)")
     p.add_argument(
         "--batch", type=int, help="sequences per GPU per step (default: the model's, e.g. 16 for gpt2-small)"
-    )
-    p.add_argument(
-        "--dynamo-ddp",
-        choices=["split", "whole"],
-        default="split",
-        help="compiled DDP: split the graph at gradient buckets (torch's default) or compile it whole",
     )
     p.add_argument("--no-resume", dest="resume", action="store_false", help="skip the kill-and-resume check")
     p.add_argument("--resume-only", action="store_true", help="only the kill-and-resume check, on max(--gpus) GPUs")

@@ -173,3 +173,27 @@ def test_auto_attention_takes_the_math_kernel_for_short_contexts_on_a_cpu(length
     with auto_attention(torch.zeros(2, length, dtype=torch.long)):
         assert torch.backends.cuda.flash_sdp_enabled() is not math_only
         assert torch.backends.cuda.math_sdp_enabled()
+
+
+@pytest.mark.parametrize(("choice", "split"), [("split", True), ("whole", False)])
+def test_compile_ddp_sets_how_dynamo_compiles_a_distributed_step(choice, split):
+    """Dynamo's DDPOptimizer (split) cuts the compiled graph at gradient buckets; whole keeps one graph."""
+    model = GPT(vocab_size=37, d_model=16, n_layer=1, n_head=2, block_size=8)
+    task = LanguageModelTask(model, optimizer=torch.optim.SGD, compile=True, compile_ddp=choice, cuda_graphs=False)
+    task._trainer = type("Trainer", (), {"world_size": 1})()
+    before = torch._dynamo.config.optimize_ddp  # a module with its own attribute magic: restored by hand
+    try:
+        torch._dynamo.config.optimize_ddp = not split
+        task.on_fit_start()
+        assert torch._dynamo.config.optimize_ddp is (not split)  # one process: nothing to decide
+        task._trainer.world_size = 2
+        task.on_fit_start()
+        assert torch._dynamo.config.optimize_ddp is split
+    finally:
+        torch._dynamo.config.optimize_ddp = before
+
+
+def test_compile_ddp_names_its_choices():
+    model = GPT(vocab_size=37, d_model=16, n_layer=1, n_head=2, block_size=8)
+    with pytest.raises(ValueError, match="task.compile_ddp must be split or whole"):
+        LanguageModelTask(model, optimizer=torch.optim.SGD, compile=True, compile_ddp="overlap")

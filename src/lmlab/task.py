@@ -72,6 +72,7 @@ class LanguageModelTask(pl.LightningModule):
         stateful: bool = False,
         compile: bool = False,
         compile_mode: str | None = None,
+        compile_ddp: str = "split",
         loss_chunk_rows: int = 0,
         attention: str = "auto",
         cuda_graphs: bool | str = "auto",
@@ -94,6 +95,9 @@ class LanguageModelTask(pl.LightningModule):
         if loss_chunk_rows < 0:
             raise ValueError(f"task.loss_chunk_rows must be >= 0 (got {loss_chunk_rows}): 0 scores all rows at once")
         self.loss_chunk_rows = loss_chunk_rows
+        if compile_ddp not in ("split", "whole"):
+            raise ValueError(f"task.compile_ddp must be split or whole (got {compile_ddp!r})")
+        self._compiled_ddp_split = None if not compile else compile_ddp == "split"
         self._attention = attention_context(attention)
         if cuda_graphs not in (True, False, "auto"):
             raise ValueError(f"task.cuda_graphs must be auto, true or false (got {cuda_graphs!r})")
@@ -205,6 +209,11 @@ class LanguageModelTask(pl.LightningModule):
         return None
 
     def on_fit_start(self) -> None:
+        if self._compiled_ddp_split is not None and self.trainer.world_size > 1:
+            # split: Dynamo's DDPOptimizer cuts the compiled graph at DDP's gradient buckets so that
+            # each all-reduce overlaps the rest of the backward; whole: one graph, fused throughout,
+            # its gradients all-reduced after it (faster where the link is fast: docs/distributed.md)
+            torch._dynamo.config.optimize_ddp = self._compiled_ddp_split
         self._graphed = None
         if self.cuda_graphs is False:
             return
