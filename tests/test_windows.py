@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from lmlab.data import TextDataModule
+from lmlab.data import TextDataModule, sampling
 from lmlab.data.cache import TokenizedCorpus
-from lmlab.data.sampling import WindowSampler, windows_per_epoch
+from lmlab.data.sampling import EpochSampler, KeyedPermutation, WindowSampler, windows_per_epoch
 from lmlab.data.windows import IGNORE_INDEX, EvalWindows, TrainWindows
 from lmlab.errors import ConfigError, DataError
 from lmlab.tokenizers import CharTokenizer
@@ -197,3 +197,53 @@ def test_a_data_layout_that_cannot_work_ends_in_one_line_naming_the_fix(build, e
     with pytest.raises(error, match=message) as caught:
         build()
     assert "\n" not in str(caught.value)
+
+
+def test_small_epochs_keep_the_exact_numpy_order_runs_were_published_with():
+    """Seeds reproduce earlier results: below EXACT_ORDER_MAX the order is numpy's, drawn as before."""
+    sampler = WindowSampler(10_000, 16, mode="epoch", seed=3, rank=1, world_size=2)
+    sampler.set_epoch(4)
+    rng = np.random.default_rng([3, 4])
+    offset = rng.integers(16)
+    starts = offset + 16 * rng.permutation(windows_per_epoch(10_000, 16))
+    assert np.array_equal(sampler.order(), starts[: 2 * len(sampler)][1::2])
+    plain = EpochSampler(50, shuffle=True, seed=9)
+    assert np.array_equal(plain.order(), np.random.default_rng([9, 0]).permutation(50))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 100, 1000, 4097])
+def test_keyed_permutation_is_a_shuffle_of_every_index(n):
+    order = KeyedPermutation(n, key=7)(np.arange(n))
+    assert sorted(order.tolist()) == list(range(n))
+    if n >= 100:
+        assert not np.array_equal(order, np.arange(n))  # shuffled
+        assert not np.array_equal(order, KeyedPermutation(n, key=8)(np.arange(n)))  # keyed
+
+
+@pytest.mark.parametrize("mode", ["epoch", "random"])
+def test_large_epochs_are_computed_lazily_with_the_same_guarantees(monkeypatch, mode):
+    monkeypatch.setattr(sampling, "EXACT_ORDER_MAX", 50)  # every epoch below counts as large
+    monkeypatch.setattr(sampling, "CHUNK", 7)
+    n_tokens, block = 2_000, 8
+    shares = []
+    for rank in range(2):
+        sampler = WindowSampler(n_tokens, block, mode=mode, seed=1, rank=rank, world_size=2)
+        sampler.set_epoch(2)
+        shares.append(list(sampler))
+        assert shares[-1] == sampler.order().tolist()  # iteration, chunk by chunk, is the order
+        assert all(0 <= s <= n_tokens - block - 1 for s in shares[-1])  # window and target fit
+        sampler.resume_at(2, 5)
+        assert list(sampler) == shares[-1][5:]
+    if mode == "epoch":  # one grid, each window once over both ranks
+        starts = shares[0] + shares[1]
+        assert len(set(starts)) == len(starts) == 2 * (windows_per_epoch(n_tokens, block) // 2)
+        assert len({s % block for s in starts}) == 1
+    sampler.set_epoch(3)
+    assert sampler.order().tolist() != shares[1]  # a new order each epoch
+
+
+def test_an_epoch_too_large_to_hold_still_starts_at_once():
+    """2^40 windows: a materialised order would need 8 TB; the lazy one yields its first index now."""
+    sampler = EpochSampler(2**40, shuffle=True, seed=0)
+    first = next(iter(sampler))
+    assert 0 <= first < 2**40

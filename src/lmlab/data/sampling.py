@@ -13,6 +13,11 @@ Two ways to pick training windows (`data.sampling`):
   small corpus trained for many epochs never repeats the same windows.
 - `random`: windows starting at uniformly random positions, as nanoGPT draws them. An "epoch" is
   as many windows as the `epoch` mode visits, so both modes count steps per epoch alike.
+
+An epoch of up to EXACT_ORDER_MAX windows is drawn whole with numpy (about 130 MB at that size).
+A larger one (a corpus of gigabytes) is computed a chunk at a time from a keyed bijection of the
+positions, so a run on a 4 GB corpus neither holds 60 million indices nor waits for them to be
+shuffled before its first step.
 """
 
 from __future__ import annotations
@@ -26,6 +31,51 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from lmlab.errors import ConfigError
 
 SAMPLING_MODES = ("epoch", "random")
+EXACT_ORDER_MAX = 1 << 24  # windows per epoch drawn whole; above it, computed lazily (KeyedPermutation)
+CHUNK = 1 << 16  # indices handed to the loader per slice of the order
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(x: np.ndarray, key: int) -> np.ndarray:
+    """A 64-bit hash of each element and `key` (splitmix64's finaliser): the same bits on every machine."""
+    with np.errstate(over="ignore"):
+        z = x.astype(np.uint64) + np.uint64((key * 0x9E3779B97F4A7C15) & _MASK64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+class KeyedPermutation:
+    """A shuffled order of range(n) that is computed position by position, never held whole.
+
+    A four-round Feistel network on the smallest even number of bits that covers n is a bijection of
+    that power-of-two range; cycle-walking (applying it again to values >= n, at most a few times as
+    the range is under 4n) restricts it to a bijection of range(n). The rounds are keyed by `key`.
+    """
+
+    ROUNDS = 4
+
+    def __init__(self, n: int, key: int) -> None:
+        self.n = n
+        self.half_bits = max(1, (max(n - 1, 1).bit_length() + 1) // 2)
+        self.keys = [int(k) for k in np.random.default_rng(key).integers(0, 2**63, size=self.ROUNDS)]
+
+    def _feistel(self, x: np.ndarray) -> np.ndarray:
+        bits = np.uint64(self.half_bits)
+        mask = np.uint64((1 << self.half_bits) - 1)
+        left, right = x >> bits, x & mask
+        for key in self.keys:
+            left, right = right, left ^ (_mix(right, key) & mask)
+        return (left << bits) | right
+
+    def __call__(self, positions: np.ndarray) -> np.ndarray:
+        """The items at these positions of the order (positions in range(n))."""
+        out = self._feistel(positions.astype(np.uint64))
+        outside = out >= self.n
+        while outside.any():
+            out[outside] = self._feistel(out[outside])
+            outside = out >= self.n
+        return out.astype(np.int64)
 
 
 def check_sampling_mode(mode: str) -> str:
@@ -53,6 +103,7 @@ class EpochSampler(Sampler[int]):
         self.length, self.shuffle, self.seed = length, shuffle, seed
         self.epoch = 0
         self._resume: tuple[int, int] | None = None  # (epoch, index) an interrupted run had reached
+        self._cached: tuple[int, np.ndarray] | None = None  # (epoch, its exact order), drawn once per epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -68,17 +119,33 @@ class EpochSampler(Sampler[int]):
         return self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
 
     def order(self) -> np.ndarray:
-        """The whole epoch's order."""
+        """The whole epoch's order (materialised: for small epochs and for tests)."""
+        return self.at(np.arange(self.length))
+
+    def at(self, positions: np.ndarray) -> np.ndarray:
+        """This epoch's items at these positions of its order."""
         if not self.shuffle:
-            return np.arange(self.length)
-        return np.random.default_rng([self.seed, self.epoch]).permutation(self.length)
+            return positions
+        if self.length <= EXACT_ORDER_MAX:
+            return self._exact_order()[positions]
+        return KeyedPermutation(self.length, _epoch_key(self.seed, self.epoch))(positions)
+
+    def _exact_order(self) -> np.ndarray:
+        if self._cached is None or self._cached[0] != self.epoch:
+            self._cached = (self.epoch, np.random.default_rng([self.seed, self.epoch]).permutation(self.length))
+        return self._cached[1]
 
     def __len__(self) -> int:
         return self.length
 
     def __iter__(self) -> Iterator[int]:
         start, self._resume = self.start, None  # only the first pass after a restart skips
-        yield from self.order()[start:].tolist()
+        for lo in range(start, self.length, CHUNK):
+            yield from self.at(np.arange(lo, min(lo + CHUNK, self.length))).tolist()
+
+
+def _epoch_key(seed: int, epoch: int) -> int:
+    return int(np.random.default_rng([seed, epoch, 1]).integers(0, 2**63))
 
 
 class WindowSampler(EpochSampler):
@@ -99,15 +166,35 @@ class WindowSampler(EpochSampler):
 
     def epoch_starts(self) -> np.ndarray:
         """This epoch's starts for all ranks together, in the order one process would visit them."""
+        return self._starts_at(np.arange(self.count))
+
+    def _starts_at(self, positions: np.ndarray) -> np.ndarray:
+        """The epoch-wide list of starts, at these positions."""
+        if self.count <= EXACT_ORDER_MAX:
+            if self._cached is None or self._cached[0] != self.epoch:
+                self._cached = (self.epoch, self._exact_starts())
+            return self._cached[1][positions]
+        key = _epoch_key(self.seed, self.epoch)
+        if self.mode == "random":  # uniform starts, one hash per position
+            return (_mix(positions, key) % np.uint64(self.n_tokens - self.block_size)).astype(np.int64)
+        return self._grid_offset() + self.block_size * KeyedPermutation(self.count, key)(positions)
+
+    def _exact_starts(self) -> np.ndarray:
         rng = np.random.default_rng([self.seed, self.epoch])
         if self.mode == "random":
             return rng.integers(0, self.n_tokens - self.block_size, size=self.count)
-        # the largest offset that still leaves room for `count` windows (block_size - 1 unless the corpus is tiny)
-        offset = rng.integers(min(self.block_size, self.n_tokens - self.count * self.block_size))
+        offset = rng.integers(self._offset_room())
         return offset + self.block_size * rng.permutation(self.count)
 
-    def order(self) -> np.ndarray:
-        return self.epoch_starts()[: self.length * self.world_size][self.rank :: self.world_size]
+    def _offset_room(self) -> int:
+        # the largest offset that still leaves room for `count` windows (block_size - 1 unless the corpus is tiny)
+        return min(self.block_size, self.n_tokens - self.count * self.block_size)
+
+    def _grid_offset(self) -> int:
+        return int(np.random.default_rng([self.seed, self.epoch]).integers(self._offset_room()))
+
+    def at(self, positions: np.ndarray) -> np.ndarray:
+        return self._starts_at(self.rank + self.world_size * positions)
 
 
 class ResumableDataLoader(DataLoader):
