@@ -45,6 +45,7 @@ from _common import table, write_results
 from lmlab.callbacks import SyncFreeProgressBar, TokenThroughput
 from lmlab.metrics import token_nats
 from lmlab.models import GPT, RecurrentLM, count_parameters, detach_state
+from lmlab.models.float8 import use_float8_matmuls
 from lmlab.optim import parameter_groups, warmup_cosine
 from lmlab.run.precision import cpu_has_native_bf16
 from lmlab.run.quiet import quiet_lightning
@@ -71,6 +72,7 @@ class Preset:
     loss_chunk_rows: int = 0
     attention: str = "auto"
     cuda_graphs: bool | str = "auto"  # task.cuda_graphs, as shipped
+    float8: bool = False  # task.float8: torchao's FP8 linear layers, in both loops
     extra: dict = field(default_factory=dict)
 
 
@@ -159,6 +161,8 @@ def precision(p: Preset, device: torch.device) -> str:
 def plain_loop(p: Preset, model: torch.nn.Module, data, warmup: int, device: torch.device) -> float:
     """The reference: the loop a careful engineer writes by hand. Returns seconds for the timed steps."""
     model = model.to(device).train()
+    if p.float8:
+        use_float8_matmuls(model)
     fused = {"fused": True} if device.type == "cuda" else {}
     opt = optimizer_factory(p, device)(parameter_groups(model, 0.1), **fused)
     schedule = SCHEDULE(opt, total_steps=len(data))
@@ -350,6 +354,7 @@ def lightning_loop(
         loss_chunk_rows=p.loss_chunk_rows,
         attention=p.attention,
         cuda_graphs=p.cuda_graphs,
+        float8=p.float8,
     )
     timer = StepTimer(warmup, len(data), device)
     loader = loader or torch.utils.data.DataLoader(data, batch_size=None, shuffle=False)
@@ -368,6 +373,7 @@ def run(name: str, args: argparse.Namespace) -> dict:
         "loss_chunk_rows": args.loss_chunk_rows,
         "attention": args.attention,
         "cuda_graphs": {"true": True, "false": False, "auto": "auto", None: None}[args.cuda_graphs],
+        "float8": args.float8,
     }
     p = Preset(**{**PRESETS[name].__dict__, **{k: v for k, v in overrides.items() if v is not None}})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -405,6 +411,7 @@ def run(name: str, args: argparse.Namespace) -> dict:
         "precision": precision(p, device),
         "compile": p.compile and (p.compile_mode or "default"),
         "loss_chunk_rows": p.loss_chunk_rows,
+        "float8": p.float8,
         "attention": p.attention,
         "cuda_graphs": p.cuda_graphs,
         "lmlab_tok_s": tokens / best["lmlab"],
@@ -439,6 +446,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--loss-chunk-rows", type=int, default=None, help="chunked fp32 cross-entropy (0: off)")
     parser.add_argument("--attention", default=None, help="auto, cudnn, flash, efficient or math")
     parser.add_argument(
+        "--float8", action=argparse.BooleanOptionalAction, default=None, help="FP8 linear layers (torchao), both loops"
+    )
+    parser.add_argument(
         "--cuda-graphs", choices=["auto", "true", "false"], default=None, help="task.cuda_graphs (shipped: auto)"
     )
     parser.add_argument(
@@ -457,7 +467,7 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
-COLUMNS = ["preset", "setup", "device", "params", "batch", "block", "precision", "compile", "loss_chunk_rows"]
+COLUMNS = ["preset", "setup", "device", "params", "batch", "block", "precision", "compile", "loss_chunk_rows", "float8"]
 COLUMNS += [
     "attention",
     "cuda_graphs",

@@ -20,6 +20,7 @@ from lmlab.errors import ConfigError
 from lmlab.graphed_step import GraphCaptureError, GraphedTrainingStep, state_tensors
 from lmlab.metrics import split_scores, token_nats
 from lmlab.models import LanguageModel, count_parameters, detach_state, state_from_data, state_to_data
+from lmlab.models.float8 import check_float8_device, use_float8_matmuls
 from lmlab.optim import ValidationPlateau, decayed_parameters, lightning_scheduler, parameter_groups, schedule_arguments
 
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
@@ -73,6 +74,7 @@ class LanguageModelTask(pl.LightningModule):
         compile: bool = False,
         compile_mode: str | None = None,
         compile_ddp: str = "split",
+        float8: bool = False,
         loss_chunk_rows: int = 0,
         attention: str = "auto",
         cuda_graphs: bool | str = "auto",
@@ -83,6 +85,9 @@ class LanguageModelTask(pl.LightningModule):
                 f"label_smoothing must be in [0, 1] (got {label_smoothing}): e.g. task.label_smoothing=0.1"
             )
         self.model = model
+        self.float8 = float8
+        if float8:  # the same parameter objects afterwards: decay groups and tying are unchanged
+            use_float8_matmuls(model)
         self._decayed = decayed_parameters(model)  # before FSDP turns every parameter into a 1-D shard
         self._resumed_rng: dict | None = None
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -209,6 +214,8 @@ class LanguageModelTask(pl.LightningModule):
         return None
 
     def on_fit_start(self) -> None:
+        if self.float8:
+            check_float8_device(self.device)
         if self._compiled_ddp_split is not None and self.trainer.world_size > 1:
             # split: Dynamo's DDPOptimizer cuts the compiled graph at DDP's gradient buckets so that
             # each all-reduce overlaps the rest of the backward; whole: one graph, fused throughout,

@@ -1,0 +1,98 @@
+"""`task.float8=true`: torchao's FP8 linear layers, checked on the CPU (which emulates the FP8 products)."""
+
+from __future__ import annotations
+
+import sys
+from functools import partial
+
+import pytest
+import torch
+from torch import nn
+
+from lmlab.errors import ConfigError
+from lmlab.models import GPT, Llama
+from lmlab.models import float8 as float8_module
+from lmlab.models.float8 import check_float8_device, use_float8_matmuls
+from lmlab.run.train import train
+from lmlab.task import LanguageModelTask
+from tests.helpers import compose_config, tiny_overrides
+
+pytest.importorskip("torchao.float8", reason="the fp8 extra (torchao) is part of `make test`'s environment")
+from torchao.float8.float8_linear import Float8Linear
+
+
+def tiny_gpt(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(vocab_size=64, d_model=32, n_layer=2, n_head=2, block_size=16)
+
+
+def test_every_linear_layer_fp8_kernels_take_is_swapped_and_the_weights_stay_the_same_objects():
+    model = tiny_gpt()
+    params = {name: id(p) for name, p in model.named_parameters()}
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    assert use_float8_matmuls(model) == len(linears) > 0
+    assert all(isinstance(model.get_submodule(name), Float8Linear) for name in linears)
+    assert {name: id(p) for name, p in model.named_parameters()} == params  # tying and decay groups hold
+    assert model.lm_head.weight is model.wte.weight
+    assert set(tiny_gpt().state_dict()) == set(model.state_dict())  # a checkpoint loads into a plain model
+
+
+def test_sizes_fp8_kernels_cannot_take_stay_in_the_run_precision():
+    torch.manual_seed(0)
+    model = Llama(vocab_size=60, d_model=24, n_layer=1, n_head=2, block_size=16)  # 24 and 60: not multiples of 16
+    swapped = use_float8_matmuls(model)
+    kept = [m for m in model.modules() if type(m) is nn.Linear]
+    assert kept and all(m.in_features % 16 or m.out_features % 16 for m in kept)
+    assert swapped == sum(isinstance(m, Float8Linear) for m in model.modules())
+
+
+def _losses(float8: bool, steps: int = 25) -> list[float]:
+    model = tiny_gpt()
+    task = LanguageModelTask(model, optimizer=partial(torch.optim.AdamW, lr=1e-2), float8=float8)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    text = torch.arange(17).repeat(8, 1) * 3 % 64  # 8 copies of one learnable sequence
+    losses = []
+    for _ in range(steps):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = task._step_loss(text[:, :-1], text[:, 1:], training=True)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_fp8_training_learns_and_follows_the_bf16_curve():
+    fp8, bf16 = _losses(True), _losses(False)
+    assert fp8[-1] < 0.5 * fp8[0]  # it learns
+    assert fp8[0] == pytest.approx(bf16[0], rel=0.02)  # the same model, FP8 rounding apart
+    assert max(abs(a - b) for a, b in zip(fp8, bf16)) < 0.15  # step by step, within FP8's noise
+
+
+def test_without_torchao_the_error_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)  # import fails
+    with pytest.raises(ConfigError, match=r"task.float8=true needs torchao \(pip install torchao"):
+        LanguageModelTask(tiny_gpt(), optimizer=torch.optim.SGD, float8=True)
+
+
+def test_a_gpu_without_fp8_tensor_cores_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setattr(float8_module.torch.cuda, "get_device_capability", lambda device: (8, 0))
+    monkeypatch.setattr(float8_module.torch.cuda, "get_device_name", lambda device: "NVIDIA A100")
+    with pytest.raises(ConfigError, match="NVIDIA A100 has 8.0: set task.float8=false"):
+        check_float8_device(torch.device("cuda", 0))
+    monkeypatch.setattr(float8_module.torch.cuda, "get_device_capability", lambda device: (9, 0))
+    check_float8_device(torch.device("cuda", 0))  # Hopper
+
+
+def test_swapping_twice_changes_nothing():
+    model = tiny_gpt()
+    assert use_float8_matmuls(model) > 0
+    kinds = [type(m) for m in model.modules()]
+    assert use_float8_matmuls(model) == 0
+    assert [type(m) for m in model.modules()] == kinds
+
+
+def test_a_float8_run_on_a_cpu_stops_before_training_with_one_line(tmp_path, small_corpus):
+    cfg = compose_config(tiny_overrides("gpt", small_corpus, steps=6) + ["task.float8=true"], tmp_path / "run")
+    with pytest.raises(ConfigError, match="trains on a CUDA GPU with FP8 tensor cores, not on cpu"):
+        train(cfg)
