@@ -92,7 +92,8 @@ def test_swapping_twice_changes_nothing():
     assert [type(m) for m in model.modules()] == kinds
 
 
-def test_a_float8_run_on_a_cpu_stops_before_training_with_one_line(tmp_path, small_corpus):
+def test_a_float8_run_on_a_cpu_stops_before_preparing_its_data(tmp_path, small_corpus):
     cfg = compose_config(tiny_overrides("gpt", small_corpus, steps=6) + ["task.float8=true"], tmp_path / "run")
     with pytest.raises(ConfigError, match="trains on a CUDA GPU with FP8 tensor cores, not on cpu"):
         train(cfg)
+    assert not (tmp_path / "run" / "tokenizer.json").exists()  # nothing was prepared or written

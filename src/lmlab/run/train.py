@@ -27,6 +27,7 @@ from lmlab.data import TextDataModule
 from lmlab.errors import ConfigError, LmlabError, RunInterrupted, RunStopped
 from lmlab.generate import SamplingConfig, sample_text
 from lmlab.io import atomic_write_json, atomic_write_text
+from lmlab.models.float8 import check_float8_device
 from lmlab.report.terminal import print_summary
 from lmlab.run.budgets import apply_byte_budget, apply_flops_budget, byte_budget, flops_budget
 from lmlab.run.build import build
@@ -80,6 +81,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     set_float32_matmul_precision(cfg.get("float32_matmul_precision", "high"))
     check_training_length(cfg.trainer)
     resolve_precision(cfg.trainer)
+    if cfg.task.get("float8"):  # before the data is prepared, not at the first step
+        on_gpu = torch.cuda.is_available() and cfg.trainer.get("accelerator") != "cpu"
+        check_float8_device(torch.device("cuda" if on_gpu else "cpu"))
     sampling = SamplingConfig.from_config(cfg.sample)  # checked now rather than after the training
     max_bytes, max_flops = byte_budget(cfg), flops_budget(cfg)
     output_dir = Path(cfg.paths.output_dir)
