@@ -49,6 +49,7 @@ def test_sizes_fp8_kernels_cannot_take_stay_in_the_run_precision():
 def _losses(float8: bool, steps: int = 25) -> list[float]:
     model = tiny_gpt()
     task = LanguageModelTask(model, optimizer=partial(torch.optim.AdamW, lr=1e-2), float8=float8)
+    assert any(isinstance(m, Float8Linear) for m in model.modules()) is float8
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     text = torch.arange(17).repeat(8, 1) * 3 % 64  # 8 copies of one learnable sequence
     losses = []
