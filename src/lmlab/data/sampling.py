@@ -14,10 +14,10 @@ Two ways to pick training windows (`data.sampling`):
 - `random`: windows starting at uniformly random positions, as nanoGPT draws them. An "epoch" is
   as many windows as the `epoch` mode visits, so both modes count steps per epoch alike.
 
-An epoch of up to EXACT_ORDER_MAX windows is drawn whole with numpy (about 130 MB at that size).
-A larger one (a corpus of gigabytes) is computed a chunk at a time from a keyed bijection of the
-positions, so a run on a 4 GB corpus neither holds 60 million indices nor waits for them to be
-shuffled before its first step.
+An epoch of up to EXACT_ORDER_MAX windows (about 1 million: corpora up to 64M tokens at context
+64) is drawn whole with numpy, as it always was. A larger one is computed a chunk at a time from a
+keyed bijection of the positions, so a run on a corpus of gigabytes neither holds tens of millions
+of indices nor waits for them to be shuffled before its first step.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from lmlab.errors import ConfigError
 
 SAMPLING_MODES = ("epoch", "random")
-EXACT_ORDER_MAX = 1 << 24  # windows per epoch drawn whole; above it, computed lazily (KeyedPermutation)
+EXACT_ORDER_MAX = 1 << 20  # windows per epoch drawn whole (8 MB of indices); above it, computed lazily
 CHUNK = 1 << 16  # indices handed to the loader per slice of the order
 _MASK64 = (1 << 64) - 1
 
