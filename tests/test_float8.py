@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from lmlab.checkpoint.format import load_checkpoint
 from lmlab.errors import ConfigError
 from lmlab.models import GPT, Llama
 from lmlab.models import float8 as float8_module
@@ -93,8 +94,13 @@ def test_swapping_twice_changes_nothing():
     assert [type(m) for m in model.modules()] == kinds
 
 
-def test_a_float8_run_on_a_cpu_stops_before_preparing_its_data(tmp_path, small_corpus):
-    cfg = compose_config(tiny_overrides("gpt", small_corpus, steps=6) + ["task.float8=true"], tmp_path / "run")
-    with pytest.raises(ConfigError, match="trains on a CUDA GPU with FP8 tensor cores, not on cpu"):
-        train(cfg)
-    assert not (tmp_path / "run" / "tokenizer.json").exists()  # nothing was prepared or written
+def test_a_float8_run_trains_evaluates_and_its_checkpoint_loads_into_a_plain_model(tmp_path, small_corpus):
+    """The whole Lightning path: training, validation and test (under no_grad, not inference_mode,
+    which torchao's layers do not support), then the checkpoint as generate.py reads it."""
+    overrides = tiny_overrides("gpt", small_corpus, steps=8) + ["task.float8=true", "trainer.precision=bf16-mixed"]
+    cfg = compose_config(overrides, tmp_path / "run")
+    with pytest.warns(UserWarning, match="the FP8 products are emulated"):
+        metrics = train(cfg)
+    assert metrics["status"] == "completed" and metrics["test/bpb"] < metrics["val/bpb"] + 1  # scored, finite
+    loaded = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert not any(isinstance(m, Float8Linear) for m in loaded.model.modules())

@@ -214,7 +214,7 @@ class LanguageModelTask(pl.LightningModule):
         return None
 
     def on_fit_start(self) -> None:
-        if self.float8:
+        if self.float8 and self.device.type == "cuda":  # train.py has warned already on a CPU
             check_float8_device(self.device)
         if self._compiled_ddp_split is not None and self.trainer.world_size > 1:
             # split: Dynamo's DDPOptimizer cuts the compiled graph at DDP's gradient buckets so that

@@ -104,7 +104,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         start.load_into(model)
     callbacks = [build(node, f"callbacks.{name}") for name, node in cfg.get("callbacks", {}).items()]
     loggers = [build(node, f"logger.{name}") for name, node in cfg.get("logger", {}).items()]
-    trainer: pl.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers)
+    # torchao's FP8 layers fail under inference_mode: a float8 run evaluates under no_grad instead
+    no_inference_mode = {"inference_mode": False} if cfg.task.get("float8") else {}
+    trainer: pl.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers, **no_inference_mode)
     if max_bytes is not None:
         apply_byte_budget(trainer, cfg, datamodule, max_bytes)
     if max_flops is not None:
