@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -98,3 +99,17 @@ def cpu_trainer(devices: int, callbacks=(), **kwargs) -> pl.Trainer:
         callbacks=list(callbacks),
         **kwargs,
     )
+
+
+def train_losses(task, batches, lr: float = 1e-2, autocast_dtype: torch.dtype | None = None) -> list[float]:
+    """One AdamW step on `task`'s training loss per (x, y) batch, by hand (no Trainer); the losses."""
+    optimizer = torch.optim.AdamW(task.model.parameters(), lr=lr)
+    losses = []
+    for x, y in batches:
+        with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss, _ = task._step_loss(x, y, training=True)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

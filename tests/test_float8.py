@@ -16,7 +16,7 @@ from lmlab.models import float8 as float8_module
 from lmlab.models.float8 import check_float8_device, use_float8_matmuls
 from lmlab.run.train import train
 from lmlab.task import LanguageModelTask
-from tests.helpers import compose_config, tiny_overrides
+from tests.helpers import compose_config, tiny_overrides, train_losses
 
 pytest.importorskip("torchao.float8", reason="the fp8 extra (torchao) is part of `make test`'s environment")
 from torchao.float8.float8_linear import Float8Linear
@@ -51,17 +51,8 @@ def _losses(float8: bool, steps: int = 25) -> list[float]:
     model = tiny_gpt()
     task = LanguageModelTask(model, optimizer=partial(torch.optim.AdamW, lr=1e-2), float8=float8)
     assert any(isinstance(m, Float8Linear) for m in model.modules()) is float8
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     text = torch.arange(17).repeat(8, 1) * 3 % 64  # 8 copies of one learnable sequence
-    losses = []
-    for _ in range(steps):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss, _ = task._step_loss(text[:, :-1], text[:, 1:], training=True)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
+    return train_losses(task, [(text[:, :-1], text[:, 1:])] * steps, autocast_dtype=torch.bfloat16)
 
 
 def test_fp8_training_learns_and_follows_the_bf16_curve():

@@ -16,6 +16,7 @@ from lmlab.callbacks import SyncFreeProgressBar, TokenThroughput
 from lmlab.models import GPT
 from lmlab.run.quiet import quiet_lightning
 from lmlab.task import SHORT_CPU_CONTEXT, LanguageModelTask, auto_attention
+from tests.helpers import train_losses
 
 
 def _losses(compile: bool, loss_chunk_rows: int = 0) -> list[float]:
@@ -24,17 +25,9 @@ def _losses(compile: bool, loss_chunk_rows: int = 0) -> list[float]:
     task = LanguageModelTask(
         model, optimizer=partial(torch.optim.AdamW, lr=1e-2), compile=compile, loss_chunk_rows=loss_chunk_rows
     )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(1)
-    losses = []
-    for _ in range(3):
-        seq = torch.randint(0, 37, (4, 17), generator=g)
-        loss, _ = task._step_loss(seq[:, :-1], seq[:, 1:], training=True)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
+    seqs = [torch.randint(0, 37, (4, 17), generator=g) for _ in range(3)]
+    return train_losses(task, [(seq[:, :-1], seq[:, 1:]) for seq in seqs])
 
 
 @pytest.mark.slow

@@ -127,12 +127,17 @@ class EpochSampler(Sampler[int]):
         if not self.shuffle:
             return positions
         if self.length <= EXACT_ORDER_MAX:
-            return self._exact_order()[positions]
+            return self._drawn()[positions]
         return KeyedPermutation(self.length, _epoch_key(self.seed, self.epoch))(positions)
 
-    def _exact_order(self) -> np.ndarray:
+    def _draw(self) -> np.ndarray:
+        """The whole epoch drawn with numpy (epochs of up to EXACT_ORDER_MAX)."""
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.length)
+
+    def _drawn(self) -> np.ndarray:
+        """`_draw()` for the current epoch, drawn once."""
         if self._cached is None or self._cached[0] != self.epoch:
-            self._cached = (self.epoch, np.random.default_rng([self.seed, self.epoch]).permutation(self.length))
+            self._cached = (self.epoch, self._draw())
         return self._cached[1]
 
     def __len__(self) -> int:
@@ -171,15 +176,13 @@ class WindowSampler(EpochSampler):
     def _starts_at(self, positions: np.ndarray) -> np.ndarray:
         """The epoch-wide list of starts, at these positions."""
         if self.count <= EXACT_ORDER_MAX:
-            if self._cached is None or self._cached[0] != self.epoch:
-                self._cached = (self.epoch, self._exact_starts())
-            return self._cached[1][positions]
+            return self._drawn()[positions]
         key = _epoch_key(self.seed, self.epoch)
         if self.mode == "random":  # uniform starts, one hash per position
             return (_mix(positions, key) % np.uint64(self.n_tokens - self.block_size)).astype(np.int64)
         return self._grid_offset() + self.block_size * KeyedPermutation(self.count, key)(positions)
 
-    def _exact_starts(self) -> np.ndarray:
+    def _draw(self) -> np.ndarray:
         rng = np.random.default_rng([self.seed, self.epoch])
         if self.mode == "random":
             return rng.integers(0, self.n_tokens - self.block_size, size=self.count)
