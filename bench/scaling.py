@@ -103,7 +103,7 @@ class StepTimer(pl.Callback):
             torch.cuda.synchronize(pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if trainer.global_step == self.warmup:
+        if trainer.global_step == self.warmup and not self._start:  # once: accumulation ends k batches here
             self._sync(pl_module)
             if pl_module.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(pl_module.device)
@@ -153,13 +153,15 @@ def throughput_worker(args: argparse.Namespace) -> None:
     if not trainer.is_global_zero:
         return
     world = trainer.world_size
-    tokens_per_s = args.steps * batch * context * world / timer.seconds
+    accumulate = trainer.accumulate_grad_batches  # micro-batches per timed (optimizer) step
+    tokens_per_s = args.steps * accumulate * batch * context * world / timer.seconds
     result = {
         "model": args.model,
         "params": params,
         "strategy": args.strategy,
         "gpus": world,
         "batch_per_gpu": batch,
+        "accumulate_grad_batches": accumulate,
         "context": context,
         "compiled": args.compile,
         "compile_ddp": cfg.task.compile_ddp if args.compile and world > 1 else None,
