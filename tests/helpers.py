@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from lmlab.cli import register_resolvers
+from lmlab.run.distributed import SameStreamDDPStrategy
 
 register_resolvers()
 
@@ -89,7 +90,7 @@ def cpu_trainer(devices: int, callbacks=(), **kwargs) -> pl.Trainer:
     return pl.Trainer(
         accelerator="cpu",
         devices=devices,
-        strategy="ddp" if devices > 1 else "auto",
+        strategy=SameStreamDDPStrategy() if devices > 1 else "auto",  # conf/trainer/ddp.yaml's
         use_distributed_sampler=False,
         logger=False,
         enable_checkpointing=False,

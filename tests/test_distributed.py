@@ -23,6 +23,8 @@ import torch.multiprocessing as mp
 
 from lmlab.data import TextDataModule
 from lmlab.models import GPT, RecurrentLM
+from lmlab.run import distributed
+from lmlab.run.distributed import SameStreamDDPStrategy
 from lmlab.task import LanguageModelTask
 from lmlab.tokenizers import CharTokenizer
 from tests.helpers import cpu_trainer
@@ -172,3 +174,22 @@ def test_stateful_training_on_two_processes_matches_one_with_twice_the_rows(one_
 def test_a_stateful_ddp_run_resumes_exactly(one_and_two_processes):
     _, ranks, _ = one_and_two_processes
     assert [rank["resumed vs straight"] for rank in ranks] == [0.0, 0.0]  # every rank resumes its own streams
+
+
+def test_ddp_is_built_on_the_stream_that_trains(monkeypatch):
+    """DDP keeps each parameter's gradient-accumulation node on the stream it was built on: built on a
+    side stream (Lightning 2.6's DDPStrategy), every backward hands every gradient across streams."""
+    built = []
+
+    def no_side_stream(*args, **kwargs):
+        pytest.fail("DDP was built on a new CUDA stream")
+
+    monkeypatch.setattr(torch.cuda, "Stream", no_side_stream)
+    monkeypatch.setattr(
+        distributed, "DistributedDataParallel", lambda module, device_ids, **kw: built.append(kw) or module
+    )
+    strategy = SameStreamDDPStrategy(gradient_as_bucket_view=True)
+    monkeypatch.setattr(strategy, "determine_ddp_device_ids", lambda: [0])  # as on a GPU
+    model = torch.nn.Linear(2, 2)
+    assert strategy._setup_model(model) is model
+    assert built == [{"gradient_as_bucket_view": True}]

@@ -18,8 +18,9 @@ from typing import Any
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.strategies import FSDPStrategy
+from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from lmlab.checkpoint.format import is_sharded
 from lmlab.errors import ConfigError
@@ -45,6 +46,21 @@ def block_wrap_policy() -> Any:
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     return ModuleWrapPolicy(set(BLOCKS))
+
+
+class SameStreamDDPStrategy(DDPStrategy):
+    """Lightning's DDPStrategy with DDP built on the stream that then trains (conf/trainer/ddp.yaml).
+
+    Lightning 2.6 wraps the model in DDP inside a fresh side stream (for capturing a whole DDP
+    iteration as one CUDA graph, which lmlab never does: its graphed step is single-GPU). DDP keeps
+    each parameter's gradient-accumulation node, and that node stays on the side stream, so from torch
+    2.10 on every backward hands every gradient across streams (torch warns "The AccumulateGrad node's
+    stream does not match") and pays a synchronisation for it, in each micro-batch. Lightning has
+    since made the same change (Lightning-AI/pytorch-lightning#21746).
+    """
+
+    def _setup_model(self, model: nn.Module) -> DistributedDataParallel:
+        return DistributedDataParallel(module=model, device_ids=self.determine_ddp_device_ids(), **self._ddp_kwargs)
 
 
 class AtomicFSDPStrategy(FSDPStrategy):
