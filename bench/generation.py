@@ -10,7 +10,8 @@ cost); each token's time is measured separately and averaged over buckets of pos
 cached time stays flat as the text grows; the uncached one grows with the prefix length.
 
 `--gpt2`: tokens per second of greedy generation with the 124M GPT-2 shape (bf16 weights on a GPU),
-lmlab's `stream_tokens` (KV cache) against two plain loops over the same model: nanoGPT's
+lmlab's `stream_tokens` (KV cache; each one-token step replayed as a CUDA graph, its default on a
+GPU, and with `cuda_graph=False`) against two plain loops over the same model: nanoGPT's
 `generate` (no cache, the whole prefix re-run for each token) and a bare cached loop (the model
 called on one token with its cache, no decoder object), optionally with the model compiled.
 """
@@ -71,8 +72,10 @@ def plain_cached(model: GPT, prompt: torch.Tensor, new: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def lmlab_stream(model: GPT, prompt: torch.Tensor, new: int) -> torch.Tensor:
-    return torch.cat([prompt, *(t[:, None] for t in stream_tokens(model, prompt, new, temperature=0.0))], dim=1)
+def lmlab_stream(model: GPT, prompt: torch.Tensor, new: int, cuda_graph: bool | None = None) -> torch.Tensor:
+    """lmlab's sampling loop, greedy; by default (on a GPU) each one-token step is a replayed CUDA graph."""
+    tokens = stream_tokens(model, prompt, new, temperature=0.0, cuda_graph=cuda_graph)
+    return torch.cat([prompt, *(t[:, None] for t in tokens)], dim=1)
 
 
 def gpt2_rows(args: argparse.Namespace) -> list[dict]:
@@ -81,7 +84,9 @@ def gpt2_rows(args: argparse.Namespace) -> list[dict]:
     torch.manual_seed(0)
     model = GPT(50257, d_model=768, n_layer=12, n_head=12, block_size=1024, pad_vocab_to=64)
     model = model.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
-    loops = {"lmlab stream_tokens (cached)": lmlab_stream, "plain cached loop": plain_cached}
+    loops = {"lmlab stream_tokens (cached, CUDA graph: the default)": lmlab_stream}
+    loops["lmlab stream_tokens (cached, cuda_graph=False)"] = lambda m, p, n: lmlab_stream(m, p, n, cuda_graph=False)
+    loops["plain cached loop"] = plain_cached
     loops["plain uncached loop (nanoGPT generate)"] = plain_uncached
     if args.compile:  # the model compiled with dynamic shapes: the cache grows one position per call
         compiled = torch.compile(model, dynamic=True)

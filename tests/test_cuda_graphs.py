@@ -248,3 +248,22 @@ def test_asking_for_cuda_graphs_on_a_cpu_is_one_clear_error(tmp_path, small_corp
     cfg = compose_config([*tiny_overrides("gpt", small_corpus, steps=2), "task.cuda_graphs=true"], tmp_path)
     with pytest.raises(ConfigError, match="task.cuda_graphs=true cannot be used: training does not run on a CUDA GPU"):
         train(cfg)
+
+
+@needs_gpu
+@pytest.mark.parametrize("kind", ["gpt", "llama"])
+def test_generation_replays_one_captured_graph_per_run_with_the_eager_logits(kind):
+    """stream_tokens on a GPU replays its one-token steps as a CUDA graph (generate/graphed.py): the
+    logits of the eager cached step to fp32 rounding, past the context (eager re-reads between replays)."""
+    from lmlab.generate import IncrementalDecoder, stream_tokens
+
+    torch.manual_seed(0)
+    sizes = dict(d_model=32, n_layer=2, n_head=4, dropout=0.0, block_size=16)
+    model = (GPT(VOCAB, **sizes) if kind == "gpt" else Llama(VOCAB, n_kv_head=2, **sizes)).cuda().eval()
+    prompt = torch.randint(0, VOCAB, (2, 5), device="cuda")
+    plain, graphed = IncrementalDecoder(model, prompt), IncrementalDecoder(model, prompt, cuda_graph=True)
+    for token in torch.randint(0, VOCAB, (40, 2), device="cuda"):
+        torch.testing.assert_close(graphed.append(token), plain.append(token), atol=1e-4, rtol=1e-4)
+    assert graphed.graphed.graph is not None and not graphed.graphed.eager  # captured, not fallen back
+    greedy = [torch.stack(list(stream_tokens(model, prompt, 40, temperature=0, cuda_graph=g))) for g in (None, False)]
+    torch.testing.assert_close(greedy[0], greedy[1], atol=0, rtol=0)

@@ -23,7 +23,8 @@ from lmlab.generate import (
     prompt_ids,
     stream_tokens,
 )
-from lmlab.models import GPT, LanguageModel, RecurrentLM, TransformerLM
+from lmlab.generate.graphed import can_graph
+from lmlab.models import GPT, LanguageModel, Llama, RecurrentLM, TransformerLM
 from lmlab.tokenizers import BPETokenizer, CharTokenizer, WordTokenizer
 from tests.helpers import MODELS, REPO
 
@@ -53,6 +54,37 @@ def test_cached_generation_gives_the_logits_of_rereading_the_whole_prefix(kind):
     torch.testing.assert_close(cached.logits, uncached.logits)
     for token in fed.T:  # up to the context's last position
         torch.testing.assert_close(cached.append(token), uncached.append(token), atol=1e-5, rtol=1e-5)
+
+
+def attention_model(kind: str) -> LanguageModel:
+    """The attention families; Llama with grouped-query heads and rotary positions."""
+    if kind == "llama":
+        torch.manual_seed(0)
+        return Llama(VOCAB, d_model=16, n_layer=2, n_head=4, n_kv_head=2, dropout=0.0, block_size=CONTEXT).eval()
+    return make(kind)
+
+
+@pytest.mark.parametrize("kind", ["transformer", "gpt", "llama"])
+def test_the_fixed_shape_step_a_cuda_graph_replays_gives_the_cached_logits(kind):
+    """The step GraphedStep captures (every cache position read, unwritten ones masked, the write
+    position a tensor) gives the plain cached step's logits, past the context and its re-reads too.
+    On a CPU it runs op by op; tests/test_cuda_graphs.py replays it as a graph on a GPU."""
+    model = attention_model(kind)
+    prompt, fed = random_tokens(2, 5), random_tokens(2, 2 * CONTEXT, seed=2)
+    plain, fixed = IncrementalDecoder(model, prompt), IncrementalDecoder(model, prompt, cuda_graph=True)
+    assert fixed.graphed is not None
+    for token in fed.T:
+        torch.testing.assert_close(fixed.append(token), plain.append(token), atol=1e-5, rtol=1e-5)
+    assert fixed.graphed.cache.length == plain.state.length  # the same re-reads, at the same steps
+
+
+def test_a_graphed_decoder_refuses_to_reorder_its_rows_and_runs_only_where_it_can():
+    model = make("gpt")
+    with pytest.raises(ValueError, match="cuda_graph=False"):
+        IncrementalDecoder(model, random_tokens(1, 3), cuda_graph=True).reorder(torch.zeros(2, dtype=torch.long))
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert not can_graph(model, cpu) and can_graph(model, gpu)
+    assert not can_graph(make("lstm"), gpu) and not can_graph(make("gpt").train(), gpu)
 
 
 @pytest.mark.parametrize("kind", ["transformer", "gpt"])

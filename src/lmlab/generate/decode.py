@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lmlab.generate.graphed import GraphedStep, can_graph
 from lmlab.generate.sampling import next_token
 from lmlab.models import LanguageModel, State, select_state
 
@@ -30,14 +31,18 @@ class IncrementalDecoder:
     `cached=False` re-runs the whole prefix (its last window) every step instead: the same logits
     while the text fits the context, at O(T) model positions per token rather than one. Tests and
     the benchmark compare the two.
+
+    `cuda_graph=True` replays each one-token step of an attention model on a GPU as a CUDA graph
+    (generate/graphed.py); the prompt and re-reads stay eager.
     """
 
     @torch.no_grad()
-    def __init__(self, model: LanguageModel, prompt: Tensor, *, cached: bool = True) -> None:
+    def __init__(self, model: LanguageModel, prompt: Tensor, *, cached: bool = True, cuda_graph: bool = False) -> None:
         self.model, self.cached = model, cached
         self.window = model.context_length
         self.tokens = self._crop(prompt)  # what an uncached step re-reads
         self.state: State | None = None
+        self.graphed = GraphedStep(model, prompt.size(0), prompt.device) if cuda_graph and cached else None
         self.logits = self._read(self.tokens)
 
     def _crop(self, tokens: Tensor) -> Tensor:
@@ -45,7 +50,10 @@ class IncrementalDecoder:
 
     def _read(self, tokens: Tensor) -> Tensor:
         """Run `tokens` from an empty state; returns the last position's logits [B, V]."""
-        state = self.model.init_state(tokens.size(0), tokens.device) if self.cached else None
+        if self.graphed is not None:
+            state = self.graphed.reset()  # the buffers the graph reads
+        else:
+            state = self.model.init_state(tokens.size(0), tokens.device) if self.cached else None
         logits, self.state = self.model(tokens, state)
         self.fed = tokens.size(1)  # tokens in the state
         return logits[:, -1]
@@ -58,6 +66,9 @@ class IncrementalDecoder:
             self.logits = self._read(self.tokens)
         elif self.window is not None and self.fed + 1 > self.window:
             self.logits = self._read(self.tokens[:, -max(1, self.window // 2) :])
+        elif self.graphed is not None:
+            self.logits = self.graphed.step(token)
+            self.fed += 1
         else:
             logits, self.state = self.model(token[:, None], self.state)
             self.fed += 1
@@ -66,6 +77,8 @@ class IncrementalDecoder:
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows `index` (repeats allowed): beam search follows its best beams this way."""
+        if self.graphed is not None:
+            raise ValueError("a CUDA-graphed decoder keeps its batch rows: reorder needs cuda_graph=False")
         self.tokens, self.logits = self.tokens[index], self.logits[index]
         self.state = select_state(self.state, index)
 
@@ -81,11 +94,15 @@ def stream_tokens(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     cached: bool = True,
+    cuda_graph: bool | None = None,
 ) -> Iterator[Tensor]:
-    """Yield each new token [B] as soon as it is chosen."""
+    """Yield each new token [B] as soon as it is chosen. `cuda_graph` (None: wherever it can run,
+    `can_graph`) replays each step of an attention model on a GPU as one CUDA graph."""
     if max_new_tokens == 0:
         return
-    decoder = IncrementalDecoder(model, prompt, cached=cached)
+    if cuda_graph is None:
+        cuda_graph = cached and can_graph(model, prompt.device)
+    decoder = IncrementalDecoder(model, prompt, cached=cached, cuda_graph=cuda_graph)
     for step in range(max_new_tokens):
         token = next_token(decoder.logits, temperature, top_k, top_p, generator)
         yield token

@@ -25,6 +25,8 @@ def causal_mask(n_new: int, n_cached: int, device: torch.device) -> Tensor:
 def positions(idx: Tensor, cache: KVCache | None, context_length: int, remedy: str | None = None) -> Tensor:
     """Positions of the new tokens (they start after the cached ones), checked against the
     context length, since position embeddings and the cache end there."""
+    if cache is not None and cache.step_at is not None:  # a graphed one-token step: its decoder keeps it in range
+        return cache.new_positions(1, idx.device)
     start = 0 if cache is None else cache.length
     end = start + idx.size(1)
     if end > context_length:
@@ -38,7 +40,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, cache: KVCache | None, layer: int, d
     """Causal attention of q [B, H, T, hd] over the cached keys plus k, v [B, H_kv, T, hd] (stored
     in the cache first). H_kv < H shares each key/value head among H / H_kv query heads (GQA)."""
     mask, is_causal = None, True
-    if cache is not None:
+    if cache is not None and cache.step_at is not None:  # every cache position, those not written yet masked
+        k, v = cache.update(layer, k, v)
+        mask, is_causal = cache.visible(), False
+    elif cache is not None:
         n_cached = cache.length
         k, v = cache.update(layer, k, v)
         if n_cached > 0:  # queries are the last T of the keys: is_causal would misalign
@@ -97,8 +102,8 @@ class GroupedQueryAttention(nn.Module):
         q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k, v = self.kv(x).view(B, T, 2, self.n_kv_head, self.head_dim).transpose(1, 3).unbind(2)
         if self.rope_base is not None:
-            start = 0 if cache is None else cache.length  # every layer sees the same start
-            pos = torch.arange(start, start + T, device=x.device)
+            # every layer sees the same positions: the cache advances after the last layer
+            pos = torch.arange(T, device=x.device) if cache is None else cache.new_positions(T, x.device)
             q = apply_rope(q, pos, self.rope_base, self.rope_scaling)
             k = apply_rope(k, pos, self.rope_base, self.rope_scaling)
         y = attend(q, k, v, cache, layer, self.dropout if self.training else 0.0)

@@ -39,6 +39,16 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # tokens cached so far
+        # A one-element device tensor while a CUDA-graphed decoder replays one-token steps: the step
+        # writes and reads where it says, with every shape fixed (generate/graphed.py); None otherwise.
+        self.step_at: Tensor | None = None
+
+    @classmethod
+    def holding(cls, k: Tensor, v: Tensor, length: int) -> KVCache:
+        """A cache over existing buffers (a saved state read back), `length` of their positions filled."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.length, cache.step_at = k, v, length, None
+        return cache
 
     @property
     def max_length(self) -> int:
@@ -46,11 +56,28 @@ class KVCache:
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store the new tokens' k, v [B, H, T, head_dim] at positions length..length+T-1 and
-        return the keys and values of every token so far, [B, H, length+T, head_dim]."""
+        return the keys and values of every token so far, [B, H, length+T, head_dim].
+
+        Under `step_at` (one token at that position) it returns all `max_length` positions instead;
+        `visible` masks those not written yet."""
+        if self.step_at is not None:
+            self.k[layer].index_copy_(2, self.step_at, k.to(self.k.dtype))
+            self.v[layer].index_copy_(2, self.step_at, v.to(self.v.dtype))
+            return self.k[layer], self.v[layer]
         end = self.length + k.size(2)
         self.k[layer, :, :, self.length : end] = k
         self.v[layer, :, :, self.length : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def new_positions(self, n_new: int, device: torch.device) -> Tensor:
+        """Positions of `n_new` tokens fed next: they follow the cached ones."""
+        if self.step_at is not None:
+            return self.step_at
+        return torch.arange(self.length, self.length + n_new, device=device)
+
+    def visible(self) -> Tensor:
+        """Under `step_at`: which of the `max_length` positions the new token attends to, [1, max_length]."""
+        return (torch.arange(self.max_length, device=self.k.device) <= self.step_at)[None]
 
     def index_select(self, index: Tensor) -> KVCache:
         """A new cache holding batch rows `index` (repeats allowed), the same length."""
@@ -172,7 +199,5 @@ def state_from_data(data: object) -> State | None:
     if not isinstance(data, dict) or data.get("kind") not in kinds:
         raise ValueError(f"not a saved model state: {type(data).__name__} {str(data)[:60]!r}")
     if data["kind"] == "KVCache":
-        cache = KVCache.__new__(KVCache)
-        cache.k, cache.v, cache.length = data["k"], data["v"], data["length"]
-        return cache
+        return KVCache.holding(data["k"], data["v"], data["length"])
     return kinds[data["kind"]](**{key: state_from_data(value) for key, value in data.items() if key != "kind"})
