@@ -170,6 +170,7 @@ def test_beam_search_scores_are_the_log_probabilities_of_its_texts():
         ({"max_new_tokens": -1}, "max_new_tokens must be >= 0"),
         ({"num_samples": 0}, "num_samples must be >= 1"),
         ({"num_beams": 2, "num_samples": 3}, "exceeds num_beams"),
+        ({"cuda_graph": "yes"}, "cuda_graph must be auto, true or false"),
     ],
 )
 def test_meaningless_sampling_settings_are_refused(settings, message):
@@ -240,6 +241,8 @@ def test_generate_py_streams_a_sample_and_writes_json(trained_run, tmp_path):
     record = json.loads(output.read_text())
     assert record["samples"] == [result.stdout.rstrip("\n")]
     assert record["step"] == 20 and record["seed"] == 3
+    fixed = _generate(f"ckpt={ckpt}", "prompt=First Citizen", "max_new_tokens=30", "seed=3", "cuda_graph=true")
+    assert fixed.stdout == result.stdout, fixed.stderr[-2000:]  # the graph's fixed-shape step (op by op on a CPU)
     beams = tmp_path / "beams.json"
     result = _generate(f"ckpt={ckpt}", "num_beams=3", "num_samples=2", "max_new_tokens=10", f"output={beams}")
     assert result.returncode == 0, result.stderr[-2000:]

@@ -27,6 +27,7 @@ class SamplingConfig:
     num_beams: int = 1
     num_samples: int = 1
     seed: int = 0
+    cuda_graph: bool | str = "auto"  # each step one replayed CUDA graph: auto (attention models on a GPU), or a bool
 
     def __post_init__(self) -> None:
         problems = [
@@ -42,6 +43,10 @@ class SamplingConfig:
             ),
             (self.num_beams < 1, f"num_beams must be >= 1, 1 meaning no beam search (got {self.num_beams})"),
             (self.num_samples < 1, f"num_samples must be >= 1 (got {self.num_samples})"),
+            (
+                self.cuda_graph not in ("auto", True, False),
+                f"cuda_graph must be auto, true or false (got {self.cuda_graph!r})",
+            ),
             (
                 self.num_beams > 1 and self.num_samples > self.num_beams,
                 f"num_samples={self.num_samples} exceeds num_beams={self.num_beams}: "

@@ -97,6 +97,7 @@ def _sampled(model: LanguageModel, prompt: Tensor, sampling: SamplingConfig) -> 
         top_k=sampling.top_k,
         top_p=sampling.top_p,
         generator=generator,
+        cuda_graph=None if sampling.cuda_graph == "auto" else sampling.cuda_graph,
     )
 
 
