@@ -25,28 +25,25 @@ def causal_mask(n_new: int, n_cached: int, device: torch.device) -> Tensor:
 def positions(idx: Tensor, cache: KVCache | None, context_length: int, remedy: str | None = None) -> Tensor:
     """Positions of the new tokens (they start after the cached ones), checked against the
     context length, since position embeddings and the cache end there."""
-    if cache is not None and cache.step_at is not None:  # a graphed one-token step: its decoder keeps it in range
-        return cache.new_positions(1, idx.device)
     start = 0 if cache is None else cache.length
     end = start + idx.size(1)
     if end > context_length:
         cached = f" ({start} cached + {idx.size(1)} new)" if start else ""
         remedy = remedy or f"crop the input to the last {context_length} tokens or raise model.block_size"
         raise ValueError(f"sequence of {end} tokens{cached} exceeds the context length {context_length}: {remedy}")
-    return torch.arange(start, end, device=idx.device)
+    return torch.arange(end, device=idx.device) if cache is None else cache.new_positions(idx.size(1), idx.device)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, cache: KVCache | None, layer: int, dropout: float) -> Tensor:
     """Causal attention of q [B, H, T, hd] over the cached keys plus k, v [B, H_kv, T, hd] (stored
     in the cache first). H_kv < H shares each key/value head among H / H_kv query heads (GQA)."""
     mask, is_causal = None, True
-    if cache is not None and cache.step_at is not None:  # every cache position, those not written yet masked
-        k, v = cache.update(layer, k, v)
-        mask, is_causal = cache.visible(), False
-    elif cache is not None:
+    if cache is not None:
         n_cached = cache.length
         k, v = cache.update(layer, k, v)
-        if n_cached > 0:  # queries are the last T of the keys: is_causal would misalign
+        if cache.step_at is not None:  # a graphed step: every cache position, those not written yet masked
+            mask, is_causal = cache.visible(), False
+        elif n_cached > 0:  # queries are the last T of the keys: is_causal would misalign
             is_causal = False
             mask = causal_mask(q.size(2), n_cached, q.device) if q.size(2) > 1 else None  # one token sees all
     grouped = {"enable_gqa": True} if k.size(1) != q.size(1) else {}
