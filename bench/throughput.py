@@ -73,6 +73,7 @@ class Preset:
     attention: str = "auto"
     cuda_graphs: bool | str = "auto"  # task.cuda_graphs, as shipped
     float8: bool = False  # task.float8: torchao's FP8 linear layers, in both loops
+    activation_checkpointing: bool = False  # task.activation_checkpointing: blocks recomputed in backward, both loops
     extra: dict = field(default_factory=dict)
 
 
@@ -163,6 +164,7 @@ def plain_loop(p: Preset, model: torch.nn.Module, data, warmup: int, device: tor
     model = model.to(device).train()
     if p.float8:
         use_float8_matmuls(model)
+    model.activation_checkpointing = p.activation_checkpointing
     fused = {"fused": True} if device.type == "cuda" else {}
     opt = optimizer_factory(p, device)(parameter_groups(model, 0.1), **fused)
     schedule = SCHEDULE(opt, total_steps=len(data))
@@ -355,6 +357,7 @@ def lightning_loop(
         attention=p.attention,
         cuda_graphs=p.cuda_graphs,
         float8=p.float8,
+        activation_checkpointing=p.activation_checkpointing,
     )
     timer = StepTimer(warmup, len(data), device)
     loader = loader or torch.utils.data.DataLoader(data, batch_size=None, shuffle=False)
@@ -374,6 +377,7 @@ def run(name: str, args: argparse.Namespace) -> dict:
         "attention": args.attention,
         "cuda_graphs": {"true": True, "false": False, "auto": "auto", None: None}[args.cuda_graphs],
         "float8": args.float8,
+        "activation_checkpointing": args.activation_checkpointing,
     }
     p = Preset(**{**PRESETS[name].__dict__, **{k: v for k, v in overrides.items() if v is not None}})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -412,6 +416,7 @@ def run(name: str, args: argparse.Namespace) -> dict:
         "compile": p.compile and (p.compile_mode or "default"),
         "loss_chunk_rows": p.loss_chunk_rows,
         "float8": p.float8,
+        "activation_checkpointing": p.activation_checkpointing,
         "attention": p.attention,
         "cuda_graphs": p.cuda_graphs,
         "lmlab_tok_s": tokens / best["lmlab"],
@@ -449,6 +454,12 @@ def parser() -> argparse.ArgumentParser:
         "--float8", action=argparse.BooleanOptionalAction, default=None, help="FP8 linear layers (torchao), both loops"
     )
     parser.add_argument(
+        "--activation-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="recompute each block's activations in the backward pass (less memory, more compute), both loops",
+    )
+    parser.add_argument(
         "--cuda-graphs", choices=["auto", "true", "false"], default=None, help="task.cuda_graphs (shipped: auto)"
     )
     parser.add_argument(
@@ -469,6 +480,7 @@ def parser() -> argparse.ArgumentParser:
 
 COLUMNS = ["preset", "setup", "device", "params", "batch", "block", "precision", "compile", "loss_chunk_rows", "float8"]
 COLUMNS += [
+    "activation_checkpointing",
     "attention",
     "cuda_graphs",
     "plain_tok_s",

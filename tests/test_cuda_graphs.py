@@ -37,12 +37,16 @@ class StepLosses(pl.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def fit(make_model, cuda_graphs, data, stateful: bool, precision: str = "32-true"):
+def fit(make_model, cuda_graphs, data, stateful: bool, precision: str = "32-true", **task_options):
     """Per-step losses and final weights of a short GPU run, and whether it replayed a graph."""
     torch.manual_seed(0)
     model = make_model()
     task = LanguageModelTask(
-        model, optimizer=partial(torch.optim.AdamW, lr=3e-3), stateful=stateful, cuda_graphs=cuda_graphs
+        model,
+        optimizer=partial(torch.optim.AdamW, lr=3e-3),
+        stateful=stateful,
+        cuda_graphs=cuda_graphs,
+        **task_options,
     )
     losses = StepLosses()
     trainer = pl.Trainer(
@@ -85,6 +89,23 @@ def test_graphed_training_gives_the_eager_losses_and_weights(name):
     losses, weights, captured = fit(make_model, True, data, stateful)
     assert captured and not eager_captured
     assert losses == pytest.approx(eager_losses, rel=1e-5, abs=1e-6)  # steps 4-12 replayed, state carried
+    for a, b in zip(weights, eager_weights):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@needs_gpu
+def test_graphed_training_with_activation_checkpointing_and_dropout_gives_the_eager_losses_and_weights():
+    """Blocks recomputed inside the captured backward (task.activation_checkpointing): each replay's
+    recompute must draw the dropout masks of its own forward, as the eager steps do."""
+
+    def make_model():
+        return GPT(VOCAB, d_model=32, n_layer=2, n_head=2, block_size=16, dropout=0.1)
+
+    data = batches(12)
+    eager_losses, eager_weights, _ = fit(make_model, False, data, False, activation_checkpointing=True)
+    losses, weights, captured = fit(make_model, True, data, False, activation_checkpointing=True)
+    assert captured
+    assert losses == pytest.approx(eager_losses, rel=1e-5, abs=1e-6)  # steps 4-12 replayed
     for a, b in zip(weights, eager_weights):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 

@@ -197,6 +197,33 @@ def _train_main(rank: int, port: int, corpus: Path, run_dir: Path) -> None:
     _exit_when_done(work)
 
 
+def _checkpointing_main(rank: int, port: int, corpus: Path, root: Path) -> None:
+    """The preset's run without and with task.activation_checkpointing (dropout on) on this rank: its
+    losses, and whether each block handed to checkpointing was an FSDP unit."""
+    import lmlab.models.base
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0")
+    torch.set_num_threads(1)
+    checkpointed, units = lmlab.models.base.checkpointed, []
+
+    def spy(block, *args):
+        units.append(isinstance(block, FullyShardedDataParallel))
+        return checkpointed(block, *args)
+
+    def work() -> None:
+        lmlab.models.base.checkpointed = spy
+        losses = {}
+        for on in (False, True):
+            cfg = _fsdp_config(corpus, root / str(on))
+            with open_dict(cfg):
+                cfg.task.activation_checkpointing, cfg.model.dropout = on, 0.1
+            losses[on] = _fit(cfg, root / str(on))["losses"]
+        torch.save({"losses": losses, "units": units}, root / f"rank{rank}.pt")
+        dist.barrier()
+
+    _exit_when_done(work)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -385,3 +412,18 @@ def test_train_py_trains_scores_and_samples_under_fsdp(tmp_path):
     assert metrics["val/bpb"] == pytest.approx(curve[best], abs=1e-5)  # the sharded best checkpoint scored again
     assert len((run_dir / "sample.txt").read_text()) >= 20  # sample.max_new_tokens=20 characters
     assert is_sharded(run_dir / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_recomputes_the_fsdp_units_and_trains_as_without(tmp_path):
+    """Applied inside the model, around each block: under FSDP those blocks are the shard units, whose
+    weights are gathered again for the recompute. Same losses at every step, dropout included."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(SHAKESPEARE.read_text()[:20_000])
+    mp.spawn(_checkpointing_main, args=(_free_port(), corpus, tmp_path), nprocs=2, join=True)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert result["units"] and all(result["units"])
+        assert sorted(result["losses"][True]) == list(range(1, STEPS + 1))
+        for step, loss in result["losses"][False].items():
+            assert result["losses"][True][step] == pytest.approx(loss, abs=1e-6), step

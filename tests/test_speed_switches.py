@@ -89,16 +89,18 @@ def test_the_progress_bar_fits_80_columns_with_loss_val_bpb_and_tokens_per_s(tmp
 def test_quiet_hides_lightning_chatter_but_not_real_warnings(caplog):
     quiet_lightning(verbose=False)
     info = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    compile_note = logging.getLogger("torch._higher_order_ops.wrap")
     with caplog.at_level(logging.NOTSET), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         quiet_lightning(verbose=False)  # catch_warnings restores the filters on exit
         info.info("GPU available: False, used: False")
+        compile_note.warning("Detected that context_fn is passed to torch.utils.checkpoint under torch.compile.")
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning, stacklevel=1)
         warnings.warn("the learning rate is too high", UserWarning, stacklevel=1)
-    assert "GPU available" not in caplog.text
+    assert "GPU available" not in caplog.text and "context_fn" not in caplog.text
     assert [str(w.message) for w in caught] == ["the learning rate is too high"]
     quiet_lightning(verbose=True)
-    assert info.isEnabledFor(logging.INFO)
+    assert info.isEnabledFor(logging.INFO) and compile_note.isEnabledFor(logging.WARNING)
 
 
 class _StepLosses(pl.Callback):

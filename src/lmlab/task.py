@@ -78,13 +78,21 @@ class LanguageModelTask(pl.LightningModule):
         loss_chunk_rows: int = 0,
         attention: str = "auto",
         cuda_graphs: bool | str = "auto",
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing <= 1.0:
             raise ValueError(
                 f"label_smoothing must be in [0, 1] (got {label_smoothing}): e.g. task.label_smoothing=0.1"
             )
+        if activation_checkpointing and not model.has_repeated_blocks:
+            raise ValueError(
+                "task.activation_checkpointing=true needs a model made of repeated blocks (gpt, transformer, llama, "
+                f"mamba, jamba); {type(model).__name__} has none: set task.activation_checkpointing=false"
+            )
         self.model = model
+        # inside the model, around each block: the same under every strategy (FSDP's units are those blocks)
+        model.activation_checkpointing = activation_checkpointing
         self.float8 = float8
         if float8:  # the same parameter objects afterwards: decay groups and tying are unchanged
             use_float8_matmuls(model)

@@ -133,6 +133,8 @@ class AttentionLM(LanguageModel):
     feeds them and advances the cache once all layers have stored the new tokens.
     """
 
+    has_repeated_blocks = True
+
     def __init__(
         self,
         vocab_size: int,
@@ -174,7 +176,7 @@ class AttentionLM(LanguageModel):
 
     def run_blocks(self, x: Tensor, state: KVCache | None) -> Tensor:
         for layer, block in enumerate(self.blocks):
-            x = block(x, state, layer)
+            x = self.call_block(block, x, state, layer)
         if state is not None:
             state.length += x.size(1)
         return x

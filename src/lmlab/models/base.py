@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from lmlab.models.checkpointing import checkpointed
 from lmlab.models.moe import MoE
 from lmlab.models.state import State
 
@@ -24,6 +26,8 @@ class LanguageModel(nn.Module, ABC):
 
     vocab_size: int
     context_length: int | None  # most tokens one sequence may hold; None means unbounded
+    has_repeated_blocks: ClassVar[bool] = False  # a stack of like blocks, each called through call_block
+    activation_checkpointing: bool = False  # set by the task (task.activation_checkpointing); not a weight
 
     @abstractmethod
     def forward(self, idx: Tensor, state: State | None = None) -> tuple[Tensor, State | None]:
@@ -32,6 +36,14 @@ class LanguageModel(nn.Module, ABC):
     @abstractmethod
     def init_state(self, batch_size: int, device: torch.device | str) -> State | None:
         """The state before any token: zero hidden state (recurrent) or an empty cache."""
+
+    def call_block(self, block: nn.Module, *args: Any) -> Any:
+        """block(*args). With activation checkpointing on, while training with gradients, only the
+        block's inputs are kept for the backward pass, which runs the block again (checkpointing.py):
+        activation memory no longer grows with the depth, for about one more forward per step."""
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpointed(block, *args)
+        return block(*args)
 
     def has_data_dependent_shapes(self) -> bool:
         """True when a forward's tensor shapes depend on the token values (mixture-of-experts routing

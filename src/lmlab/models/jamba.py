@@ -9,6 +9,8 @@ order the tokens, as in the paper.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -28,7 +30,7 @@ from lmlab.models.state import HybridCache, KVCache
 
 
 class JambaLayer(nn.Module):
-    """x = x + drop(mixer(norm1(x))); x = x + mlp(norm2(x)). The model feeds the mixer its state."""
+    """x = x + drop(mixer(norm1(x))); x = x + mlp(norm2(x)). The model hands the mixer its state."""
 
     def __init__(self, d_model: int, mixer: nn.Module, mlp: nn.Module, dropout: float, norm_eps: float) -> None:
         super().__init__()
@@ -42,6 +44,18 @@ class JambaLayer(nn.Module):
     def is_attention(self) -> bool:
         return isinstance(self.mixer, GroupedQueryAttention)
 
+    def forward(self, x: Tensor, *mixer_state: Any) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """`mixer_state` is what the mixer continues from: (KV cache, index among the attention
+        layers) for attention, (conv state, SSM state) for Mamba. Returns the new x and the Mamba
+        mixer's new (conv, ssm) states; () for attention, whose cache is updated in place."""
+        h = self.norm1(x)
+        if self.is_attention:
+            h, new_state = self.mixer(h, *mixer_state), ()
+        else:
+            h, *new_state = self.mixer(h, *mixer_state)
+        x = x + self.drop(h)
+        return x + self.mlp(self.norm2(x)), tuple(new_state)
+
 
 class Jamba(LanguageModel):
     """Layer i is attention when i % attn_every == attn_offset (Jamba: 1 in 8, offset 4), Mamba
@@ -51,6 +65,8 @@ class Jamba(LanguageModel):
     returns a state only when given one (init_state: a HybridCache of the attention layers' KV cache
     and the Mamba layers' SSMCache), so generation carries both.
     """
+
+    has_repeated_blocks = True
 
     def __init__(
         self,
@@ -131,16 +147,13 @@ class Jamba(LanguageModel):
         positions(idx, kv, self.context_length)  # the KV cache ends at block_size
         x, conv, ssm, n_attention = self.drop(self.wte(idx)), [], [], 0
         for layer in self.layers:
-            h = layer.norm1(x)
             if layer.is_attention:
-                h = layer.mixer(h, kv, n_attention)
+                x, _ = self.call_block(layer, x, kv, n_attention)
                 n_attention += 1
             else:
-                h, c, s = layer.mixer(h, *layer_states(None if state is None else state.ssm, len(conv)))
+                x, (c, s) = self.call_block(layer, x, *layer_states(None if state is None else state.ssm, len(conv)))
                 conv.append(c)
                 ssm.append(s)
-            x = x + layer.drop(h)
-            x = x + layer.mlp(layer.norm2(x))
         logits = self._unpad(self.lm_head(self.norm(x)))
         if state is None:
             return logits, None

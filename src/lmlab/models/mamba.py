@@ -165,6 +165,8 @@ class Mamba(LanguageModel):
     insists on it.
     """
 
+    has_repeated_blocks = True
+
     def __init__(
         self,
         vocab_size: int,
@@ -210,7 +212,7 @@ class Mamba(LanguageModel):
     def forward(self, idx: Tensor, state: SSMCache | None = None) -> tuple[Tensor, SSMCache]:
         x, conv, ssm = self.drop(self.wte(idx)), [], []
         for layer, block in enumerate(self.blocks):
-            x, c, s = block(x, *layer_states(state, layer))
+            x, c, s = self.call_block(block, x, *layer_states(state, layer))
             conv.append(c)
             ssm.append(s)
         return self._unpad(self.lm_head(self.norm(x))), stack_states(conv, ssm)

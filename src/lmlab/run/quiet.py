@@ -3,7 +3,8 @@
 Lightning reports its setup ("GPU available: False", "`Trainer(limit_val_batches=1.0)` was configured
 so 100% ...", a tip to install litlogger, "`Trainer.fit` stopped: `max_steps=...` reached") as info
 messages on its rank-zero loggers, and the installed torch warns about Lightning's own use of a
-deprecated pytree class. Neither says anything a user can act on. Warnings about the run itself
+deprecated pytree class (and, compiling, about lmlab's own activation checkpoints). None of it says
+anything a user can act on. Warnings about the run itself
 (Lightning's rank_zero_warn, PyTorch's, lmlab's) go through `warnings` and stay visible.
 """
 
@@ -23,6 +24,9 @@ LIBRARY_DEPRECATIONS = (r".*`isinstance\(treespec, LeafSpec\)` is deprecated", r
 # Under DDP Lightning suggests sync_dist=True for every epoch-level metric; lmlab's evaluation sums are
 # torchmetrics SumMetrics, which already all-reduce, so the advice does not apply.
 ADVICE = (r".*It is recommended to use `self\.log\(.*sync_dist=True\)`",)
+# torch.compile notes once that a checkpoint carries a context_fn and warns of in-place ops: lmlab's own
+# (task.activation_checkpointing), which recomputes every op when compiled, so nothing is cached to mutate.
+TORCH_NOTES = ("torch._higher_order_ops.wrap",)
 
 
 def quiet_lightning(verbose: bool = False) -> None:
@@ -31,6 +35,8 @@ def quiet_lightning(verbose: bool = False) -> None:
     level = logging.INFO if verbose else logging.WARNING
     for name in LIGHTNING_INFO_LOGGERS:
         logging.getLogger(name).setLevel(level)
+    for name in TORCH_NOTES:
+        logging.getLogger(name).setLevel(logging.WARNING if verbose else logging.ERROR)
     if not verbose:
         for message in (*LIBRARY_DEPRECATIONS, *ADVICE):
             warnings.filterwarnings("ignore", message=message)
