@@ -9,6 +9,7 @@ The second run must save the very tensors the first one would have. torch restor
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 from typing import Any
 
 import torch
@@ -25,22 +26,25 @@ ATTENTION_KERNEL_FLAGS = {
 
 
 def checkpointed(block: nn.Module, *args: Any) -> Any:
-    """block(*args), its activations recomputed in the backward pass rather than kept."""
-    return checkpoint(block, *args, use_reentrant=False, context_fn=same_attention_kernels)
+    """block(*args), its activations recomputed in the backward pass rather than kept. A compiled block
+    replays the kernels it traced, and takes torch.compile's own plain checkpointing: every op of the
+    block recomputed (decided here, while tracing, since some torch versions call context_fn outside it)."""
+    context_fn = recompute_everything if torch.compiler.is_compiling() else same_attention_kernels
+    return checkpoint(block, *args, use_reentrant=False, context_fn=context_fn)
 
 
 def same_attention_kernels() -> tuple[Any, Any]:
     """checkpoint's context_fn, called as the block first runs: the forward as it is, the recompute on
-    the attention kernels allowed now. A compiled block replays the kernels it traced, and takes
-    torch.compile's own plain checkpointing (recompute everything) instead."""
-    if torch.compiler.is_compiling():
-        return create_selective_checkpoint_contexts(recompute_every_op)
+    the attention kernels allowed now."""
     return contextlib.nullcontext(), AttentionKernels()
 
 
 def recompute_every_op(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
     """The policy of torch.compile's own checkpointing: nothing of the block kept, all recomputed."""
     return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+recompute_everything = partial(create_selective_checkpoint_contexts, recompute_every_op)
 
 
 class AttentionKernels:
