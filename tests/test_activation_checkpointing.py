@@ -249,7 +249,8 @@ def test_train_py_refuses_a_recurrent_model_in_one_line(tmp_path, small_corpus):
         [sys.executable, "train.py", *overrides], cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 2, result.stderr[-2000:]
-    (line,) = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr
+    *_, line = [line for line in result.stderr.splitlines() if line.strip()]
     assert line == (
         "error: invalid task config: task.activation_checkpointing=true needs a model made of repeated blocks "
         "(gpt, transformer, llama, mamba, jamba); RecurrentLM has none: set task.activation_checkpointing=false"

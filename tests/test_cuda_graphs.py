@@ -236,6 +236,9 @@ def test_a_step_that_cannot_be_captured_says_why():
     graphed(x, y)  # the eager warm-up step
     with pytest.raises(GraphCaptureError):
         graphed(x, y)
+    # the broken-off capture left the CUDA generator usable: eager dropout and sampling draw again
+    assert torch.nn.functional.dropout(torch.ones(64, device="cuda"), 0.5).count_nonzero() < 64
+    torch.randint(0, VOCAB, (2, 5), device="cuda")
 
 
 @needs_gpu

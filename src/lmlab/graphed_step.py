@@ -130,6 +130,10 @@ class GraphedTrainingStep:
         for p in self.parameters:
             p.grad = None  # backward allocates them from the graph's memory pool, and replays write them
         graph = torch.cuda.CUDAGraph()
+        # A capture that breaks off leaves the CUDA generator in capture mode: every later random draw
+        # (dropout in the eager steps that follow, sampling) would fail. A copy taken now restores it.
+        generator = torch.cuda.default_generators[static_x.device.index or 0]
+        before_capture = generator.clone_state()
         try:
             with torch.cuda.graph(graph):
                 total, loss, aux, new_state = self.step(static_x, static_y, self._state)
@@ -139,6 +143,7 @@ class GraphedTrainingStep:
         except RuntimeError as err:
             for p in self.parameters:
                 p.grad = None
+            generator.graphsafe_set_state(before_capture)
             raise GraphCaptureError(str(err).strip().splitlines()[0]) from err
         self.graph, self._loss, self._aux = graph, loss.detach(), None if aux is None else aux.detach()
         self._grads = [p.grad for p in self.parameters]
