@@ -215,9 +215,6 @@ class LanguageModelTask(pl.LightningModule):
             return "fp16 loss scaling checks every step's gradients on the host (use bf16-mixed)"
         if self.model.has_data_dependent_shapes():
             return "the model's shapes depend on the data (mixture-of-experts routing)"
-        if self.model.activation_checkpointing:
-            # measured on an H100 (torch 2.11): the capture succeeds, but the CUDA generator is left unusable
-            return "activation checkpointing saves and restores the CUDA random state inside the step, which capture does not support"
         if self.compile_mode in ("reduce-overhead", "max-autotune"):
             return f"torch.compile's mode {self.compile_mode!r} captures CUDA graphs itself"
         if self.stateful and state_tensors(self.model.init_state(1, "meta")) is None:
