@@ -14,7 +14,8 @@ from the captured ones (a short last batch) runs eagerly too, writing the same g
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -36,6 +37,22 @@ def state_tensors(state) -> list[Tensor] | None:
     if isinstance(state, tuple) and all(isinstance(t, Tensor) for t in state):
         return list(state)
     return None
+
+
+@contextlib.contextmanager
+def capturing(graph: torch.cuda.CUDAGraph, device: torch.device) -> Iterator[None]:
+    """`torch.cuda.graph(graph)`, and if the capture breaks off, the device's CUDA generator put back
+    as it was: torch leaves it in capture mode, and every later random draw (dropout in the eager
+    steps that follow, sampling) would fail."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    generator = torch.cuda.default_generators[index]
+    before_capture = generator.clone_state()
+    try:
+        with torch.cuda.graph(graph):
+            yield
+    except BaseException:
+        generator.graphsafe_set_state(before_capture)
+        raise
 
 
 def _like(template, tensors: list[Tensor]):
@@ -130,12 +147,8 @@ class GraphedTrainingStep:
         for p in self.parameters:
             p.grad = None  # backward allocates them from the graph's memory pool, and replays write them
         graph = torch.cuda.CUDAGraph()
-        # A capture that breaks off leaves the CUDA generator in capture mode: every later random draw
-        # (dropout in the eager steps that follow, sampling) would fail. A copy taken now restores it.
-        generator = torch.cuda.default_generators[static_x.device.index or 0]
-        before_capture = generator.clone_state()
         try:
-            with torch.cuda.graph(graph):
+            with capturing(graph, static_x.device):
                 total, loss, aux, new_state = self.step(static_x, static_y, self._state)
                 total.backward()
                 for buffer, value in zip(carried, state_tensors(new_state) or []):
@@ -143,7 +156,6 @@ class GraphedTrainingStep:
         except RuntimeError as err:
             for p in self.parameters:
                 p.grad = None
-            generator.graphsafe_set_state(before_capture)
             raise GraphCaptureError(str(err).strip().splitlines()[0]) from err
         self.graph, self._loss, self._aux = graph, loss.detach(), None if aux is None else aux.detach()
         self._grads = [p.grad for p in self.parameters]

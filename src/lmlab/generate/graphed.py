@@ -15,6 +15,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from lmlab.graphed_step import capturing
 from lmlab.models import LanguageModel
 from lmlab.models.attention import AttentionLM
 from lmlab.models.state import KVCache
@@ -87,6 +88,6 @@ class GraphedStep:
                 self._run()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with capturing(graph, self.position.device):
             self.logits = self._run()
         self.graph = graph
