@@ -98,6 +98,26 @@ def test_a_resumed_run_ends_where_the_uninterrupted_one_does(tmp_path, small_cor
         assert all(torch.equal(a[key], b[key]) for key in a), name
 
 
+def test_last_ckpt_is_the_newest_state_even_when_the_last_validation_is_not_the_best(tmp_path, small_corpus):
+    """Lightning 2.6's `save_last` writes last.ckpt only when a best checkpoint is saved at the same
+    step. Ranked by the highest val/bpb, only the first validation of a falling loss is the best: the
+    run's last.ckpt must still be its final step, and a resume from it must find nothing left to train."""
+    base = tiny_overrides("gpt", small_corpus, steps=30) + ["callbacks.model_checkpoint.mode=max"]
+    metrics = train(compose_config(base, tmp_path / "run"))
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert metrics["best_step"] == 15 and (checkpoints / "best-step15.ckpt").exists()
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 30
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best-step15.ckpt", "last.ckpt"]
+
+
+def test_last_ckpt_can_be_written_every_n_steps_instead(tmp_path, small_corpus):
+    """docs/reliability.md: `callbacks.last_checkpoint.every_n_train_steps` saves between validations."""
+    base = tiny_overrides("gpt", small_corpus, steps=30) + ["++callbacks.last_checkpoint.every_n_train_steps=4"]
+    stopped = base + [f"+callbacks.stop._target_={__name__}.StopAtStep", "+callbacks.stop.step=14"]
+    assert train(compose_config(stopped, tmp_path / "run"))["steps"] == 14  # before the first validation
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
+
+
 @pytest.mark.slow
 def test_a_resumed_stateful_lstm_carries_its_state_across_the_restart(tmp_path, small_corpus):
     base = tiny_overrides("lstm", small_corpus) + ["data.stateful=true", "trainer.val_check_interval=5"]

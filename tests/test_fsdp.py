@@ -128,6 +128,7 @@ def _fit(cfg: DictConfig, run_dir: Path, stop_at: int | None = None, ckpt_path: 
     recorder, texts = LossRecorder(stop_at), TextLogger()
     callbacks = [
         build(cfg.callbacks.model_checkpoint, "callbacks.model_checkpoint"),
+        build(cfg.callbacks.last_checkpoint, "callbacks.last_checkpoint"),
         ValidationSample(cfg.sample, max_new_tokens=8),
         NonFiniteLossGuard(),
         SelfContainedCheckpoints(run_record(cfg, data.tokenizer)),

@@ -127,9 +127,9 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, sma
     assert metrics["status"] == "failed" and "nan at step 7" in metrics["error"]
 
 
-def test_a_checkpoint_with_non_finite_weights_is_refused():
+def test_a_checkpoint_with_non_finite_weights_is_refused(tmp_path):
     guard = NonFiniteLossGuard()
-    trainer = SimpleNamespace(global_step=3, checkpoint_callback=None, world_size=1)
+    trainer = SimpleNamespace(global_step=3, checkpoint_callback=None, default_root_dir=str(tmp_path), world_size=1)
     guard.on_save_checkpoint(trainer, None, {"state_dict": {"w": torch.ones(2), "steps": torch.tensor([1])}})
     with pytest.raises(DivergedError, match=r"weights became NaN or infinite by step 3 \(w\)"):
         guard.on_save_checkpoint(trainer, None, {"state_dict": {"w": torch.tensor([1.0, math.inf])}})
@@ -165,6 +165,7 @@ def test_names_inside_the_folder_are_allowed(tmp_path):
     [
         "callbacks.model_checkpoint.filename=../../stolen",
         "callbacks.model_checkpoint.dirpath=/tmp/elsewhere",
+        "callbacks.last_checkpoint.filename=../../stolen",
         "callbacks.validation_curve.path=../curve.csv",
         "logger.tensorboard.save_dir=/tmp",
         "logger.tensorboard.name=../../events",
@@ -172,9 +173,11 @@ def test_names_inside_the_folder_are_allowed(tmp_path):
 )
 def test_checkpoint_paths_cannot_escape_the_run_directory(tmp_path, small_corpus, override):
     cfg = compose_config(tiny_overrides("gpt", small_corpus, steps=2) + [override], tmp_path / "run")
-    with pytest.raises(ConfigError, match="outside"):
+    with pytest.raises(ConfigError, match="outside") as err:
         train(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
+    if override.startswith("callbacks.") and "checkpoint" in override:
+        assert override.split("=")[0] in str(err.value)  # the message names the key to change
 
 
 class SignalAtStep(pl.Callback):

@@ -177,8 +177,8 @@ class NonFiniteLossGuard(pl.Callback):
 
     @staticmethod
     def _advice(trainer) -> str:
-        last = getattr(trainer.checkpoint_callback, "last_model_path", "")
-        kept = f"the last good checkpoint is {last}" if last and os.path.exists(last) else "no checkpoint was saved"
+        last = last_checkpoint_path(trainer)
+        kept = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was saved"
         return f"{kept}; lower optimizer.lr or raise scheduler.warmup_steps, then resume from it or start again"
 
 
@@ -249,15 +249,16 @@ class CheckpointOnInterrupt(pl.Callback):
 
     @staticmethod
     def _save_last(trainer) -> str:
-        """Write `last.ckpt` where ModelCheckpoint keeps it, and tell ModelCheckpoint, as its own save_last does."""
-        callback = trainer.checkpoint_callback
-        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
-            path = os.path.join(callback.dirpath, callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION)
-            callback.last_model_path = path
-        else:
-            path = os.path.join(trainer.default_root_dir, "checkpoints", "last.ckpt")
+        path = last_checkpoint_path(trainer)
         trainer.save_checkpoint(path)
         return path
+
+
+def last_checkpoint_path(trainer: pl.Trainer) -> str:
+    """Where the run keeps `last.ckpt`: beside the best checkpoint (conf/callbacks: last_checkpoint)."""
+    callback = trainer.checkpoint_callback
+    folder = callback.dirpath if isinstance(callback, ModelCheckpoint) and callback.dirpath else None
+    return os.path.join(folder or os.path.join(trainer.default_root_dir, "checkpoints"), "last.ckpt")
 
 
 class ValidationCurve(pl.Callback):

@@ -7,13 +7,14 @@ run directory. `train()` calls these; each raises a one-line ConfigError.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import Logger
 
 from lmlab.errors import ConfigError
 from lmlab.io import safe_output_path
@@ -40,16 +41,17 @@ def check_context_fits(model: LanguageModel, block_size: int) -> None:
         )
 
 
-def check_output_paths(trainer: pl.Trainer, run_dir: Path) -> None:
+def check_output_paths(run_dir: Path, callbacks: Mapping[str, pl.Callback], loggers: Sequence[Logger]) -> None:
     """Every file location the config gives the trainer must be inside the run directory:
-    checkpoint folders and names, logger folders, and callbacks that write a file (`path`)."""
-    for callback in trainer.callbacks:
+    checkpoint folders and names, logger folders, and callbacks that write a file (`path`).
+    `callbacks` maps each config name (callbacks.<name>) to the callback built from it."""
+    for name, callback in callbacks.items():
         if isinstance(callback, ModelCheckpoint) and callback.dirpath:
-            folder = safe_output_path(run_dir, callback.dirpath, "callbacks.model_checkpoint.dirpath")
-            safe_output_path(folder, f"{callback.filename or ''}.ckpt", "callbacks.model_checkpoint.filename")
+            folder = safe_output_path(run_dir, callback.dirpath, f"callbacks.{name}.dirpath")
+            safe_output_path(folder, f"{callback.filename or ''}.ckpt", f"callbacks.{name}.filename")
         elif isinstance(getattr(callback, "path", None), (str, Path)):
             safe_output_path(run_dir, callback.path, f"the path of callback {type(callback).__name__}")
-    for logger in trainer.loggers:
+    for logger in loggers:
         if logger.log_dir:
             safe_output_path(run_dir, logger.log_dir, f"the folder of logger {type(logger).__name__}")
 

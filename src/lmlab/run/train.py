@@ -102,11 +102,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_distributed(cfg, model)  # FSDP for a recurrent model, a SLURM launcher at odds with the Trainer
     if start:
         start.load_into(model)
-    callbacks = [build(node, f"callbacks.{name}") for name, node in cfg.get("callbacks", {}).items()]
+    callbacks = {name: build(node, f"callbacks.{name}") for name, node in cfg.get("callbacks", {}).items()}
     loggers = [build(node, f"logger.{name}") for name, node in cfg.get("logger", {}).items()]
     # torchao's FP8 layers fail under inference_mode: a float8 run evaluates under no_grad instead
     no_inference_mode = {"inference_mode": False} if cfg.task.get("float8") else {}
-    trainer: pl.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers, **no_inference_mode)
+    trainer: pl.Trainer = build(
+        cfg.trainer, "trainer", callbacks=list(callbacks.values()), logger=loggers, **no_inference_mode
+    )
     if max_bytes is not None:
         apply_byte_budget(trainer, cfg, datamodule, max_bytes)
     if max_flops is not None:
@@ -117,7 +119,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     task: LanguageModelTask = build(cfg.task, "task", model=model)
     check_optimizer(task.optimizer_factory)
 
-    check_output_paths(trainer, output_dir)
+    check_output_paths(output_dir, callbacks, trainer.loggers)
     if trainer.is_global_zero:
         log_run_info(trainer, output_dir, cfg.seed, datamodule.corpus.corpus_sha256, start)
     try:
