@@ -3,6 +3,7 @@ say, run a few steps on CPU when shrunk, and score PTB in per-word perplexity.""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -11,10 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from lmlab.checkpoint import load_checkpoint
 from lmlab.run.train import train
+from lmlab.tokenizers import load_tokenizer
 from tests.helpers import REPO, compose_config
 
 WORDS = [
@@ -158,6 +161,63 @@ def test_zaremba_lr_and_clip_are_the_papers_on_a_summed_loss(tmp_path):
     assert cfg.task.optimizer.lr / steps == pytest.approx(1.0)
     assert cfg.trainer.gradient_clip_val * steps == pytest.approx(5.0)
     assert cfg.task.scheduler.factor == pytest.approx(1 / 1.2)
+
+
+class RecordTraining(pl.Callback):
+    """Test-only: the model as training starts and every batch it trains on (kept on the class: Hydra
+    builds the instance inside train())."""
+
+    initial: torch.nn.Module | None = None
+    batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        RecordTraining.initial, RecordTraining.batches = copy.deepcopy(pl_module.model), []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        RecordTraining.batches.append((batch[0].clone(), batch[1].clone()))
+
+
+def test_the_zaremba_recipe_makes_the_papers_updates(tmp_path):
+    """Three epochs of the shrunk recipe (dropout off, decay from the second epoch) against Zaremba's
+    update written out by hand: the same streams (20 contiguous columns in the paper, here 4), state
+    zeroed at each epoch and carried between windows, the loss summed over time steps and averaged
+    over the batch, the gradient norm clipped at 5, plain SGD at lr 1 divided by 1.2 per epoch."""
+    write_ptb_like(tmp_path / "ptb", {"train": 200, "val": 8, "test": 8})
+    extra = ["data.block_size=35", "model.dropout=0", "trainer.max_epochs=3", "task.scheduler.start_epoch=1"]
+    extra += [f"+callbacks.zz_record._target_={__name__}.RecordTraining"]
+    train(compose_config(tiny_ptb_overrides("ptb_lstm_medium", tmp_path / "ptb", *extra), tmp_path / "run"))
+
+    tokenizer = load_tokenizer(tmp_path / "run" / "tokenizer.json")
+    ids = torch.as_tensor(tokenizer.encode((tmp_path / "ptb" / PTB_FILES["train"]).read_text()), dtype=torch.long)
+    streams, steps = 4, 35  # data.batch_size, data.block_size: the paper's 35 steps
+    # Contiguous columns as main.lua's replicate() cuts them, each as long as the windows it feeds
+    # (main.lua's columns run a few tokens further, into a tail no window reads)
+    row = (len(ids) - 1) // streams // steps * steps
+    x = torch.stack([ids[r * row : (r + 1) * row] for r in range(streams)])
+    y = torch.stack([ids[r * row + 1 : (r + 1) * row + 1] for r in range(streams)])
+    windows = [(x[:, i : i + steps], y[:, i : i + steps]) for i in range(0, row, steps)]
+    assert len(RecordTraining.batches) == 3 * len(windows)
+    for (x, y), (want_x, want_y) in zip(RecordTraining.batches, windows * 3, strict=True):
+        assert torch.equal(x, want_x) and torch.equal(y, want_y)
+
+    model = RecordTraining.initial
+    for epoch in range(3):
+        lr, state = 1.0 / 1.2**epoch, None
+        for x, y in windows:
+            logits, state = model(x, state)
+            nats = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, reduction="none")  # [batch, time]
+            model.zero_grad()
+            nats.mean(0).sum().backward()
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+            shrink = min(1.0, 5.0 / float(norm))  # main.lua: paramdx:mul(max_grad_norm / norm_dw) above 5
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= lr * shrink * p.grad
+            state = tuple(s.detach() for s in state)
+    trained = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    # Lightning's clipping divides by the norm + 1e-6, on a gradient 35 times smaller: relative 1e-4 apart
+    for name, want in model.state_dict().items():
+        torch.testing.assert_close(trained[f"model.{name}"], want, rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.slow
