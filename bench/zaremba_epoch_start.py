@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 
+from lmlab.graphed_step import state_tensors
+
 
 class ValidationStateAtEpochStart(pl.Callback):
     """From the second epoch on, the first training step starts from the last validation's final state."""
@@ -27,7 +29,7 @@ class ValidationStateAtEpochStart(pl.Callback):
         state = pl_module._eval_state
         if state is None:
             raise RuntimeError("no validation ran before this epoch: set trainer.val_check_interval=1.0")
-        streams, rows = (state[0] if isinstance(state, tuple) else state).size(1), batch[0].size(0)
+        streams, rows = state_tensors(state)[0].size(1), batch[0].size(0)  # [layers, streams, width]
         if streams != rows:
             raise RuntimeError(f"validation ran {streams} streams and training {rows}: set data.eval_batch_size={rows}")
         pl_module._train_state = state

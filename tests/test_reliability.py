@@ -129,7 +129,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, sma
 
 def test_a_checkpoint_with_non_finite_weights_is_refused(tmp_path):
     guard = NonFiniteLossGuard()
-    trainer = SimpleNamespace(global_step=3, checkpoint_callback=None, default_root_dir=str(tmp_path), world_size=1)
+    trainer = SimpleNamespace(global_step=3, checkpoint_callbacks=[], default_root_dir=str(tmp_path), world_size=1)
     guard.on_save_checkpoint(trainer, None, {"state_dict": {"w": torch.ones(2), "steps": torch.tensor([1])}})
     with pytest.raises(DivergedError, match=r"weights became NaN or infinite by step 3 \(w\)"):
         guard.on_save_checkpoint(trainer, None, {"state_dict": {"w": torch.tensor([1.0, math.inf])}})

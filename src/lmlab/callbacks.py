@@ -255,10 +255,17 @@ class CheckpointOnInterrupt(pl.Callback):
 
 
 def last_checkpoint_path(trainer: pl.Trainer) -> str:
-    """Where the run keeps `last.ckpt`: beside the best checkpoint (conf/callbacks: last_checkpoint)."""
-    callback = trainer.checkpoint_callback
-    folder = callback.dirpath if isinstance(callback, ModelCheckpoint) and callback.dirpath else None
-    return os.path.join(folder or os.path.join(trainer.default_root_dir, "checkpoints"), "last.ckpt")
+    """Where the run keeps its newest state: the file of the checkpoint callback that monitors nothing
+    (conf/callbacks: last_checkpoint), else `checkpoints/last.ckpt` in the run directory."""
+    for callback in trainer.checkpoint_callbacks:
+        if (
+            isinstance(callback, ModelCheckpoint)
+            and callback.monitor is None
+            and callback.dirpath
+            and callback.filename
+        ):
+            return os.path.join(callback.dirpath, callback.filename + callback.FILE_EXTENSION)
+    return os.path.join(trainer.default_root_dir, "checkpoints", "last.ckpt")
 
 
 class ValidationCurve(pl.Callback):
