@@ -4,7 +4,7 @@ CUDA kernel where it imports, at sequence lengths 256-4096.
 
     python bench/mamba_scan.py --device cuda                          # one Mamba layer of a ~100M model
     python bench/mamba_scan.py --device cuda --batch 8 --seq-lens 1024 --dtype bf16 --methods triton \
-        --tiles 16x16x4 32x16x8 8x32x4                                # the Triton kernel's tiles (T x D x warps)
+        --tiles 16x16x8x4 16x8x4x2                                  # Triton tiles: steps x channels x warps fwd x bwd
     python bench/mamba_scan.py --device cpu --d-inner 64 --seq-lens 256 512 --repeats 2   # a quick CPU check
     python bench/mamba_scan.py --device cpu --d-inner 256 --batch 2 --sequential-up-to 2048 --repeats 1
 
@@ -54,12 +54,11 @@ def run_scan(method: str, tensors: list[torch.Tensor]) -> torch.Tensor:
         kernel = cuda_selective_scan()
         bt = lambda t: t.transpose(1, 2).contiguous()  # noqa: E731  (the kernel wants [B, channels, T])
         return kernel(bt(u), bt(dt), A, bt(B), bt(C), D, bt(z)).transpose(1, 2)
-    if method.startswith("triton"):  # "triton" (the default tiles) or "triton TxDxW"
-        tiles = (
-            dict(zip(("block_t", "block_d", "num_warps"), map(int, method.split()[1].split("x"))))
-            if " " in method
-            else {}
-        )
+    if method.startswith("triton"):  # "triton" (the default tiles) or "triton TxDxFxB"
+        tiles = {}
+        if " " in method:
+            block_t, *rest = map(int, method.split()[1].split("x"))
+            tiles = {"block_t": block_t, "tiles": rest}
         return triton_selective_scan()(u, dt, A, B, C, D, z, **tiles)[0]
     return selective_scan(u, dt, A, B, C, D, z, method=method)[0]
 
@@ -105,7 +104,10 @@ def main() -> None:
         "--methods", nargs="+", default=None, help="default: parallel, sequential and the fused kernels that run here"
     )
     parser.add_argument(
-        "--tiles", nargs="+", default=[], help="also time the Triton kernel with these tiles, BLOCK_TxBLOCK_DxWARPS"
+        "--tiles",
+        nargs="+",
+        default=[],
+        help="also time the Triton kernel with these tiles: steps x channels x forward warps x backward warps",
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())

@@ -4,6 +4,8 @@ Mamba picks it where it should. Without a GPU the kernels run on CPU tensors in 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -87,7 +89,7 @@ def test_kernel_equals_the_sequential_reference(
     def kernel(t):
         t = {k: v.float().to(DEVICE) for k, v in t.items()}
         args = [t[k] for k in NAMES[:7]]
-        return fused(*args, t["delta_bias"], t.get("h0"), softplus, block_t=block_t, block_d=block_d)
+        return fused(*args, t["delta_bias"], t.get("h0"), softplus, block_t=block_t, tiles=[block_d, 2, 2])
 
     got = outputs_and_grads(kernel, x, use_last_state)
     want = outputs_and_grads(lambda t: reference(t, softplus, with_h0), x, use_last_state)
@@ -113,11 +115,28 @@ def test_kernel_compiles_into_one_graph(fused) -> None:
     x = {k: v.float().to(DEVICE) for k, v in scan_inputs(1, 7, 4, 2).items()}
 
     def scan(t):
-        return fused(*(t[k] for k in NAMES[:7]), t["delta_bias"], t["h0"], True, block_t=4, block_d=4)
+        return fused(*(t[k] for k in NAMES[:7]), t["delta_bias"], t["h0"], True, block_t=4, tiles=[4, 1, 1])
 
     compiled = torch.compile(scan, backend="aot_eager", fullgraph=True)
     for g, w in zip(outputs_and_grads(compiled, x, True), outputs_and_grads(scan, x, True)):
         torch.testing.assert_close(g, w)
+
+
+def test_custom_ops_pass_opcheck_on_strided_inputs(fused) -> None:
+    """The views the model passes (u transposed from the convolution, z and B, C sliced out of
+    projections): the fake versions torch.compile traces with give the real kernels' shapes and strides."""
+    x = {k: v.float().to(DEVICE) for k, v in scan_inputs(2, 5, 4, 2).items()}
+    u = x["u"].transpose(1, 2).contiguous().transpose(1, 2)
+    _, z = torch.cat([x["u"], x["z"]], dim=-1).chunk(2, dim=-1)
+    B, C = torch.cat([x["B"], x["C"]], dim=-1).split(2, dim=-1)
+    args = [u, x["delta"], x["A"], B, C, x["D"], z, x["delta_bias"], x["h0"]]
+    settings = (True, 4, [4, 1, 1])
+    forward = torch.ops.lmlab.selective_scan_fwd.default
+    torch.library.opcheck(forward, (*(t.detach().requires_grad_() for t in args), *settings))
+    states = forward(*args, *settings)[2]
+    dout = torch.randn(5, 4, 2, device=DEVICE).permute(2, 0, 1)  # [B, T, D], not contiguous
+    backward_args = (*args[:8], states, dout, torch.randn_like(x["h0"]), *settings)
+    torch.library.opcheck(torch.ops.lmlab.selective_scan_bwd.default, backward_args)
 
 
 def mamba_pair(**kw) -> tuple[Mamba, Mamba]:
@@ -183,11 +202,23 @@ def test_kernels_triton_refused_where_triton_does_not_import(monkeypatch) -> Non
     assert "kernels=triton needs the triton package" in str(info.value) and "\n" not in str(info.value)
 
 
+def test_narrower_tiles_for_a_small_batch(fused, monkeypatch) -> None:
+    """At batch 8 x 1536 channels an H100's 132 multiprocessors get 768 programs of 16 channels; a batch
+    of one gets programs of 4 channels (384 of them), with the warps cut in proportion."""
+    from lmlab.models.kernels.triton_scan import default_tiles
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    assert default_tiles(8, 1536, torch.device("cuda")) == [16, 8, 4]
+    assert default_tiles(4, 1536, torch.device("cuda")) == [8, 4, 2]
+    assert default_tiles(1, 1536, torch.device("cuda")) == [4, 2, 1]
+
+
 @needs_gpu
-def test_kernel_at_a_training_shape_on_the_gpu(fused) -> None:
-    """Many chunks and channel blocks, the default tiles: the kernel vs the reference on the GPU."""
+@pytest.mark.parametrize("tiles", [None, [16, 8, 4], [4, 2, 1]])
+def test_kernel_at_a_training_shape_on_the_gpu(fused, tiles) -> None:
+    """Many chunks and channel blocks: the kernel vs the reference on the GPU."""
     x = scan_inputs(2, 1000, 192, 16)
-    got = outputs_and_grads(lambda t: fused(*(t[k].float().cuda() for k in NAMES), True), x, True)
+    got = outputs_and_grads(lambda t: fused(*(t[k].float().cuda() for k in NAMES), True, tiles=tiles), x, True)
     want = outputs_and_grads(lambda t: reference({k: v.cuda() for k, v in t.items()}, True, True), x, True)
     for name, g, w in zip(["y", "h_T", *NAMES], got, want):
         torch.testing.assert_close(

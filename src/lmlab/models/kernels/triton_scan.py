@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x log2 e): exp2 is the GPU's native instruction
-BLOCK_T, BLOCK_D, NUM_WARPS = 16, 16, 4  # measured on an H100: docs/models.md
+BLOCK_T = 16  # steps per chunk; the tiles across channels are chosen per call (default_tiles)
 
 
 @triton.jit
@@ -187,6 +187,18 @@ def _strides(*tensors: Tensor) -> list[int]:
     return [s for t in tensors for s in t.stride()]
 
 
+def default_tiles(batch: int, channels: int, device: torch.device) -> list[int]:
+    """[channels per program, forward warps, backward warps]. 16 channels, 8 and 4 warps were the
+    fastest of the tiles timed on an H100 at batch 8 (docs/models.md). Each program walks the whole
+    sequence, so a small batch gets narrower programs, down to 4 channels, to give every multiprocessor
+    several; the warps shrink with them, so each thread keeps the same share of a chunk."""
+    processors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    block_d = 16
+    while block_d > 4 and batch * triton.cdiv(channels, block_d) < 4 * processors:
+        block_d //= 2
+    return [block_d, block_d // 2, max(1, block_d // 4)]
+
+
 @torch.library.custom_op("lmlab::selective_scan_fwd", mutates_args=())
 def selective_scan_fwd(
     u: Tensor,
@@ -200,20 +212,19 @@ def selective_scan_fwd(
     h0: Tensor | None,
     delta_softplus: bool,
     block_t: int,
-    block_d: int,
-    num_warps: int,
+    tiles: list[int],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y [B, T, D] in u's dtype, h_T [B, D, N] fp32, and the backward's checkpoints: the state entering
-    each chunk and the last one [B, T / block_t + 1, D, N] fp32)."""
+    each chunk and the last one [B, T / block_t + 1, D, N] fp32). `tiles`: see default_tiles; [] picks them."""
     batch, length, channels = u.shape
     n = A.size(1)
+    block_d, num_warps, _ = tiles or default_tiles(batch, channels, u.device)
     out = torch.empty(batch, length, channels, device=u.device, dtype=u.dtype)
     states = torch.empty(batch, triton.cdiv(length, block_t) + 1, channels, n, device=u.device, dtype=torch.float32)
     h_last = torch.empty(batch, channels, n, device=u.device, dtype=torch.float32)
     A, D, delta_bias = (t.float().contiguous() for t in (A, D, delta_bias))
     h0 = None if h0 is None else h0.float().contiguous()
-    grid = (batch, triton.cdiv(channels, block_d))
-    _scan_fwd_kernel[grid](
+    _scan_fwd_kernel[(batch, triton.cdiv(channels, block_d))](
         u, delta, z, B, C, A, D, delta_bias, h0, out, states, h_last, length, channels, n,
         *_strides(u, delta, z, B, C),
         SOFTPLUS=delta_softplus, HAS_H0=h0 is not None,
@@ -223,14 +234,14 @@ def selective_scan_fwd(
 
 
 @selective_scan_fwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus, block_t, block_d, num_warps):
+def _(u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus, block_t, tiles):
     batch, length, channels = u.shape
-    n_chunks = (length + block_t - 1) // block_t + 1
+    n_chunks = (length + block_t - 1) // block_t
     state = dict(device=u.device, dtype=torch.float32)
     return (
         u.new_empty(batch, length, channels),
         torch.empty(batch, channels, A.size(1), **state),
-        torch.empty(batch, n_chunks, channels, A.size(1), **state),
+        torch.empty(batch, n_chunks + 1, channels, A.size(1), **state),
     )
 
 
@@ -249,13 +260,13 @@ def selective_scan_bwd(
     dh_last: Tensor | None,
     delta_softplus: bool,
     block_t: int,
-    block_d: int,
-    num_warps: int,
+    tiles: list[int],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of (u, delta, A, B, C, D, z, delta_bias, h0), each in its input's dtype (h0's fp32),
     from `states`, the forward's checkpoints, and the gradients of y (dout) and h_T (dh_last)."""
     batch, length, channels = u.shape
     n = A.size(1)
+    block_d, _, num_warps = tiles or default_tiles(batch, channels, u.device)
     n_blocks = triton.cdiv(channels, block_d)
     du, ddelta, dz = (torch.empty(batch, length, channels, device=u.device, dtype=t.dtype) for t in (u, delta, z))
     per_block = dict(device=u.device, dtype=torch.float32)
@@ -270,33 +281,15 @@ def selective_scan_bwd(
         SOFTPLUS=delta_softplus, HAS_DH_LAST=dh_last is not None,
         BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(n), num_warps=num_warps,
     )  # fmt: skip
-    return (
-        du,
-        ddelta,
-        dA.sum(0).to(A.dtype),
-        dB.sum(0).to(B.dtype),
-        dC.sum(0).to(C.dtype),
-        dD.sum(0).to(D.dtype),
-        dz,
-        dbias.sum(0).to(delta_bias.dtype),
-        dh0,
-    )
+    sums = dA.sum(0).to(A.dtype), dB.sum(0).to(B.dtype), dC.sum(0).to(C.dtype), dD.sum(0).to(D.dtype)
+    return du, ddelta, *sums, dz, dbias.sum(0).to(delta_bias.dtype), dh0
 
 
 @selective_scan_bwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, states, dout, dh_last, delta_softplus, block_t, block_d, num_warps):
-    batch, channels = u.size(0), u.size(2)
-    return (
-        torch.empty_like(u),
-        torch.empty_like(delta),
-        torch.empty_like(A),
-        B.new_empty(B.shape),
-        C.new_empty(C.shape),
-        torch.empty_like(D),
-        torch.empty_like(z),
-        torch.empty_like(delta_bias),
-        u.new_empty(batch, channels, A.size(1), dtype=torch.float32),
-    )
+def _(u, delta, A, B, C, D, z, delta_bias, states, dout, dh_last, delta_softplus, block_t, tiles):
+    """Shapes, dtypes and strides as the kernel's: every output is a new contiguous tensor."""
+    like = (u, delta, A, B, C, D, z, delta_bias)
+    return (*(t.new_empty(t.shape) for t in like), u.new_empty(u.size(0), u.size(2), A.size(1), dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -309,7 +302,7 @@ def _backward(ctx, dout, dh_last, _dstates):
     *inputs, states = ctx.saved_tensors
     dout = torch.zeros_like(inputs[0]) if dout is None else dout
     grads = selective_scan_bwd(*inputs, states, dout, dh_last, *ctx.settings)
-    return (*grads[:-1], grads[-1] if ctx.has_h0 else None, None, None, None, None)
+    return (*grads[:-1], grads[-1] if ctx.has_h0 else None, None, None, None)
 
 
 selective_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -327,15 +320,14 @@ def selective_scan_fused(
     h0: Tensor | None = None,
     delta_softplus: bool = False,
     block_t: int = BLOCK_T,
-    block_d: int = BLOCK_D,
-    num_warps: int = NUM_WARPS,
+    tiles: list[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """models.scan.selective_scan with dt = softplus(delta + delta_bias) (`delta_softplus`; else
     delta + delta_bias), fused: u, delta, z [B, T, D]; A [D, N]; B, C [B, T, N]; D [D]; h0 [B, D, N].
-    Any strides. Returns y [B, T, D] (u's dtype) and h_T [B, D, N] (fp32), both differentiable."""
+    Any strides. Returns y [B, T, D] (u's dtype) and h_T [B, D, N] (fp32), both differentiable.
+    `block_t` steps per chunk; `tiles` [channels per program, forward warps, backward warps] or None
+    (default_tiles)."""
     if delta_bias is None:
         delta_bias = torch.zeros(u.size(-1), device=u.device, dtype=torch.float32)
-    y, h_last, _ = selective_scan_fwd(
-        u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus, block_t, block_d, num_warps
-    )
+    y, h_last, _ = selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus, block_t, tiles or [])
     return y, h_last
