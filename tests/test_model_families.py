@@ -461,7 +461,7 @@ def test_model_configs_build(name: str) -> None:
         ("mamba", "expand", 0, "expand must be >= 1"),
         ("jamba", "expand", 0, "expand must be >= 1"),
         ("mamba", "scan", "fast", "scan must be one of auto, parallel, sequential"),
-        ("mamba", "kernels", "triton", "kernels must be one of auto, torch, cuda"),
+        ("mamba", "kernels", "fast", "kernels must be one of auto, torch, triton, cuda"),
         ("lstm_attn", "window", 0, "window must be >= 1"),
         ("lstm_attn", "n_head", 3, "d_model must be divisible by n_head"),
     ],
