@@ -11,6 +11,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from lmlab.callbacks import ExactResume
 from lmlab.cli import register_resolvers
 from lmlab.run.distributed import SameStreamDDPStrategy
 
@@ -86,7 +87,8 @@ def sweep_overrides(corpus: Path, sweep_dir: Path, swept: list[str], fixed: tupl
 
 
 def cpu_trainer(devices: int, callbacks=(), **kwargs) -> pl.Trainer:
-    """A bare Trainer on 1 or N CPU processes (DDP over gloo), sharding its data as lmlab does."""
+    """A bare Trainer on 1 or N CPU processes (DDP over gloo), sharding its data and saving the carried
+    state and RNG (ExactResume) as lmlab does."""
     return pl.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -97,7 +99,7 @@ def cpu_trainer(devices: int, callbacks=(), **kwargs) -> pl.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=list(callbacks),
+        callbacks=[*callbacks, ExactResume()],
         **kwargs,
     )
 

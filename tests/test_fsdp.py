@@ -199,7 +199,7 @@ def _train_main(rank: int, port: int, corpus: Path, run_dir: Path) -> None:
 
 
 def _checkpointing_main(rank: int, port: int, corpus: Path, root: Path) -> None:
-    """The preset's run without and with task.activation_checkpointing (dropout on) on this rank: its
+    """The preset's run without and with perf.activation_checkpointing (dropout on) on this rank: its
     losses, and whether each block handed to checkpointing was an FSDP unit."""
     import lmlab.models.base
 
@@ -217,7 +217,7 @@ def _checkpointing_main(rank: int, port: int, corpus: Path, root: Path) -> None:
         for on in (False, True):
             cfg = _fsdp_config(corpus, root / str(on))
             with open_dict(cfg):
-                cfg.task.activation_checkpointing, cfg.model.dropout = on, 0.1
+                cfg.perf.activation_checkpointing, cfg.model.dropout = on, 0.1
             losses[on] = _fit(cfg, root / str(on))["losses"]
         torch.save({"losses": losses, "units": units}, root / f"rank{rank}.pt")
         dist.barrier()

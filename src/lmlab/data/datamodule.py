@@ -17,6 +17,7 @@ from lmlab.data.sampling import EpochSampler, ResumableDataLoader, WindowSampler
 from lmlab.data.sources import CorpusSource, check_split_names, local_source
 from lmlab.data.windows import EvalWindows, StreamBatches, TrainWindows, already_batched, shard_rows
 from lmlab.errors import ConfigError, DataError
+from lmlab.lightning_compat import uses_distributed_sampler
 from lmlab.tokenizers import Tokenizer
 
 
@@ -123,8 +124,7 @@ class TextDataModule(pl.LightningDataModule):
         trainer = self.trainer
         if trainer is None or trainer.world_size == 1:
             return 0, 1
-        # Lightning keeps this flag on its (private) accelerator connector; on, it would re-shard our shards.
-        if getattr(trainer._accelerator_connector, "use_distributed_sampler", False):
+        if uses_distributed_sampler(trainer):  # on, Lightning would re-shard lmlab's shards
             raise ConfigError(
                 "lmlab shards the data by rank itself, so Lightning's distributed sampler would score tokens "
                 "twice and break stateful streams: set trainer.use_distributed_sampler=false"

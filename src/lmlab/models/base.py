@@ -27,7 +27,7 @@ class LanguageModel(nn.Module, ABC):
     vocab_size: int
     context_length: int | None  # most tokens one sequence may hold; None means unbounded
     has_repeated_blocks: ClassVar[bool] = False  # a stack of like blocks, each called through call_block
-    activation_checkpointing: bool = False  # set by the task (task.activation_checkpointing); not a weight
+    activation_checkpointing: bool = False  # set by the task (perf.activation_checkpointing); not a weight
 
     @abstractmethod
     def forward(self, idx: Tensor, state: State | None = None) -> tuple[Tensor, State | None]:

@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab.callbacks import SelfContainedCheckpoints
+from lmlab.callbacks import ExactResume, SelfContainedCheckpoints
 from lmlab.checkpoint import run_record
 from lmlab.checkpoint.format import checkpoint_step
 from lmlab.checkpoint.resume import continue_unfinished_run, start_from_checkpoint
@@ -27,9 +27,10 @@ from lmlab.data import TextDataModule
 from lmlab.errors import ConfigError, LmlabError, RunInterrupted, RunStopped
 from lmlab.generate import SamplingConfig, sample_text
 from lmlab.io import atomic_write_json, atomic_write_text
-from lmlab.models.float8 import check_float8_device
+from lmlab.perf import Perf, apply_perf, dynamo_settings
+from lmlab.perf.float8 import check_float8_device
 from lmlab.report.terminal import print_summary
-from lmlab.run.budgets import apply_byte_budget, apply_flops_budget, byte_budget, flops_budget
+from lmlab.run.budgets import byte_budget, flops_budget
 from lmlab.run.build import build
 from lmlab.run.checks import (
     check_context_fits,
@@ -40,9 +41,9 @@ from lmlab.run.checks import (
 )
 from lmlab.run.dashboards import log_final, log_run_info
 from lmlab.run.distributed import check_distributed, full_weights
-from lmlab.run.precision import resolve_precision, set_float32_matmul_precision
+from lmlab.run.plan import resolve_run
+from lmlab.run.precision import set_float32_matmul_precision
 from lmlab.run.quiet import quiet_lightning
-from lmlab.run.sizing import apply_target_params
 from lmlab.task import LanguageModelTask
 
 log = logging.getLogger(__name__)
@@ -80,12 +81,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     set_float32_matmul_precision(cfg.get("float32_matmul_precision", "high"))
     check_training_length(cfg.trainer)
-    resolve_precision(cfg.trainer)
-    if cfg.task.get("float8"):  # before the data is prepared, not at the first step
+    perf: Perf = build(cfg.perf, "perf")  # checked before the data is prepared, not at the first step
+    if perf.float8:
         on_gpu = torch.cuda.is_available() and cfg.trainer.get("accelerator") != "cpu"
         check_float8_device(torch.device("cuda" if on_gpu else "cpu"))
     sampling = SamplingConfig.from_config(cfg.sample)  # checked now rather than after the training
-    max_bytes, max_flops = byte_budget(cfg), flops_budget(cfg)
+    byte_budget(cfg)  # both checked before the data is prepared; the plan turns them into steps
+    flops_budget(cfg)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -95,37 +97,34 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     tokenizer = datamodule.tokenizer
     tokenizer.save(output_dir / "tokenizer.json")
 
-    apply_target_params(cfg.model, tokenizer.vocab_size, cfg.budget.get("target_params"))
+    cfg = resolve_run(cfg, datamodule)  # precision, matched width, step budget: settled once, then only read
     model = build(cfg.model, "model", vocab_size=tokenizer.vocab_size)
     check_context_fits(model, datamodule.block_size)
     check_stateful(model, datamodule.stateful)
     check_distributed(cfg, model)  # FSDP for a recurrent model, a SLURM launcher at odds with the Trainer
     if start:
         start.load_into(model)
+    apply_perf(model, perf)  # FP8 layers and activation checkpointing, once, before the optimizer sees the weights
     callbacks = {name: build(node, f"callbacks.{name}") for name, node in cfg.get("callbacks", {}).items()}
     loggers = [build(node, f"logger.{name}") for name, node in cfg.get("logger", {}).items()]
     # torchao's FP8 layers fail under inference_mode: a float8 run evaluates under no_grad instead
-    no_inference_mode = {"inference_mode": False} if cfg.task.get("float8") else {}
+    no_inference_mode = {"inference_mode": False} if perf.float8 else {}
+    run_callbacks = [SelfContainedCheckpoints(run_record(cfg, tokenizer)), ExactResume()]
     trainer: pl.Trainer = build(
-        cfg.trainer, "trainer", callbacks=list(callbacks.values()), logger=loggers, **no_inference_mode
+        cfg.trainer, "trainer", callbacks=[*callbacks.values(), *run_callbacks], logger=loggers, **no_inference_mode
     )
-    if max_bytes is not None:
-        apply_byte_budget(trainer, cfg, datamodule, max_bytes)
-    if max_flops is not None:
-        apply_flops_budget(trainer, cfg, datamodule, model, max_flops)
-    # once, as built (matched width, step budget), so it rebuilds exactly this run
-    atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    trainer.callbacks.append(SelfContainedCheckpoints(run_record(cfg, tokenizer)))
-    task: LanguageModelTask = build(cfg.task, "task", model=model)
+    task: LanguageModelTask = build(cfg.task, "task", model=model)  # its perf: the same node, for the step
     check_optimizer(task.optimizer_factory)
+    atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))  # rebuilds exactly this run
 
     check_output_paths(output_dir, callbacks, trainer.loggers)
     if trainer.is_global_zero:
         log_run_info(trainer, output_dir, cfg.seed, datamodule.corpus.corpus_sha256, start)
     try:
-        trainer.fit(
-            task, datamodule=datamodule, ckpt_path=start.path if start and start.resume else None, weights_only=True
-        )
+        with dynamo_settings(perf, trainer.world_size):
+            trainer.fit(
+                task, datamodule=datamodule, ckpt_path=start.path if start and start.resume else None, weights_only=True
+            )
     except RunStopped as err:  # diverged or interrupted: say so in metrics.json; the last good checkpoint stays
         if trainer.is_global_zero:
             record_failure(cfg, err)

@@ -1,4 +1,4 @@
-"""`task.float8=true`: the linear layers' matmuls in FP8, through torchao's float8 training.
+"""`perf.float8=true`: the linear layers' matmuls in FP8, through torchao's float8 training.
 
 torchao swaps each `nn.Linear` for a `Float8Linear` that casts its input, weight and output gradient
 to FP8 with a dynamic per-tensor scale for the three matmuls of forward and backward, and keeps the
@@ -29,7 +29,7 @@ def use_float8_matmuls(model: nn.Module) -> int:
         from torchao.float8 import convert_to_float8_training
     except ImportError:
         raise ConfigError(
-            "task.float8=true needs torchao (pip install torchao, or pip install -e '.[fp8]'); or set task.float8=false"
+            "perf.float8=true needs torchao (pip install torchao, or pip install -e '.[fp8]'); or set perf.float8=false"
         ) from None
 
     def fits(module: nn.Module, name: str) -> bool:
@@ -50,7 +50,7 @@ def check_float8_device(device: torch.device) -> None:
     """A one-line error for a GPU without FP8 tensor cores; a warning on a CPU, which emulates them."""
     if device.type != "cuda":
         warnings.warn(
-            f"task.float8=true on {device.type}: the FP8 products are emulated, more slowly than bf16 "
+            f"perf.float8=true on {device.type}: the FP8 products are emulated, more slowly than bf16 "
             "(a check of the numbers, not a speed-up)",
             stacklevel=2,
         )
@@ -59,6 +59,6 @@ def check_float8_device(device: torch.device) -> None:
     if capability < FP8_CAPABILITY:
         name = torch.cuda.get_device_name(device)
         raise ConfigError(
-            f"task.float8=true needs FP8 tensor cores (compute capability 8.9 or newer: Ada, Hopper, Blackwell); "
-            f"{name} has {capability[0]}.{capability[1]}: set task.float8=false"
+            f"perf.float8=true needs FP8 tensor cores (compute capability 8.9 or newer: Ada, Hopper, Blackwell); "
+            f"{name} has {capability[0]}.{capability[1]}: set perf.float8=false"
         )
