@@ -19,7 +19,7 @@ from lmlab.data.windows import IGNORE_INDEX
 from lmlab.errors import ConfigError
 from lmlab.graphed_step import GraphCaptureError, GraphedTrainingStep, state_tensors
 from lmlab.metrics import split_scores, token_nats
-from lmlab.models import LanguageModel, count_parameters, detach_state, state_from_data, state_to_data
+from lmlab.models import LanguageModel, count_parameters, detach_state, families, state_from_data, state_to_data
 from lmlab.models.float8 import check_float8_device, use_float8_matmuls
 from lmlab.optim import ValidationPlateau, decayed_parameters, lightning_scheduler, parameter_groups, schedule_arguments
 
@@ -85,10 +85,11 @@ class LanguageModelTask(pl.LightningModule):
             raise ValueError(
                 f"label_smoothing must be in [0, 1] (got {label_smoothing}): e.g. task.label_smoothing=0.1"
             )
-        if activation_checkpointing and not model.has_repeated_blocks:
+        if activation_checkpointing and not model.block_types:
+            stacks = ", ".join(f.name for f in families() if f.model.block_types)
             raise ValueError(
-                "task.activation_checkpointing=true needs a model made of repeated blocks (gpt, transformer, llama, "
-                f"mamba, jamba); {type(model).__name__} has none: set task.activation_checkpointing=false"
+                f"task.activation_checkpointing=true needs a model made of repeated blocks ({stacks}); "
+                f"{type(model).__name__} has none: set task.activation_checkpointing=false"
             )
         self.model = model
         # inside the model, around each block: the same under every strategy (FSDP's units are those blocks)
