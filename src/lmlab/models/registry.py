@@ -11,6 +11,7 @@ one `register_family(...)` line (docs/adding-a-model.md).
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -97,6 +98,19 @@ def family_names() -> list[str]:
 def adamw_rates() -> dict[str, float]:
     """{family: AdamW rate}: what conf/train.yaml's `adamw_lr` and conf/optimizer/adamw.yaml read (cli.py)."""
     return {f.name: f.adamw_lr for f in families()}
+
+
+def model_class(target: str) -> type[LanguageModel] | None:
+    """The registered class a config's `_target_` names (its module's path, or a package's that exports
+    it: lmlab.models.GPT), or None. Nothing is imported: a checkpoint's config never chooses code to run."""
+    for f in families():
+        module, name = f.model.__module__, f.model.__qualname__
+        owners = [module] + [module.rsplit(".", depth)[0] for depth in range(1, module.count(".") + 1)]
+        if any(
+            target == f"{owner}.{name}" and getattr(sys.modules.get(owner), name, None) is f.model for owner in owners
+        ):
+            return f.model
+    return None
 
 
 def accepts(model: type[LanguageModel], argument: str) -> bool:
