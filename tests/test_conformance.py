@@ -279,12 +279,18 @@ def test_context_is_enforced_or_unbounded(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", [f.name for f in families()])
-def test_capabilities_agree_with_the_model(name: str) -> None:
-    """What generic code reads off the class: the declared blocks are the stack's layers, and a model
+def test_capabilities_agree_with_the_model(name: str, monkeypatch) -> None:
+    """What generic code reads off the class: the blocks a forward runs through call_block (those that
+    activation checkpointing recomputes) are the declared block_types, one per layer; and a model
     supporting a static cache keeps a KVCache as its state."""
     model = make(name)
-    blocks = [m for m in model.modules() if isinstance(m, model.block_types)] if model.block_types else []
-    assert len(blocks) == (model.n_layer if model.block_types else 0)
+    called = []
+    plain_call = model.call_block
+    monkeypatch.setattr(model, "call_block", lambda block, *args: called.append(block) or plain_call(block, *args))
+    model(tokens(1, 4))
+    assert all(isinstance(block, model.block_types) for block in called) and bool(called) == bool(model.block_types)
+    declared = [m for m in model.modules() if isinstance(m, model.block_types)] if model.block_types else []
+    assert called == declared and len(called) == (model.n_layer if model.block_types else 0)
     if model.supports_static_cache:
         assert isinstance(model.init_state(1, "cpu"), KVCache)
 
