@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from lmlab.checkpoint.format import build_model
 from lmlab.errors import ConfigError
 from lmlab.export import exporter_for
 from lmlab.export.hf_dir import EXPORTERS
@@ -346,6 +347,14 @@ def test_the_yaml_lists_every_constructor_argument_at_its_default(name: str, tmp
         assert value == default, f"model.{key}: yaml {value!r}, {f.model.__name__} default {default!r}"
     model = instantiate({"_target_": f"{f.model.__module__}.{f.model.__name__}", **settings}, vocab_size=VOCAB)
     assert model(tokens(1, 8))[0].shape == (1, 8, VOCAB)
+
+
+def test_a_checkpoint_from_before_model_moe_still_builds_its_model() -> None:
+    """Earlier versions kept the MoE keys at the top of the model config; checkpoints hold it as written."""
+    old = {"_target_": "lmlab.models.GPT", "vocab_size": VOCAB, "d_model": 16, "n_layer": 2, "n_head": 2}
+    model = build_model({**old, "n_experts": 3, "top_k": 1, "moe_every": 2, "aux_loss_weight": 0.01})
+    assert [isinstance(block.mlp, MoE) for block in model.blocks] == [False, True]
+    assert build_model(old).aux_loss() is None
 
 
 def test_moe_settings_come_as_a_mapping_or_the_dataclass_and_unknown_keys_are_named() -> None:

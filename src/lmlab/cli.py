@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmlab.checkpoint.resume import checkpoint_run_dir
 from lmlab.errors import USER_ERROR_EXIT, LmlabError
-from lmlab.models.registry import adamw_rates
+from lmlab.models.registry import adamw_rates, family_names
 from lmlab.run.dirs import JOB_DIR_RESOLVER, RESOLVER, claimed_dir, job_dir_name
 from lmlab.run.info import REPO_ROOT
 
@@ -44,6 +44,8 @@ def register_resolvers() -> None:
         "lmlab_run_dir": checkpoint_run_dir,
         # a model family's default AdamW rate, or the table of them (lmlab.models.registry)
         "lmlab_adamw_lr": adamw_lr,
+        # every registered family, comma-separated: the sweeps over all architectures
+        "lmlab_families": lambda: ",".join(family_names()),
     }
     for name, resolver in resolvers.items():
         if not OmegaConf.has_resolver(name):

@@ -31,7 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.errors import ConfigError
-from lmlab.models import LanguageModel
+from lmlab.models import LanguageModel, MoEConfig
 from lmlab.models.registry import model_class
 from lmlab.tokenizers import Tokenizer, load_tokenizer
 
@@ -152,7 +152,7 @@ def model_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 def build_model(model_config: dict[str, Any]) -> LanguageModel:
     """Instantiate `model_config` (a resolved `cfg.model` plus vocab_size), allowing lmlab models only."""
-    settings = {key: value for key, value in model_config.items() if not key.startswith("_")}
+    settings = MoEConfig.nest_flat_keys({key: value for key, value in model_config.items() if not key.startswith("_")})
     target = model_config.get("_target_", "")
     cls = model_class(target)
     if cls is None:

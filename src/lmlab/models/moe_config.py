@@ -64,6 +64,16 @@ class MoEConfig:
                 f"aux_loss_weight must be >= 0 (got {self.aux_loss_weight}): set model.moe.aux_loss_weight to e.g. 0.01"
             )
 
+    @classmethod
+    def nest_flat_keys(cls, settings: Mapping[str, Any]) -> dict[str, Any]:
+        """A model config as written now from one written before the MoE keys moved under `moe`: the
+        checkpoints of earlier versions hold n_experts, top_k, moe_every and aux_loss_weight at the top."""
+        names = [f.name for f in fields(cls)]
+        flat = {key: settings[key] for key in names if key in settings}
+        if not flat:
+            return dict(settings)
+        return {**{key: value for key, value in settings.items() if key not in flat}, "moe": flat}
+
     def feed_forward(self, layer: int, make_mlp: Callable[[], nn.Module], d_model: int) -> nn.Module:
         """Layer `layer`'s feed-forward: a mixture of `make_mlp` experts or one make_mlp()."""
         return mlp_or_moe(layer, make_mlp, d_model, self.n_experts, self.top_k, self.moe_every, self.aux_loss_weight)
