@@ -42,6 +42,8 @@ FAMILIES = {
         n_layer=8,
         n_head=d // 64,
         n_kv_head=d // 128,
+        attn_every=8,  # the paper's pattern (the class defaults are the small CPU stack's)
+        attn_offset=4,
         moe=MoEConfig(n_experts=8, top_k=2, moe_every=2),
         block_size=ctx,
     ),
