@@ -86,6 +86,14 @@ def test_a_family_registered_in_a_test_trains_matches_sizes_and_generates(bigram
     assert len(text) >= 10  # 30 characters, less any the tokenizer cannot show
 
 
+def test_a_name_is_registered_once_and_only_for_a_language_model() -> None:
+    with pytest.raises(ValueError, match="'gpt' is registered already"):
+        register_family("gpt", Bigram, adamw_lr=1e-3, tiny={})
+    with pytest.raises(TypeError, match="not a LanguageModel subclass"):
+        register_family("linear", nn.Linear, adamw_lr=1e-3, tiny={})
+    assert "linear" not in family_names()
+
+
 def test_a_family_registered_in_a_test_sweeps_with_a_report(bigram, small_corpus, tmp_path, monkeypatch):
     sweep = tmp_path / "multirun"
     overrides = sweep_overrides(small_corpus, sweep, ["seed=1,2"], ("model=bigram", bigram))

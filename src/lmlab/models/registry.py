@@ -31,8 +31,8 @@ from lmlab.models.transformer import TransformerLM
 class Family:
     """One `model=NAME` choice.
 
-    `settings`: the constructor arguments that make this family out of its class (RecurrentLM's
-    `cell`), which its YAML gives and no size search may change. `adamw_lr`: AdamW's peak rate when
+    `settings`: the constructor arguments that make this family out of a class it shares with others
+    (RecurrentLM's `cell`), as its YAML gives them. `adamw_lr`: AdamW's peak rate when
     no `task.optimizer.lr` is given. `tiny`: constructor arguments (besides vocab_size, block_size)
     for a model that trains in a few CPU seconds, for tests. `order`: where the family sits in tables
     and plots (lower first).
