@@ -33,8 +33,9 @@ class LanguageModel(nn.Module, ABC):
     # the repeated layer(s) of the stack, each called through call_block: FSDP's units of sharding and
     # what activation checkpointing recomputes; () for a model that is not a stack of like blocks
     block_types: ClassVar[tuple[type[nn.Module], ...]] = ()
-    # forward(idx) with no state returns the state after idx, to carry into the next batch (truncated
-    # BPTT, data.stateful): a recurrent or state-space summary of all it has read
+    # its state has a fixed size and can be carried across a whole split: forward(idx) with no state
+    # returns the state after idx, a recurrent or state-space summary of all it has read, to continue
+    # from (truncated BPTT, data.stateful); False where the state is a KV cache that grows with the text
     carries_state: ClassVar[bool] = False
     # the state is a KVCache read only through attend(), so a fixed-shape cache (generate/graphed.py)
     # can stand in for it and a one-token step can be replayed as a CUDA graph
