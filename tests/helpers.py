@@ -13,6 +13,7 @@ from omegaconf import DictConfig, open_dict
 
 from lmlab.callbacks import ExactResume
 from lmlab.cli import register_resolvers
+from lmlab.models import family, family_names
 from lmlab.run.distributed import SameStreamDDPStrategy
 
 register_resolvers()
@@ -20,18 +21,13 @@ register_resolvers()
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 SHAKESPEARE = REPO / "data" / "tinyshakespeare.txt"
-MODELS = ["rnn", "gru", "lstm", "transformer", "gpt", "llama", "lstm_attn", "mamba", "jamba"]
+MODELS = family_names()
 TOKENIZERS = ["char", "word", "bpe"]
 
 
 def tiny_overrides(model: str, corpus: Path, steps: int = 20) -> list[str]:
     """Command-line overrides that shrink any model x tokenizer run to a few seconds on CPU."""
-    size = ["model.d_model=32", "model.n_layer=1"]
-    if model in ("gpt", "transformer", "llama"):
-        size.append("model.n_head=2")
-    if model == "jamba":  # one Mamba layer, then one attention layer with a mixture-of-experts feed-forward
-        size = ["model.d_model=32", "model.n_layer=2", "model.n_head=2", "model.n_kv_head=1"]
-        size += ["model.attn_every=2", "model.attn_offset=1"]
+    size = [f"model.{key}={value}" for key, value in family(model).tiny.items()]  # the registry's tiny shape
     return [
         f"model={model}",
         "data=text",

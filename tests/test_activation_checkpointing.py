@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import lmlab.models.base
 from lmlab.errors import ConfigError
 from lmlab.generate import IncrementalDecoder
-from lmlab.models import GPT, Jamba, LanguageModel, Llama, LSTMAttentionLM, Mamba, RecurrentLM, TransformerLM
+from lmlab.models import GPT, Jamba, LanguageModel, Llama, LSTMAttentionLM, Mamba, MoEConfig, RecurrentLM, TransformerLM
 from lmlab.perf import Perf, apply_perf
 from lmlab.run.train import train
 from lmlab.task import LanguageModelTask
@@ -127,7 +127,7 @@ def test_checkpointing_keeps_far_fewer_bytes_for_the_backward_pass(kind):
 def test_the_mixture_of_experts_loss_and_its_router_gradients_survive_the_recompute(kind):
     """MoE layers keep their load-balancing loss on the module during the forward; its gradient reaches
     the routers through the recomputed blocks, as it does without checkpointing."""
-    model = make(kind, n_experts=4, top_k=2, moe_every=1, aux_loss_weight=1.0)
+    model = make(kind, moe=MoEConfig(n_experts=4, top_k=2, moe_every=1, aux_loss_weight=1.0))
     x, y = tokens(), tokens(seed=2)
     _, aux, grads = loss_and_grads(model, False, x, y)
     _, checkpointed_aux, checkpointed_grads = loss_and_grads(model, True, x, y)
@@ -257,7 +257,7 @@ def test_train_py_refuses_a_recurrent_model_in_one_line(tmp_path, small_corpus):
     *_, line = [line for line in result.stderr.splitlines() if line.strip()]
     assert line == (
         "error: perf.activation_checkpointing=true needs a model made of repeated blocks "
-        "(gpt, transformer, llama, mamba, jamba); RecurrentLM has none: set perf.activation_checkpointing=false"
+        "(transformer, gpt, llama, mamba, jamba); RecurrentLM has none: set perf.activation_checkpointing=false"
     )
     assert not (run / "checkpoints").exists()
 

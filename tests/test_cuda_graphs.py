@@ -15,7 +15,7 @@ import torch
 
 from lmlab.errors import ConfigError
 from lmlab.graphed_step import GraphCaptureError, GraphedTrainingStep
-from lmlab.models import GPT, Jamba, Llama, LSTMAttentionLM, Mamba, RecurrentLM, TransformerLM
+from lmlab.models import GPT, Jamba, Llama, LSTMAttentionLM, Mamba, MoEConfig, RecurrentLM, TransformerLM
 from lmlab.perf import Perf, apply_perf
 from lmlab.run.train import train
 from lmlab.task import LanguageModelTask
@@ -255,7 +255,7 @@ def test_auto_falls_back_to_eager_steps_and_true_refuses_in_one_line():
 
 def test_mixture_of_experts_models_report_data_dependent_shapes():
     assert Jamba(
-        VOCAB, d_model=32, n_layer=2, n_head=2, n_experts=2, attn_every=2, attn_offset=1
+        VOCAB, d_model=32, n_layer=2, n_head=2, moe=MoEConfig(n_experts=2), attn_every=2, attn_offset=1
     ).has_data_dependent_shapes()
     assert not GPT(VOCAB, d_model=32, n_layer=1, n_head=2, block_size=8).has_data_dependent_shapes()
     assert not RecurrentLM(VOCAB, d_model=16, n_layer=1).has_data_dependent_shapes()

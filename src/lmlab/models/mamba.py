@@ -204,16 +204,17 @@ class Mamba(LanguageModel):
     carry it. `scan` picks the pure-PyTorch scan (`auto`: parallel on a GPU, sequential on a CPU,
     where it is faster; both compute the same recurrence); `kernels` a fused one for GPU inputs
     (scan_kernel): `auto` mamba-ssm's CUDA scan when it is installed (from a fresh state), else the
-    Triton scan; `triton` or `cuda` insist on one; `torch` never.
+    Triton scan; `triton` or `cuda` insist on one; `torch` never. The defaults are conf/model/mamba.yaml's.
     """
 
-    has_repeated_blocks = True
+    block_types = (MambaBlock,)
+    carries_state = True
 
     def __init__(
         self,
         vocab_size: int,
-        d_model: int = 384,
-        n_layer: int = 6,
+        d_model: int = 128,
+        n_layer: int = 3,
         d_state: int = 16,
         d_conv: int = 4,
         expand: int = 2,

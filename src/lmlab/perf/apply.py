@@ -18,7 +18,7 @@ import torch
 from lmlab.errors import ConfigError
 from lmlab.graphed_step import GraphedTrainingStep, StepFunction, state_tensors
 from lmlab.lightning_compat import uses_loss_scaler
-from lmlab.models import LanguageModel
+from lmlab.models import LanguageModel, families
 from lmlab.perf.attention import attention_context
 from lmlab.perf.config import Perf
 from lmlab.perf.float8 import use_float8_matmuls
@@ -27,10 +27,11 @@ from lmlab.perf.float8 import use_float8_matmuls
 def apply_perf(model: LanguageModel, perf: Perf) -> None:
     """FP8 matmuls and activation checkpointing, applied to `model` in place (the same parameter
     objects afterwards: decay groups, tying and checkpoint names are unchanged)."""
-    if perf.activation_checkpointing and not model.has_repeated_blocks:
+    if perf.activation_checkpointing and not model.block_types:
+        stacks = ", ".join(f.name for f in families() if f.model.block_types)
         raise ConfigError(
-            "perf.activation_checkpointing=true needs a model made of repeated blocks (gpt, transformer, llama, "
-            f"mamba, jamba); {type(model).__name__} has none: set perf.activation_checkpointing=false"
+            f"perf.activation_checkpointing=true needs a model made of repeated blocks ({stacks}); "
+            f"{type(model).__name__} has none: set perf.activation_checkpointing=false"
         )
     # inside the model, around each block: the same under every strategy (FSDP's units are those blocks)
     model.activation_checkpointing = perf.activation_checkpointing

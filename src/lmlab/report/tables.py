@@ -18,8 +18,17 @@ from typing import Any
 
 from lmlab.report.runs import Run, configurations
 
-MODEL_ORDER = ("rnn", "gru", "lstm", "lstm_attn", "transformer", "gpt", "llama", "mamba", "jamba")
 TOKENIZER_ORDER = ("char", "word", "bpe")
+
+
+def model_order() -> tuple[str, ...]:
+    """Model families in the registry's display order. Imported when asked: the registry brings the
+    models, and torch, which reading a sweep's results does not otherwise need."""
+    from lmlab.models.registry import family_names
+
+    return tuple(family_names())
+
+
 SCORES = ("val/loss", "val/ppl", "val/bpb", "test/loss", "test/ppl", "test/bpb")
 METRIC_COLUMNS = (  # read from metrics.json
     "params",

@@ -20,32 +20,40 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 from torch import nn
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from lmlab.checkpoint.format import is_sharded
 from lmlab.errors import ConfigError
 from lmlab.lightning_compat import KeepFSDPRootAcrossStages, SameStreamDDPSetup, saves_sharded
 from lmlab.models import LanguageModel
-from lmlab.models.gpt import Block
-from lmlab.models.jamba import JambaLayer
-from lmlab.models.llama import LlamaBlock
-from lmlab.models.mamba import MambaBlock
-from lmlab.models.transformer import PostNormBlock
 
-# The repeated layer of each family: FSDP's unit of sharding (and of activation checkpointing).
-BLOCKS: tuple[type[nn.Module], ...] = (Block, LlamaBlock, PostNormBlock, JambaLayer, MambaBlock)
 SLURM_LAUNCHER = "SlurmLauncher"
 LOCAL_LAUNCHER = "LocalLauncher"
 
 
-def block_wrap_policy() -> Any:
-    """FSDP's auto-wrap policy for lmlab models: one FSDP unit per transformer block (conf/trainer/fsdp.yaml).
+class BlockWrapPolicy(ModuleWrapPolicy):
+    """One FSDP unit per block of the model being wrapped: the classes its `block_types` declares.
 
     Per-block units keep only one block's full weights in memory at a time and let the next block's
     all-gather overlap this block's compute; the embeddings and head (tied in GPT) share the root unit.
+    The classes are read from the model when FSDP wraps it, so any family, registered or not, is
+    sharded by its own blocks and this module names none.
     """
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    return ModuleWrapPolicy(set(BLOCKS))
+    def __init__(self) -> None:
+        super().__init__(())
+
+    def _run_policy(
+        self, root_module: nn.Module, ignored_modules: set[nn.Module], root_kwargs: dict[str, Any]
+    ) -> dict[nn.Module, dict[str, Any]]:
+        blocks = {block for m in root_module.modules() if isinstance(m, LanguageModel) for block in m.block_types}
+        self._module_classes, self._module_classes_str = blocks, str(blocks)
+        return super()._run_policy(root_module, ignored_modules, root_kwargs)
+
+
+def block_wrap_policy() -> BlockWrapPolicy:
+    """FSDP's auto-wrap policy for lmlab models (conf/trainer/fsdp.yaml)."""
+    return BlockWrapPolicy()
 
 
 class SameStreamDDPStrategy(SameStreamDDPSetup, DDPStrategy):

@@ -20,7 +20,7 @@ from rich.console import Console
 from torch.utils.data import DataLoader
 
 from lmlab.checkpoint import load_checkpoint, resolve_device
-from lmlab.data.corpus import read_local_corpus
+from lmlab.data.sources import read_local_corpus
 from lmlab.data.windows import EvalWindows, StreamBatches
 from lmlab.errors import ConfigError
 from lmlab.generate import START_TEXT
