@@ -157,13 +157,13 @@ class TextDataModule(pl.LightningDataModule):
         return StreamBatches(ids, self.eval_batch_size, self.block_size, context_token=context, rows=rows)
 
     def _loader(self, dataset, *, batch_size: int | None, sampler: EpochSampler | None = None) -> DataLoader:
-        batched = isinstance(dataset, TrainWindows)
+        batched = isinstance(dataset, (TrainWindows, EvalWindows))  # these gather whole batches themselves
         # Each loader draws its workers' base seed from its own generator: drawn from the global RNG,
         # it would make the dropout masks depend on how many loaders were started, so a resumed run
         # (whose iterators start at other moments) would not repeat the interrupted one exactly.
         options = dict(
             batch_size=None if isinstance(dataset, StreamBatches) else batch_size,
-            drop_last=batched,
+            drop_last=isinstance(dataset, TrainWindows),
             collate_fn=already_batched if batched else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

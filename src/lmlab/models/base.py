@@ -27,6 +27,7 @@ class LanguageModel(nn.Module, ABC):
     vocab_size: int
     context_length: int | None  # most tokens one sequence may hold; None means unbounded
     has_repeated_blocks: ClassVar[bool] = False  # a stack of like blocks, each called through call_block
+    carries_state: ClassVar[bool] = False  # a fixed-size state that can run over a whole split (eval.context=carry)
     activation_checkpointing: bool = False  # set by the task (task.activation_checkpointing); not a weight
 
     @abstractmethod

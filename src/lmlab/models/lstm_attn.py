@@ -34,6 +34,8 @@ class LSTMAttentionLM(LanguageModel):
     Dropout is on the non-recurrent connections only, as in RecurrentLM.
     """
 
+    carries_state = True
+
     def __init__(
         self,
         vocab_size: int,

@@ -165,6 +165,8 @@ class Mamba(LanguageModel):
     insists on it.
     """
 
+    carries_state = True
+
     has_repeated_blocks = True
 
     def __init__(

@@ -25,6 +25,8 @@ class RecurrentLM(LanguageModel):
     paper's recipe (0.05 for the medium model).
     """
 
+    carries_state = True
+
     def __init__(
         self,
         vocab_size: int,
