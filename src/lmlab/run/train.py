@@ -43,6 +43,7 @@ from lmlab.run.distributed import check_distributed, full_weights
 from lmlab.run.precision import resolve_precision, set_float32_matmul_precision
 from lmlab.run.quiet import quiet_lightning
 from lmlab.run.sizing import apply_target_params
+from lmlab.run.sweep_resume import continue_job
 from lmlab.task import LanguageModelTask
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ def run_job(cfg: DictConfig) -> float:
     if HydraConfig.get().mode != RunMode.MULTIRUN:
         return train(cfg)["val/bpb"]
     try:
-        return train(cfg)["val/bpb"]
+        earlier = continue_job(cfg)  # a rerun of the sweep reuses what this job completed
+        return (earlier or train(cfg))["val/bpb"]
     except LmlabError as err:
         print(f"error: {err}", file=sys.stderr)
         record_failure(cfg, err)
