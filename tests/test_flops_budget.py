@@ -6,13 +6,20 @@ from types import SimpleNamespace
 
 import pytest
 
+from lmlab.data.eval_context import EvalProtocol
 from lmlab.errors import ConfigError
 from lmlab.run.budgets import byte_budget, flops_budget, steps_for_flops, tokens_per_step
 from lmlab.run.build import build
 from lmlab.run.plan import resolve_run
 from tests.helpers import compose_config
 
-DATA = SimpleNamespace(batch_size=8, block_size=32, train_bytes_per_token=1.0, tokenizer=SimpleNamespace(vocab_size=65))
+DATA = SimpleNamespace(
+    batch_size=8,
+    block_size=32,
+    train_bytes_per_token=1.0,
+    tokenizer=SimpleNamespace(vocab_size=65),
+    eval_protocol=EvalProtocol("window"),
+)
 
 
 @pytest.mark.parametrize("per_token,accumulate", [(600_000, 1), (1_234_567, 2), (60_000_000, 1)])

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 from omegaconf import open_dict
 
+from lmlab.data.eval_context import EvalProtocol
 from lmlab.errors import ConfigError
 from lmlab.models import count_parameters
 from lmlab.run.budgets import byte_budget, validation_interval
@@ -69,7 +70,13 @@ def test_a_non_positive_target_is_a_config_error(tmp_path):
 def _datamodule(bytes_per_token: float, vocab_size: int = 65):
     """The prepared data as the plan reads it."""
     tokenizer = SimpleNamespace(vocab_size=vocab_size)
-    return SimpleNamespace(batch_size=8, block_size=32, train_bytes_per_token=bytes_per_token, tokenizer=tokenizer)
+    return SimpleNamespace(
+        batch_size=8,
+        block_size=32,
+        train_bytes_per_token=bytes_per_token,
+        tokenizer=tokenizer,
+        eval_protocol=EvalProtocol("window"),
+    )
 
 
 @pytest.mark.parametrize("bytes_per_token", [1.0, 1.37, 3.9])

@@ -444,7 +444,7 @@ class SaveTestBlocks(pl.Callback):
         if not chunks:
             return
         datamodule = trainer.datamodule
-        nats = _gather_in_rank_order(trainer, in_text_order(chunks, datamodule.stateful))
+        nats = _gather_in_rank_order(trainer, in_text_order(chunks, datamodule.eval_streams))
         if trainer.is_global_zero:
             write_test_blocks(self.path, nats[nats >= 0].double().cpu().numpy(), datamodule)
 

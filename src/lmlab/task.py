@@ -41,9 +41,11 @@ class LanguageModelTask(pl.LightningModule):
         stateful: bool = False,
         loss_chunk_rows: int = 0,
         perf: Perf | None = None,
+        eval_carries_state: bool | None = None,
     ) -> None:
         """`model` as `lmlab.perf.apply_perf` left it; `perf` the same switches, for the step (compiled
-        loss, attention kernel, CUDA graphs)."""
+        loss, attention kernel, CUDA graphs). `eval_carries_state`: validation and test carry the state
+        from batch to batch (eval.context=carry); by default they do when training does."""
         super().__init__()
         if not 0.0 <= label_smoothing <= 1.0:
             raise ValueError(
@@ -56,6 +58,7 @@ class LanguageModelTask(pl.LightningModule):
         self._decayed = decayed_parameters(model)  # before FSDP turns every parameter into a 1-D shard
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.weight_decay, self.label_smoothing, self.stateful = weight_decay, label_smoothing, stateful
+        self.eval_carries_state = stateful if eval_carries_state is None else eval_carries_state
         self.loss_chunk_rows = loss_chunk_rows
         self._loss = fast_loss(self._next_token_loss, self.perf)
         self._attention = pinned_attention(self.perf)
@@ -88,12 +91,13 @@ class LanguageModelTask(pl.LightningModule):
 
     def _step_loss(self, x: torch.Tensor, y: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Mean loss (training) or summed nats (evaluation), and the auxiliary loss, carrying recurrent
-        state across batches when the data is stateful."""
-        state = (self.carried_state if training else self._eval_state) if self.stateful else None
+        state across batches when the data is stateful (evaluation: when it carries state)."""
+        carry = self.stateful if training else self.eval_carries_state
+        state = (self.carried_state if training else self._eval_state) if carry else None
         loss, state, aux = self._pinned_loss(x, y, state, training)
-        if self.stateful and training:
+        if carry and training:
             self.carried_state = detach_state(state)
-        elif self.stateful:
+        elif carry:
             self._eval_state = state
         return loss, aux
 
@@ -203,9 +207,9 @@ class LanguageModelTask(pl.LightningModule):
         """As validation, but every target's nats are also kept, on the device and in this rank's batch
         order, as a tensor shaped like the targets with -1 where a target is padding."""
         x, y = batch
-        state = self._eval_state if self.stateful else None
+        state = self._eval_state if self.eval_carries_state else None
         nats, state, _ = self._loss(x, y, state, 0.0, "none")
-        if self.stateful:
+        if self.eval_carries_state:
             self._eval_state = state
         self.eval_nats.update(nats.sum())
         self.eval_tokens.update((y != IGNORE_INDEX).sum())

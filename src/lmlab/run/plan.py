@@ -1,7 +1,7 @@
 """A run is a plan: every value derived from the config is settled here, once, before anything is built.
 
 `resolve_run(cfg, data)` returns a new config in which `trainer.precision` is what the run trains in
-(not `auto`), the model has its matched width (`budget.target_params`), and `trainer.max_steps` and
+(not `auto`), `eval` the protocol validation and test score with, the model has its matched width (`budget.target_params`), and `trainer.max_steps` and
 `trainer.val_check_interval` are what the step budgets (`budget.max_bytes`, `budget.max_flops`)
 make of them. config.yaml is written from the plan and the model, Trainer and task are built from
 it and never edited afterwards, so the file rebuilds exactly the run that ran.
@@ -19,6 +19,7 @@ import torch
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, open_dict
 
+from lmlab.data.eval_context import EvalProtocol
 from lmlab.errors import ConfigError
 from lmlab.lightning_compat import planned_world_size
 from lmlab.run.budgets import (
@@ -45,6 +46,7 @@ class PreparedData(Protocol):
     batch_size: int
     block_size: int
     train_bytes_per_token: float
+    eval_protocol: EvalProtocol
 
 
 def resolve_run(cfg: DictConfig, data: PreparedData) -> DictConfig:
@@ -52,6 +54,9 @@ def resolve_run(cfg: DictConfig, data: PreparedData) -> DictConfig:
     plan = copy.deepcopy(cfg)
     with open_dict(plan):
         plan.trainer.precision = planned_precision(plan.trainer)
+        plan.eval = {"context": data.eval_protocol.mode, "stride": data.eval_protocol.stride} | {
+            "also_full": bool((plan.get("eval") or {}).get("also_full", False))
+        }
         plan.model.update(target_shape(plan.model, data.tokenizer.vocab_size, plan.budget.get("target_params")))
         steps = budget_steps(plan, data)
         if steps is not None:

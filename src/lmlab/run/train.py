@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from hydra.utils import get_class
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
@@ -24,9 +25,13 @@ from lmlab.checkpoint import run_record
 from lmlab.checkpoint.format import checkpoint_step
 from lmlab.checkpoint.resume import continue_unfinished_run, start_from_checkpoint
 from lmlab.data import TextDataModule
+from lmlab.data.eval_context import EvalProtocol, resolve_eval_protocol
 from lmlab.errors import ConfigError, LmlabError, RunInterrupted, RunStopped
 from lmlab.generate import SamplingConfig, sample_text
 from lmlab.io import atomic_write_json, atomic_write_text
+from lmlab.metrics import bits_per_byte
+from lmlab.models import LanguageModel
+from lmlab.models.registry import model_class
 from lmlab.perf import Perf, apply_perf, dynamo_settings
 from lmlab.perf.float8 import check_float8_device
 from lmlab.report.terminal import print_summary
@@ -41,9 +46,11 @@ from lmlab.run.checks import (
 )
 from lmlab.run.dashboards import log_final, log_run_info
 from lmlab.run.distributed import check_distributed, full_weights
+from lmlab.run.evaluate import total_nats
 from lmlab.run.plan import resolve_run
 from lmlab.run.precision import set_float32_matmul_precision
 from lmlab.run.quiet import quiet_lightning
+from lmlab.run.sweep_resume import continue_job
 from lmlab.task import LanguageModelTask
 
 log = logging.getLogger(__name__)
@@ -60,7 +67,8 @@ def run_job(cfg: DictConfig) -> float:
     if HydraConfig.get().mode != RunMode.MULTIRUN:
         return train(cfg)["val/bpb"]
     try:
-        return train(cfg)["val/bpb"]
+        earlier = continue_job(cfg)  # a rerun of the sweep reuses what this job completed
+        return (earlier or train(cfg))["val/bpb"]
     except LmlabError as err:
         print(f"error: {err}", file=sys.stderr)
         record_failure(cfg, err)
@@ -92,7 +100,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
 
     tokenizer = start.tokenizer if start else build(cfg.tokenizer, "tokenizer")  # a checkpoint's is reused
-    datamodule: TextDataModule = build(cfg.data, "data", tokenizer=tokenizer, seed=cfg.seed)
+    protocol = eval_protocol(cfg)  # eval.context, checked against the model family before any work
+    datamodule: TextDataModule = build(
+        cfg.data, "data", tokenizer=tokenizer, seed=cfg.seed, eval_context=protocol.mode, eval_stride=protocol.stride
+    )
     datamodule.prepare_data()
     tokenizer = datamodule.tokenizer
     tokenizer.save(output_dir / "tokenizer.json")
@@ -113,7 +124,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer: pl.Trainer = build(
         cfg.trainer, "trainer", callbacks=[*callbacks.values(), *run_callbacks], logger=loggers, **no_inference_mode
     )
-    task: LanguageModelTask = build(cfg.task, "task", model=model)  # its perf: the same node, for the step
+    task: LanguageModelTask = build(  # its perf: the same node, for the step
+        cfg.task, "task", model=model, eval_carries_state=protocol.carries_state
+    )
     check_optimizer(task.optimizer_factory)
     atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))  # rebuilds exactly this run
 
@@ -139,11 +152,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     scores = _final_scores(trainer, task, datamodule)
     with full_weights(trainer):  # FSDP: every rank gathers the full weights and samples (collective)
         sample = sample_text(task.model, tokenizer, sampling)
+        if cfg.get("eval", {}).get("also_full") and protocol != full_protocol(cfg, datamodule.block_size):
+            scores["test_full/bpb"] = full_context_test_bpb(
+                task.model, datamodule, full_protocol(cfg, datamodule.block_size)
+            )
 
     metrics: dict[str, Any] = {
         "model": cfg.names.model,
         "tokenizer": cfg.names.tokenizer,
         "data": datamodule.name,
+        "eval_context": protocol.label,  # how val/* and test/* were scored (eval.context)
         **{key: scores[key] for key in sorted(scores) if "/" in key},
         "best_step": scores["best_step"],
         "params": task.num_parameters,
@@ -164,6 +182,39 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log_final(trainer, cfg, metrics, sample)
         print_summary(metrics, sample)
     return metrics
+
+
+def eval_protocol(cfg: DictConfig) -> EvalProtocol:
+    """`eval.context` resolved for this run's model family (its class declares `carries_state`)."""
+    node = cfg.get("eval") or {}
+    return resolve_eval_protocol(
+        node.get("context"), node.get("stride"), int(cfg.data.block_size), _carries_state(cfg), bool(cfg.data.stateful)
+    )
+
+
+def full_protocol(cfg: DictConfig, block_size: int) -> EvalProtocol:
+    """`eval.context=full` for this run's model: carry where its state allows, else sliding."""
+    return resolve_eval_protocol("full", (cfg.get("eval") or {}).get("stride"), block_size, _carries_state(cfg))
+
+
+def _carries_state(cfg: DictConfig) -> bool:
+    model = model_class(str(cfg.model._target_)) or get_class(str(cfg.model._target_))
+    return bool(getattr(model, "carries_state", False))
+
+
+def full_context_test_bpb(model: LanguageModel, datamodule: TextDataModule, protocol: EvalProtocol) -> float:
+    """Test bits per byte with full context (eval.also_full): the comparison recipes' extra column."""
+    corpus = datamodule.corpus
+    nats = total_nats(
+        model,
+        corpus.ids["test"],
+        int(corpus.ids["val"][-1]),
+        block_size=datamodule.block_size,
+        batch_size=datamodule.eval_batch_size,
+        stateful=protocol.carries_state,
+        stride=protocol.stride,
+    )
+    return bits_per_byte(nats, corpus.split_bytes["test"])
 
 
 def _final_scores(trainer: pl.Trainer, task: LanguageModelTask, datamodule: TextDataModule) -> dict[str, float]:
