@@ -138,3 +138,26 @@ def test_local_gpus_spreads_the_jobs_over_the_gpus_it_is_given(tmp_path, small_c
     }
     assert set(pinned.values()) == {"0", "1"}  # both used, each job on one
     assert (sweep / "comparison.md").read_text().count("| completed |") == 3
+
+
+@pytest.mark.slow
+@pytest.mark.reliability
+def test_a_killed_optuna_search_rerun_finishes_its_study(tmp_path, small_corpus):
+    import optuna
+
+    command = sweep_command(
+        small_corpus, tmp_path, ["hparams_search=optuna"], "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=1"
+    )
+    sweep = tmp_path / "sweep"
+    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while "completed" not in statuses(sweep).values() and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.2)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    study = optuna.load_study(study_name="lmlab", storage=f"sqlite:///{sweep}/optuna.db")
+    states = [t.state.name for t in study.trials]
+    assert states.count("COMPLETE") == 3  # the study's n_trials, not 3 more
+    assert (sweep / "optimization_results.yaml").is_file()
