@@ -175,6 +175,7 @@ def test_training_scores_with_the_protocol_asked_and_records_it(tmp_path, small_
     """The same LSTM trained twice: `full` carries its state over each split, `also_full` adds the column."""
     once = [o for o in tiny_overrides("lstm", small_corpus) if "val_check_interval" not in o]
     once.append("trainer.val_check_interval=20")  # one validation, at the end: the best is the last step
+    once.append("trainer.precision=32-true")  # whatever the CPU: the two scoring paths then agree to float64 sums
     window = train(compose_config([*once, "eval.also_full=true"], tmp_path / "w"))
     full = train(compose_config([*once, "eval.context=full"], tmp_path / "f"))
     assert (window["eval_context"], full["eval_context"]) == ("window", "carry")
