@@ -1,0 +1,449 @@
+"""Scaling-law fits of a sweep's runs, per model family x tokenizer: what `compare.py --fit` prints and
+the end of a sweep over sizes or budgets writes into comparison.md.
+
+Each family's points are its completed runs at the learning rate chosen by validation bits per byte
+(lmlab.report.tuning), scored on one text; runs scored with `<unk>` are left out (their bits per
+byte are optimistic). Every interval comes from refitting on resampled runs, and every family's
+largest budget is also held out and predicted from the rest, so the report shows how far its law
+can be trusted beyond what was measured.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+
+from lmlab.errors import ConfigError
+from lmlab.report.fit import (
+    LEVEL,
+    MAX_FLOPS,
+    ChinchillaLaw,
+    ComputeLaw,
+    bootstrap,
+    check_flops,
+    crossing,
+    fit_chinchilla,
+    fit_compute_law,
+    fit_parabola,
+    interval,
+)
+from lmlab.report.runs import Run
+from lmlab.report.tuning import choose_learning_rates
+
+METRICS = ("test/bpb", "val/bpb")
+RESAMPLES = 200
+NOT_PREDICTIVE = 0.05  # bits per byte between a held-out budget's measured and predicted score
+SAME_BUDGET = math.log(1.1)
+EXACT = "as many points as parameters: the law passes through them exactly, so there is no interval"  # runs whose training FLOPs differ by under 10% share a compute budget
+
+
+@dataclass(frozen=True)
+class FitRequest:
+    """What to fit and predict; `only_if_spanning`: skip runs that vary neither size nor budget (the
+    end of every sweep asks this way), instead of refusing them."""
+
+    metric: str = "test/bpb"
+    predict_flops: float | None = None
+    resamples: int = RESAMPLES
+    seed: int = 0
+    only_if_spanning: bool = False
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ConfigError(f"--fit-metric {self.metric} is not one of {', '.join(METRICS)}")
+        if self.resamples < 1:
+            raise ConfigError(f"--fit-resamples must be at least 1 (got {self.resamples})")
+        if self.predict_flops is not None:
+            check_flops(self.predict_flops)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One run as a fit sees it."""
+
+    run: str
+    params: float
+    tokens: float
+    flops: float
+    loss: float
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The largest budget's best run, predicted by a law fitted to the smaller budgets."""
+
+    law: str
+    flops: float
+    measured: float
+    predicted: float
+
+    @property
+    def error(self) -> float:
+        return self.predicted - self.measured
+
+    @property
+    def predictive(self) -> bool:
+        return abs(self.error) <= NOT_PREDICTIVE
+
+
+@dataclass(frozen=True)
+class IsoFlopMinimum:
+    """The compute-optimal size of one budget, from the parabola through its sizes."""
+
+    flops: float
+    sizes: int
+    params: float
+    interval: tuple[float, float]
+    measured_range: tuple[float, float]
+
+
+@dataclass
+class FamilyFit:
+    """Every law fitted to one model x tokenizer, and why each missing one is missing."""
+
+    model: str
+    tokenizer: str
+    points: list[Point]
+    compute: ComputeLaw | None = None
+    compute_draws: list[ComputeLaw] = field(default_factory=list)
+    chinchilla: ChinchillaLaw | None = None
+    chinchilla_draws: list[ChinchillaLaw] = field(default_factory=list)
+    isoflop: list[IsoFlopMinimum] = field(default_factory=list)
+    held_out: list[HeldOut] = field(default_factory=list)
+    notes: dict[str, str] = field(default_factory=dict)  # law -> why it was not fitted
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}, {self.tokenizer}"
+
+    @property
+    def budgets(self) -> int:
+        return len(budget_slices(self.points))
+
+    @property
+    def flops_per_param_token(self) -> float:
+        """k in C = k N D: 6 for the weights, plus the attention or scan share of this family."""
+        return statistics.median(p.flops / (p.params * p.tokens) for p in self.points)
+
+    @property
+    def measured_flops(self) -> tuple[float, float]:
+        return min(p.flops for p in self.points), max(p.flops for p in self.points)
+
+
+@dataclass(frozen=True)
+class Crossing:
+    """Where one family's frontier is predicted to cross another's, and how sure the fits are."""
+
+    first: str
+    second: str
+    flops: float | None
+    interval: tuple[float, float]
+    share: float  # of paired bootstrap draws that cross below MAX_FLOPS
+
+    @property
+    def verdict(self) -> str:
+        if self.flops is not None and self.share >= LEVEL:
+            low, high = self.interval
+            return f"cross at {self.flops:.3g} FLOPs [{low:.3g}, {high:.3g}]"
+        if self.flops is None and self.share <= 1 - LEVEL:
+            return f"do not cross below {MAX_FLOPS:.0e} FLOPs"
+        return f"the fits cannot tell ({self.share:.0%} of resamples cross below {MAX_FLOPS:.0e} FLOPs)"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A family's predicted score at one training compute, and the size and text that reach it."""
+
+    flops: float
+    loss: float
+    loss_interval: tuple[float, float]
+    source: str  # which law gave the score
+    params: float = math.nan
+    params_interval: tuple[float, float] = (math.nan, math.nan)
+    tokens: float = math.nan
+    tokens_interval: tuple[float, float] = (math.nan, math.nan)
+    note: str = ""
+
+
+def predict(family: FamilyFit, flops: float) -> Prediction | None:
+    """The frontier's score at `flops` (else the Chinchilla law's at its optimal N and D) with
+    bootstrap intervals, and the compute-optimal N and D where a Chinchilla fit exists."""
+    k = family.flops_per_param_token
+    optimal, draws_optimal = None, []
+    if family.chinchilla is not None:
+        optimal = family.chinchilla.optimal(flops, k)
+        draws_optimal = [draw.optimal(flops, k) for draw in family.chinchilla_draws]
+    if family.compute is not None:
+        loss = float(family.compute(flops))
+        loss_interval = interval([float(draw(flops)) for draw in family.compute_draws])
+        source = "compute frontier"
+    elif optimal is not None:
+        loss = float(family.chinchilla(*optimal))
+        loss_interval = interval([float(draw(*opt)) for draw, opt in zip(family.chinchilla_draws, draws_optimal)])
+        source = "Chinchilla law at its optimal N, D"
+    else:
+        return None
+    if optimal is None:
+        return Prediction(flops, loss, loss_interval, source, note="no Chinchilla fit: compute-optimal N and D unknown")
+    return Prediction(
+        flops,
+        loss,
+        loss_interval,
+        source,
+        params=optimal[0],
+        params_interval=interval([n for n, _ in draws_optimal]),
+        tokens=optimal[1],
+        tokens_interval=interval([d for _, d in draws_optimal]),
+        note=f"N and D from the Chinchilla law, with C = {k:.2f} N D",
+    )
+
+
+@dataclass
+class FitAnalysis:
+    request: FitRequest
+    families: list[FamilyFit]
+    crossings: list[Crossing]
+    text_note: str
+
+
+def budget_slices(points: list[Point]) -> list[list[Point]]:
+    """Points grouped by training compute (within 10%), smallest budget first."""
+    slices: list[list[Point]] = []
+    for point in sorted(points, key=lambda p: p.flops):
+        if slices and math.log(point.flops / slices[-1][0].flops) < SAME_BUDGET:
+            slices[-1].append(point)
+        else:
+            slices.append([point])
+    return slices
+
+
+def frontier(points: list[Point]) -> list[Point]:
+    """The best run of each compute budget: the points the compute frontier goes through."""
+    return [min(slice_, key=lambda p: p.loss) for slice_ in budget_slices(points)]
+
+
+def family_points(runs: Iterable[Run], metric: str) -> dict[tuple[str, str], list[Point]]:
+    """Per model x tokenizer, the completed runs at each group's chosen learning rate that record
+    parameters, tokens, training FLOPs and `metric`; optimistic runs left out."""
+    families: dict[tuple[str, str], list[Point]] = {}
+    for choice in choose_learning_rates(runs):
+        if choice.optimistic:
+            continue
+        for run in choice.runs:
+            values = [run.score(key) for key in ("params", "tokens_seen", "train_flops", metric)]
+            if all(math.isfinite(v) and v > 0 for v in values):
+                families.setdefault((run.model, run.tokenizer), []).append(Point(run.label or run.name, *values))
+    return families
+
+
+def spans_sizes_or_budgets(runs: Iterable[Run]) -> bool:
+    """Whether some family was run at several sizes or several budgets: a sweep worth fitting."""
+    for points in family_points(runs, "val/bpb").values():
+        if len({p.params for p in points}) > 1 or len(budget_slices(points)) > 1:
+            return True
+    return False
+
+
+def check_same_text(runs: Iterable[Run]) -> str:
+    """Refuse runs trained on different text (their run_info.json corpus hashes differ): their bits
+    per byte measure different things. Returns a note on how many runs recorded a hash."""
+    hashes: dict[str, str] = {}
+    runs = list(runs)
+    for run in runs:
+        try:
+            info = json.loads((run.path / "run_info.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(info, dict) and isinstance(info.get("corpus_sha256"), str):
+            hashes[run.label or run.name] = info["corpus_sha256"]
+    distinct = sorted(set(hashes.values()))
+    if len(distinct) > 1:
+        examples = ", ".join(
+            f"{next(name for name, h in hashes.items() if h == digest)} ({digest[:12]})" for digest in distinct[:2]
+        )
+        raise ConfigError(
+            f"cannot fit runs trained on different text ({len(distinct)} corpus hashes in run_info.json, "
+            f"e.g. {examples}): fit the runs of one corpus at a time"
+        )
+    if not hashes:
+        return "The runs record no corpus hash (run_info.json), so that they share one text was not checked."
+    if len(hashes) < len(runs):
+        return f"{len(hashes)} of {len(runs)} runs record a corpus hash, all the same; the others were not checked."
+    return f"All {len(runs)} runs record the same corpus hash ({distinct[0][:12]})."
+
+
+def _fit_family(model: str, tokenizer: str, points: list[Point], request: FitRequest) -> FamilyFit:
+    family = FamilyFit(model, tokenizer, points)
+    best = frontier(points)
+    try:
+        family.compute = fit_compute_law(np.array([p.flops for p in best]), np.array([p.loss for p in best]))
+
+        def refit_compute(picks: np.ndarray) -> ComputeLaw:
+            resampled = frontier([points[i] for i in picks])
+            return fit_compute_law(
+                np.array([p.flops for p in resampled]), np.array([p.loss for p in resampled]), family.compute
+            )
+
+        family.compute_draws = bootstrap(refit_compute, len(points), _resamples(len(best), 3, request), request.seed)
+        if not family.compute_draws:
+            family.notes["compute"] = EXACT
+    except ConfigError as err:
+        family.notes["compute"] = str(err)
+    params, tokens, loss = (np.array([getattr(p, key) for p in points]) for key in ("params", "tokens", "loss"))
+    try:
+        family.chinchilla = fit_chinchilla(params, tokens, loss)
+        family.chinchilla_draws = bootstrap(
+            lambda picks: fit_chinchilla(params[picks], tokens[picks], loss[picks], family.chinchilla),
+            len(points),
+            _resamples(len({(p.params, p.tokens) for p in points}), 5, request),
+            request.seed,
+        )
+        if not family.chinchilla_draws:
+            family.notes["chinchilla"] = EXACT
+    except ConfigError as err:
+        family.notes["chinchilla"] = str(err)
+    family.isoflop = _isoflop_minima(points, request)
+    if not family.isoflop:
+        family.notes["isoflop"] = "no compute budget has 3 model sizes or more, as an IsoFLOP parabola needs"
+    family.held_out = _held_out(points)
+    return family
+
+
+def _resamples(distinct: int, parameters: int, request: FitRequest) -> int:
+    """No bootstrap where the law has as many parameters as distinct points: every resample holding
+    them all gives the same exact fit, so the interval would be a point."""
+    return request.resamples if distinct > parameters else 0
+
+
+def _isoflop_minima(points: list[Point], request: FitRequest) -> list[IsoFlopMinimum]:
+    minima = []
+    for slice_ in budget_slices(points):
+        params = np.array([p.params for p in slice_])
+        loss = np.array([p.loss for p in slice_])
+        try:
+            optimum = fit_parabola(params, loss).optimal_params
+        except ConfigError:
+            continue
+        draws = bootstrap(
+            lambda picks, params=params, loss=loss: fit_parabola(params[picks], loss[picks]).optimal_params,
+            len(slice_),
+            _resamples(len(set(params)), 3, request),
+            request.seed,
+        )
+        flops = statistics.median(p.flops for p in slice_)
+        minima.append(
+            IsoFlopMinimum(
+                flops, len(set(params)), optimum, interval(draws), (float(params.min()), float(params.max()))
+            )
+        )
+    return minima
+
+
+def _held_out(points: list[Point]) -> list[HeldOut]:
+    """The largest budget predicted by each law refitted without it (where the rest still fits)."""
+    slices = budget_slices(points)
+    if len(slices) < 2:
+        return []
+    rest = [p for slice_ in slices[:-1] for p in slice_]
+    target = min(slices[-1], key=lambda p: p.loss)
+    results = []
+    try:
+        best = frontier(rest)
+        law = fit_compute_law(np.array([p.flops for p in best]), np.array([p.loss for p in best]))
+        results.append(HeldOut("compute frontier", target.flops, target.loss, float(law(target.flops))))
+    except ConfigError:
+        pass
+    try:
+        law = fit_chinchilla(*(np.array([getattr(p, key) for p in rest]) for key in ("params", "tokens", "loss")))
+        results.append(HeldOut("Chinchilla", target.flops, target.loss, float(law(target.params, target.tokens))))
+    except ConfigError:
+        pass
+    return results
+
+
+def _crossings(families: list[FamilyFit]) -> list[Crossing]:
+    fitted = [f for f in families if f.compute is not None]
+    found = []
+    for first, second in combinations(fitted, 2):
+        low = min(first.measured_flops[0], second.measured_flops[0])
+        point = crossing(first.compute, second.compute, low)
+        draws = [crossing(a, b, low) for a, b in zip(first.compute_draws, second.compute_draws)]
+        share = sum(d is not None for d in draws) / len(draws) if draws else math.nan
+        crossed = interval([d for d in draws if d is not None])
+        found.append(Crossing(first.name, second.name, point, crossed, share))
+    return found
+
+
+def analyse(runs: list[Run], request: FitRequest) -> FitAnalysis | None:
+    """Every family's fits, held-out checks and crossings; None when `request.only_if_spanning` and
+    the runs vary neither size nor budget. Refuses runs on different text, and runs no law fits."""
+    if request.only_if_spanning and not spans_sizes_or_budgets(runs):
+        return None
+    points = family_points(runs, request.metric)
+    if not points:
+        raise ConfigError(
+            f"nothing to fit: no completed run records params, tokens_seen, train_flops and {request.metric} "
+            "(runs scored with <unk> are left out)"
+        )
+    used = {p.run for family in points.values() for p in family}
+    text_note = check_same_text([run for run in runs if (run.label or run.name) in used])
+    families = [_fit_family(model, tok, pts, request) for (model, tok), pts in sorted(points.items())]
+    crossings = _crossings(families)
+    if not any(f.compute or f.chinchilla or f.isoflop for f in families):
+        reasons = "; ".join(families[0].notes.values())
+        raise ConfigError(f"no scaling law fits these runs ({families[0].name}: {reasons})")
+    return FitAnalysis(request, families, crossings, text_note)
+
+
+def runs_from_csv(path: Path) -> list[Run]:
+    """The runs of a comparison.csv (a published report without its run directories), as Runs a fit
+    can use: the learning rate is chosen again per model, tokenizer and other settings."""
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror}") from err
+    if not rows or "run" not in rows[0]:
+        raise ConfigError(f"{path} is not a comparison.csv (no 'run' column): pass one that compare.py wrote")
+    runs = []
+    for row in rows:
+        metrics: dict[str, object] = {key: _number(value) for key, value in row.items() if _number(value) is not None}
+        metrics.update(model=row.get("model", "?"), tokenizer=row.get("tokenizer", "?"), status=row.get("status", ""))
+        label = row["run"]
+        settings = [
+            part for part in label.rsplit("/", 1)[-1].split(",") if not part.startswith(("task.optimizer.lr=", "seed="))
+        ]
+        key = hashlib.sha256(
+            json.dumps([row.get("model"), row.get("tokenizer"), sorted(settings)]).encode()
+        ).hexdigest()
+        seed = _number(row.get("seed", ""))
+        runs.append(
+            Run(
+                name=label,
+                path=path.parent,
+                metrics=metrics,
+                seed=None if seed is None else int(seed),
+                config_key=f"{key}:{_number(row.get('lr', ''))}",
+                label=label,
+                lr=_number(row.get("lr", "")),
+                tuning_key=key,
+            )
+        )
+    return runs
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        value = float(text) if text not in (None, "") else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) else None
