@@ -286,3 +286,13 @@ def test_a_law_with_as_many_points_as_parameters_claims_no_interval(tmp_path):
     assert family.compute is not None and family.compute_draws == []
     assert "no interval" in family.notes["compute"]
     assert all(math.isnan(bound) for bound in predict(family, 1e17).loss_interval)
+
+
+def test_the_frontier_goes_through_each_budgets_best_run(tmp_path):
+    compute_sweep(tmp_path, "gpt", TRUE_COMPUTE)
+    for flops in (1e10, 1e11, 1e12, 1e13, 1e14):  # a worse size at every budget
+        bpb = float(TRUE_COMPUTE(flops)) + 0.3
+        fake_run(tmp_path, f"big,c={flops:g}", model="gpt", params=4e5, tokens=flops / 2.4e6, flops=flops, bpb=bpb)
+    (family,) = analyse(find_runs([tmp_path]), FitRequest(resamples=5)).families
+    assert len(family.points) == 10 and family.budgets == 5
+    assert family.compute.alpha == pytest.approx(0.25, abs=0.01) and family.compute.E == pytest.approx(1.2, abs=0.01)
