@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -14,6 +15,7 @@ from tokenizers import normalizers
 
 from lmlab.data.cache import tokenize_with_cache
 from lmlab.errors import ConfigError
+from lmlab.report import write_report
 from lmlab.run.train import train
 from lmlab.tokenizers import (
     BPETokenizer,
@@ -25,6 +27,7 @@ from lmlab.tokenizers import (
 )
 from lmlab.tokenizers.base import CHUNK_CHARS
 from tests.helpers import SHAKESPEARE, compose_config, tiny_overrides
+from tests.test_fit import fake_run
 
 TRAIN = SHAKESPEARE.read_text()[:100_000]
 # Emoji (a ZWJ family, a skin tone, a flag), CJK, combining marks, control characters, odd spacing,
@@ -181,3 +184,27 @@ def test_a_run_trains_with_each_and_keeps_its_tokenizer_as_json(name, tmp_path, 
     assert metrics["val/loss"] < math.log(metrics["vocab_size"])
     saved = load_tokenizer(tmp_path / "run" / "tokenizer.json")
     assert saved.decode(saved.encode(TRICKY)) == TRICKY
+
+
+def test_the_report_shows_each_runs_bytes_per_token(tmp_path):
+    for tokenizer, tokens in (("bytes", 7000), ("bpe", 2000)):
+        run = fake_run(
+            tmp_path,
+            f"tokenizer={tokenizer}",
+            model="gpt",
+            tokenizer=tokenizer,
+            params=1e5,
+            tokens=tokens,
+            flops=1e12,
+            bpb=2.0,
+        )
+        metrics = json.loads((run / "metrics.json").read_text())
+        (run / "metrics.json").write_text(json.dumps({**metrics, "bytes_seen": 7000}))
+    report = write_report([tmp_path], tmp_path / "report")
+    assert "| bytes/token |" in report.markdown
+    assert "| bpe | 1 | 0.001 | 3.50 |" in report.markdown and "| bytes | 1 | 0.001 | 1.00 |" in report.markdown
+    with (tmp_path / "report" / "comparison.csv").open() as f:
+        assert {row["tokenizer"]: float(row["bytes_per_token"]) for row in csv.DictReader(f)} == {
+            "bytes": 1.0,
+            "bpe": 3.5,
+        }
