@@ -28,6 +28,7 @@ from lmlab.report.fit import (
     MAX_FLOPS,
     ChinchillaLaw,
     ComputeLaw,
+    Parabola,
     bootstrap,
     check_flops,
     crossing,
@@ -104,6 +105,8 @@ class IsoFlopMinimum:
     params: float
     interval: tuple[float, float]
     measured_range: tuple[float, float]
+    parabola: Parabola
+    points: tuple[Point, ...]
 
 
 @dataclass
@@ -330,7 +333,7 @@ def _isoflop_minima(points: list[Point], request: FitRequest) -> list[IsoFlopMin
         params = np.array([p.params for p in slice_])
         loss = np.array([p.loss for p in slice_])
         try:
-            optimum = fit_parabola(params, loss).optimal_params
+            parabola = fit_parabola(params, loss)
         except ConfigError:
             continue
         draws = bootstrap(
@@ -342,7 +345,13 @@ def _isoflop_minima(points: list[Point], request: FitRequest) -> list[IsoFlopMin
         flops = statistics.median(p.flops for p in slice_)
         minima.append(
             IsoFlopMinimum(
-                flops, len(set(params)), optimum, interval(draws), (float(params.min()), float(params.max()))
+                flops,
+                len(set(params)),
+                parabola.optimal_params,
+                interval(draws),
+                (float(params.min()), float(params.max())),
+                parabola,
+                tuple(slice_),
             )
         )
     return minima

@@ -10,6 +10,7 @@ from lmlab.report.fit_report import NOT_PREDICTIVE, FitAnalysis, FitRequest, Iso
 from lmlab.report.tables import markdown_table
 
 FIGURE = "fit.png"
+ROUGH_BELOW = 6  # IsoFLOP slices of fewer sizes give bootstrap intervals from a handful of distinct resamples
 
 
 def _with_interval(value: float, bounds: tuple[float, float], fmt: str) -> str:
@@ -152,6 +153,8 @@ def _isoflop_note(minimum: IsoFlopMinimum) -> str:
         notes.append("outside the measured sizes: extrapolated")
     if minimum.sizes == 3:
         notes.append("3 sizes fix the parabola: no interval")
+    elif minimum.sizes < ROUGH_BELOW:
+        notes.append(f"{minimum.sizes} sizes: resamples keep 3 or more of them, a rough interval")
     return "; ".join(notes)
 
 
