@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -26,7 +28,7 @@ from lmlab.tokenizers import (
     load_tokenizer,
 )
 from lmlab.tokenizers.base import CHUNK_CHARS
-from tests.helpers import SHAKESPEARE, compose_config, tiny_overrides
+from tests.helpers import REPO, SHAKESPEARE, compose_config, tiny_overrides
 from tests.test_fit import fake_run
 
 TRAIN = SHAKESPEARE.read_text()[:100_000]
@@ -130,7 +132,7 @@ def test_pretrained_reads_a_folder_or_the_hugging_face_cache_and_never_retrains(
     from_cache = PretrainedTokenizer("acme/tiny")
     assert np.array_equal(from_cache.encode(TRICKY), from_folder.encode(TRICKY))
     assert from_cache.vocab_size == HFTokenizer.from_file(str(pretrained_file)).get_vocab_size()
-    with pytest.raises(ConfigError, match="never trained"):
+    with pytest.raises(ConfigError, match="never trained, it needs tokenizer.path"):
         PretrainedTokenizer().train(TRAIN)
 
 
@@ -145,7 +147,7 @@ def test_a_pretrained_checkpoint_needs_no_file(pretrained_file, tmp_path):
 @pytest.mark.parametrize(
     ("make", "match"),
     [
-        (lambda folder: folder / "missing.json", "neither a tokenizer.json file"),
+        (lambda folder: folder / "missing.json", "missing.json: no such file or folder"),
         (lambda folder: "no-such-org/no-such-model", "huggingface-cli download no-such-org/no-such-model"),
         (lambda folder: _write(folder / "bad.json", "{not json"), "is not a tokenizer.json"),
         (lambda folder: _lowercasing(folder), "does not give back the text it encodes"),
@@ -170,6 +172,27 @@ def _lowercasing(folder: Path) -> Path:
     path = folder / "lower.json"
     hf.save(str(path))
     return path
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("tokenizer.path=/nowhere/tokenizer.json", "error: tokenizer.path=/nowhere/tokenizer.json: no such file"),
+        ("tokenizer.path=null", "error: tokenizer=pretrained is never trained, it needs tokenizer.path"),
+    ],
+)
+def test_train_py_refuses_a_pretrained_tokenizer_without_a_file_in_one_line(setting, message, tmp_path, small_corpus):
+    overrides = tiny_overrides("gpt", small_corpus) + [
+        "tokenizer=pretrained",
+        setting,
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    overrides.append(f"paths.cache_dir={tmp_path / 'cache'}")
+    result = subprocess.run(
+        [sys.executable, "train.py", *overrides], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(message) and "Traceback" not in result.stderr
 
 
 @pytest.mark.slow

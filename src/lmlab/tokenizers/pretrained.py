@@ -40,6 +40,8 @@ def find_tokenizer_file(path: str) -> Path:
         cached = None
     if isinstance(cached, str):
         return Path(cached)
+    if local.suffix == ".json" or local.is_absolute() or path.startswith((".", "~")):
+        raise ConfigError(f"tokenizer.path={path}: no such file or folder; give the path of a tokenizer.json")
     raise ConfigError(
         f"tokenizer.path={path} is neither a tokenizer.json file, a folder holding one, nor a model in the "
         f"Hugging Face cache: pass a tokenizer.json path, or fetch it once (huggingface-cli download {path} {FILE})"
@@ -102,7 +104,10 @@ class PretrainedTokenizer(Tokenizer):
         return {"name": self.name}
 
     def _train(self, pieces: Iterator[str]) -> None:
-        raise ConfigError("the pretrained tokenizer is never trained: give it a tokenizer.json with tokenizer.path")
+        raise ConfigError(
+            "tokenizer=pretrained is never trained, it needs tokenizer.path: a tokenizer.json file, a folder "
+            "holding one, or a model name in the Hugging Face cache (e.g. tokenizer.path=gpt2)"
+        )
 
     def _encode(self, text: str) -> np.ndarray:
         return encode_in_chunks(self._hf, text)
