@@ -20,7 +20,8 @@ from lmlab.cli import user_errors
 from lmlab.errors import ConfigError
 from lmlab.report import runs_table, write_report
 from lmlab.report.comparison import write_fit
-from lmlab.report.fit_report import METRICS, RESAMPLES, FitRequest, runs_from_csv
+from lmlab.report.fit_points import runs_from_csv
+from lmlab.report.fit_report import METRICS, RESAMPLES, FitRequest
 
 
 @user_errors

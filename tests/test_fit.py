@@ -24,7 +24,8 @@ from lmlab.report.fit import (
     fit_parabola,
     interval,
 )
-from lmlab.report.fit_report import FitRequest, analyse, predict, runs_from_csv
+from lmlab.report.fit_points import runs_from_csv
+from lmlab.report.fit_report import FitRequest, analyse, predict
 from tests.helpers import REPO
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -13,7 +13,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from lmlab.report.fit import LEVEL
-from lmlab.report.fit_report import FamilyFit, FitAnalysis, frontier, predict
+from lmlab.report.fit_points import frontier
+from lmlab.report.fit_report import FamilyFit, FitAnalysis, predict
 from lmlab.report.plots import _ordered
 from lmlab.report.tables import MODEL_ORDER
 
