@@ -115,7 +115,8 @@ def fit_log_sum_exp(x: np.ndarray, loss: np.ndarray, start: np.ndarray | None = 
 def _positive(name: str, values: np.ndarray) -> np.ndarray:
     values = np.asarray(values, dtype=np.float64)
     if not np.all(np.isfinite(values) & (values > 0)):
-        raise ConfigError(f"cannot fit {name} that are not positive and finite: {values.tolist()}")
+        bad = values[~(np.isfinite(values) & (values > 0))]
+        raise ConfigError(f"cannot fit {name} that are not positive and finite (e.g. {bad[0]:g})")
     return values
 
 

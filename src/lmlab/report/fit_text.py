@@ -84,8 +84,10 @@ def fit_markdown(analysis: FitAnalysis, heading: str = "##") -> str:
     skipped = [f for f in families if f.chinchilla is None]
     if skipped:
         reasons = {f.notes.get("chinchilla", "") for f in skipped}
-        reason = reasons.pop() if len(reasons) == 1 else "see each family"
-        parts += [f"Not fitted for {'; '.join(f.name for f in skipped)}: {reason}.", ""]
+        if len(reasons) == 1:
+            parts += [f"Not fitted for {'; '.join(f.name for f in skipped)}: {reasons.pop()}.", ""]
+        else:
+            parts += [*(f"- Not fitted for {f.name}: {f.notes.get('chinchilla', '')}." for f in skipped), ""]
     minima = [(f, m) for f in families for m in f.isoflop]
     if minima:
         rows = [
@@ -164,7 +166,7 @@ def _prediction_text(analysis: FitAnalysis, request: FitRequest, heading: str) -
     for f in analysis.families:
         p = predict(f, flops)
         if p is None:
-            rows.append({"family": f.name, "note": "no law fitted: nothing to predict"})
+            rows.append({"family": f.name, "note": "no compute frontier or Chinchilla law fitted: nothing to predict"})
             continue
         factor = flops / f.measured_flops[1]
         rows.append(
