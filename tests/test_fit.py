@@ -15,6 +15,7 @@ import yaml
 from lmlab.errors import ConfigError
 from lmlab.report import find_runs, write_report
 from lmlab.report.fit import (
+    ChinchillaLaw,
     ComputeLaw,
     bootstrap,
     check_flops,
@@ -297,3 +298,17 @@ def test_the_frontier_goes_through_each_budgets_best_run(tmp_path):
     (family,) = analyse(find_runs([tmp_path]), FitRequest(resamples=5)).families
     assert len(family.points) == 10 and family.budgets == 5
     assert family.compute.alpha == pytest.approx(0.25, abs=0.01) and pytest.approx(1.2, abs=0.01) == family.compute.E
+
+
+def test_the_chinchilla_prediction_finds_the_true_compute_optimal_size(tmp_path):
+    chinchilla_sweep(tmp_path, "gpt")
+    (family,) = analyse(find_runs([tmp_path]), FitRequest(resamples=50)).families
+    prediction = predict(family, 1e15)
+    truth = ChinchillaLaw(**TRUE_CHINCHILLA)
+    params, tokens = truth.optimal(1e15, 6.0)
+    assert family.flops_per_param_token == pytest.approx(6.0)
+    assert prediction.params_interval[0] < params < prediction.params_interval[1]
+    assert prediction.tokens_interval[0] < tokens < prediction.tokens_interval[1]
+    assert prediction.chinchilla == pytest.approx(truth(params, tokens), abs=0.02)
+    low, high = prediction.chinchilla_interval
+    assert low < truth(params, tokens) < high

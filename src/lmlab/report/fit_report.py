@@ -153,50 +153,58 @@ class Crossing:
         return f"the fits cannot tell ({self.share:.0%} of resamples cross below {MAX_FLOPS:.0e} FLOPs)"
 
 
+NO_INTERVAL = (math.nan, math.nan)
+
+
 @dataclass(frozen=True)
 class Prediction:
-    """A family's predicted score at one training compute, and the size and text that reach it."""
+    """A family's predicted scores at one training compute (NaN from a law not fitted), and the
+    compute-optimal size and text."""
 
     flops: float
-    loss: float
-    loss_interval: tuple[float, float]
-    source: str  # which law gave the score
+    frontier: float = math.nan
+    frontier_interval: tuple[float, float] = NO_INTERVAL
+    chinchilla: float = math.nan  # the Chinchilla law's score at its optimal N and D
+    chinchilla_interval: tuple[float, float] = NO_INTERVAL
     params: float = math.nan
-    params_interval: tuple[float, float] = (math.nan, math.nan)
+    params_interval: tuple[float, float] = NO_INTERVAL
     tokens: float = math.nan
-    tokens_interval: tuple[float, float] = (math.nan, math.nan)
+    tokens_interval: tuple[float, float] = NO_INTERVAL
     note: str = ""
+
+    @property
+    def loss(self) -> float:
+        """The frontier's score where it was fitted, else the Chinchilla law's."""
+        return self.frontier if math.isfinite(self.frontier) else self.chinchilla
+
+    @property
+    def loss_interval(self) -> tuple[float, float]:
+        return self.frontier_interval if math.isfinite(self.frontier) else self.chinchilla_interval
 
 
 def predict(family: FamilyFit, flops: float) -> Prediction | None:
-    """The frontier's score at `flops` (else the Chinchilla law's at its optimal N and D) with
-    bootstrap intervals, and the compute-optimal N and D where a Chinchilla fit exists."""
-    k = family.flops_per_param_token
-    optimal, draws_optimal = None, []
-    if family.chinchilla is not None:
-        optimal = family.chinchilla.optimal(flops, k)
-        draws_optimal = [draw.optimal(flops, k) for draw in family.chinchilla_draws]
-    if family.compute is not None:
-        loss = float(family.compute(flops))
-        loss_interval = interval([float(draw(flops)) for draw in family.compute_draws])
-        source = "compute frontier"
-    elif optimal is not None:
-        loss = float(family.chinchilla(*optimal))
-        loss_interval = interval([float(draw(*opt)) for draw, opt in zip(family.chinchilla_draws, draws_optimal)])
-        source = "Chinchilla law at its optimal N, D"
-    else:
+    """Each fitted law's score at `flops` with its bootstrap interval, and the compute-optimal N and D
+    where a Chinchilla fit exists (None where neither law was fitted)."""
+    if family.compute is None and family.chinchilla is None:
         return None
-    if optimal is None:
-        return Prediction(flops, loss, loss_interval, source, note="no Chinchilla fit: compute-optimal N and D unknown")
+    scores: dict = {}
+    if family.compute is not None:
+        scores["frontier"] = float(family.compute(flops))
+        scores["frontier_interval"] = interval([float(draw(flops)) for draw in family.compute_draws])
+    if family.chinchilla is None:
+        return Prediction(flops, **scores, note="no Chinchilla fit: compute-optimal N and D unknown")
+    k = family.flops_per_param_token
+    params, tokens = family.chinchilla.optimal(flops, k)
+    draws = [(draw, *draw.optimal(flops, k)) for draw in family.chinchilla_draws]
     return Prediction(
         flops,
-        loss,
-        loss_interval,
-        source,
-        params=optimal[0],
-        params_interval=interval([n for n, _ in draws_optimal]),
-        tokens=optimal[1],
-        tokens_interval=interval([d for _, d in draws_optimal]),
+        **scores,
+        chinchilla=float(family.chinchilla(params, tokens)),
+        chinchilla_interval=interval([float(draw(n, d)) for draw, n, d in draws]),
+        params=params,
+        params_interval=interval([n for _, n, _ in draws]),
+        tokens=tokens,
+        tokens_interval=interval([d for _, _, d in draws]),
         note=f"N and D from the Chinchilla law, with C = {k:.2f} N D",
     )
 

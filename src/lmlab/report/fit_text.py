@@ -68,7 +68,7 @@ def fit_markdown(analysis: FitAnalysis, heading: str = "##") -> str:
         rows = [
             {
                 "family": f.name,
-                "runs": len(f.points),
+                "fitted runs": len(f.points),
                 "E": f"{f.chinchilla.E:.3f}",
                 "alpha": _with_interval(f.chinchilla.alpha, interval([d.alpha for d in f.chinchilla_draws]), ".3f"),
                 "beta": _with_interval(f.chinchilla.beta, interval([d.beta for d in f.chinchilla_draws]), ".3f"),
@@ -79,7 +79,8 @@ def fit_markdown(analysis: FitAnalysis, heading: str = "##") -> str:
         parts += [
             "N: parameters; D: training tokens.",
             "",
-            markdown_table(rows, ["family", "runs", "E", "alpha", "beta", "note"]),
+            markdown_table(rows, ["family", "fitted runs", "E", "alpha", "beta", "note"]),
+            "",
         ]
     skipped = [f for f in families if f.chinchilla is None]
     if skipped:
@@ -172,10 +173,10 @@ def _prediction_text(analysis: FitAnalysis, request: FitRequest, heading: str) -
         rows.append(
             {
                 "family": f.name,
-                "bpb": _with_interval(p.loss, p.loss_interval, ".3f"),
+                "bpb (frontier)": _with_interval(p.frontier, p.frontier_interval, ".3f"),
+                "bpb (Chinchilla)": _with_interval(p.chinchilla, p.chinchilla_interval, ".3f"),
                 "N": _with_interval(p.params, p.params_interval, ".3g"),
                 "D": _with_interval(p.tokens, p.tokens_interval, ".3g"),
-                "source": p.source,
                 "note": "; ".join(
                     part
                     for part in (
@@ -189,7 +190,7 @@ def _prediction_text(analysis: FitAnalysis, request: FitRequest, heading: str) -
     parts = [
         f"{heading}# Predicted at {flops:.3g} training FLOPs",
         "",
-        markdown_table(rows, ["family", "bpb", "N", "D", "source", "note"]),
+        markdown_table(rows, ["family", "bpb (frontier)", "bpb (Chinchilla)", "N", "D", "note"]),
         "",
     ]
     return parts
