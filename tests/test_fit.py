@@ -312,3 +312,9 @@ def test_the_chinchilla_prediction_finds_the_true_compute_optimal_size(tmp_path)
     assert prediction.chinchilla == pytest.approx(truth(params, tokens), abs=0.02)
     low, high = prediction.chinchilla_interval
     assert low < truth(params, tokens) < high
+
+
+def test_a_floor_the_runs_never_approach_is_flagged(tmp_path):
+    compute_sweep(tmp_path, "gpt", ComputeLaw(E=1e-9, A=30.0, alpha=0.1))  # a pure power law: no floor in sight
+    report = write_report([tmp_path], tmp_path, fit=FitRequest(resamples=5))
+    assert "E at its lower bound: the runs do not show where the loss levels off" in report.markdown

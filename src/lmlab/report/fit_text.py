@@ -10,6 +10,7 @@ from lmlab.report.fit_report import NOT_PREDICTIVE, FitAnalysis, FitRequest, Iso
 from lmlab.report.tables import markdown_table
 
 FIGURE = "fit.png"
+FLOOR_UNSEEN = 1e-3  # bits per byte: a fitted E below this sits at its bound (log E >= -10)
 ROUGH_BELOW = 6  # IsoFLOP slices of fewer sizes give bootstrap intervals from a handful of distinct resamples
 
 
@@ -58,7 +59,7 @@ def fit_markdown(analysis: FitAnalysis, heading: str = "##") -> str:
                 "E": f"{law.E:.3f}" if law else "",
                 "A": f"{law.A:.3g}" if law else "",
                 "alpha": alpha,
-                "note": f.notes.get("compute", ""),
+                "note": _joined(f.notes.get("compute", ""), _floor_note(law.E) if law else ""),
             }
         )
     parts += [markdown_table(rows, ["family", "budgets", "FLOPs", "E", "A", "alpha", "note"]), ""]
@@ -72,7 +73,7 @@ def fit_markdown(analysis: FitAnalysis, heading: str = "##") -> str:
                 "E": f"{f.chinchilla.E:.3f}",
                 "alpha": _with_interval(f.chinchilla.alpha, interval([d.alpha for d in f.chinchilla_draws]), ".3f"),
                 "beta": _with_interval(f.chinchilla.beta, interval([d.beta for d in f.chinchilla_draws]), ".3f"),
-                "note": f.notes.get("chinchilla", ""),
+                "note": _joined(f.notes.get("chinchilla", ""), _floor_note(f.chinchilla.E)),
             }
             for f in chinchilla
         ]
@@ -148,6 +149,15 @@ def fit_markdown(analysis: FitAnalysis, heading: str = "##") -> str:
         ]
     parts += [f"![scaling-law fits]({FIGURE})", ""]
     return "\n".join(parts)
+
+
+def _joined(*notes: str) -> str:
+    return "; ".join(note for note in notes if note)
+
+
+def _floor_note(floor: float) -> str:
+    """A fitted E near zero: the runs never show the loss levelling off, so E is not measured."""
+    return "E at its lower bound: the runs do not show where the loss levels off" if floor < FLOOR_UNSEEN else ""
 
 
 def _isoflop_note(minimum: IsoFlopMinimum) -> str:
