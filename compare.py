@@ -39,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="where to write the report (default: the directory given, if one; else outputs/comparisons/<time>)",
     )
+    parser.add_argument(
+        "--mixed-eval",
+        action="store_true",
+        help="rank runs scored with different eval.context protocols together (refused by default)",
+    )
     parser.add_argument("--fit", action="store_true", help="fit scaling laws per model x tokenizer (fit.png)")
     parser.add_argument(
         "--predict-flops",
@@ -67,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         report = write_fit([run for table in tables for run in runs_from_csv(table)], out, fit)
         print(report.markdown)
     else:
-        report = write_report(args.paths, out, fit)
+        report = write_report(args.paths, out, mixed_eval=args.mixed_eval, fit=fit)
         print(runs_table(report.runs))
     print(f"\nwrote {', '.join(str(path) for path in report.files)}")
     return 0

@@ -16,14 +16,14 @@ from lmlab.report.fit import LEVEL
 from lmlab.report.fit_points import frontier
 from lmlab.report.fit_report import FamilyFit, FitAnalysis, predict
 from lmlab.report.plots import _ordered
-from lmlab.report.tables import MODEL_ORDER
+from lmlab.report.tables import model_order
 
 EXTRAPOLATE = 10.0  # without a prediction asked for, curves run on to 10x the largest budget
 
 
 def fit_figure(analysis: FitAnalysis) -> Figure:
     """One panel per kind of fit the runs allow (the compute frontier when none does)."""
-    order = _ordered({f.model for f in analysis.families}, MODEL_ORDER)
+    order = _ordered({f.model for f in analysis.families}, model_order())
     families = sorted(analysis.families, key=lambda f: (order.index(f.model), f.tokenizer))
     colors = {f.name: f"C{i % 10}" for i, f in enumerate(families)}
     panels = []
