@@ -44,10 +44,24 @@ METRIC_COLUMNS = (  # read from metrics.json
     "best_step",
     "eval_context",
 )
-RUN_COLUMNS = ("run", "model", "tokenizer", "seed", "lr", *METRIC_COLUMNS, "scoring", "status", "error", "path")
+# bytes_per_token: the training text's UTF-8 bytes per token, how much text one prediction covers
+RUN_COLUMNS = (
+    "run",
+    "model",
+    "tokenizer",
+    "seed",
+    "lr",
+    "bytes_per_token",
+    *METRIC_COLUMNS,
+    "scoring",
+    "status",
+    "error",
+    "path",
+)
 # shown in the Markdown table only where some run has one
 OPTIONAL = (
     "lr",
+    "bytes_per_token",
     "train_flops",
     "cpu_time_s",
     "torch_threads",
@@ -63,6 +77,7 @@ HEADERS = {
     "params": "parameters",
     "tokens_seen": "tokens seen",
     "bytes_seen": "bytes seen",
+    "bytes_per_token": "bytes/token",
     "train_flops": "training FLOPs",
     "wall_time_s": "wall time (s)",
     "cpu_time_s": "CPU time (s)",
@@ -85,10 +100,18 @@ HEADERS = {
     "edge": "edge of grid",
 }
 # Decimals by metric name, whatever the split: "val/bpb" and "test/bpb" are both "bpb".
-METRIC_DECIMALS = {"loss": 4, "bpb": 4, "ppl": 2, "unk_rate": 4, "wall_time_s": 1, "cpu_time_s": 1}
+METRIC_DECIMALS = {
+    "bytes_per_token": 2,
+    "loss": 4,
+    "bpb": 4,
+    "ppl": 2,
+    "unk_rate": 4,
+    "wall_time_s": 1,
+    "cpu_time_s": 1,
+}
 METRIC_NAMES = {"loss": "loss (nats/token)", "ppl": "perplexity", "bpb": "bits per byte", "unk_rate": "unk rate"}
 COUNTS = ("params", "tokens_seen", "bytes_seen", "tokens", "bytes", "steps")
-NUMERIC = {"seed", "lr", "seeds", "rank", *METRIC_COLUMNS} - {"eval_context"}
+NUMERIC = {"seed", "lr", "seeds", "rank", "bytes_per_token", *METRIC_COLUMNS} - {"eval_context"}
 
 
 def _rank(test_bpb: float, name: str, optimistic: bool = False) -> tuple:
@@ -106,6 +129,7 @@ def run_rows(runs: Iterable[Run]) -> list[dict[str, Any]]:
             "tokenizer": run.tokenizer,
             "seed": run.seed,
             "lr": run.lr,
+            "bytes_per_token": run.score("bytes_seen") / run.score("tokens_seen") if run.score("tokens_seen") else None,
             **{key: run.metrics.get(key) for key in METRIC_COLUMNS},
             "scoring": OPTIMISTIC if run.optimistic else "",
             "status": run.status,
