@@ -279,8 +279,9 @@ def adopt_settings(
         if any(place == s or place.startswith(f"{s}.") for s in skip):
             continue
         if key not in current:
-            if key in BUILDER_KEYS:
-                raise _not_plain(source, place, value, "a key that builds an object, which conf/ has not here")
+            builder = _builder_key({key: value}, prefix)
+            if builder is not None:
+                raise _not_plain(source, *builder, "a key that builds an object, which conf/ has not here")
             ignored.append(place)
             continue
         here = current[key]
@@ -300,6 +301,18 @@ def adopt_settings(
             raise _not_plain(source, place, value, "which is not a plain setting (a scalar or a list of them)")
         with open_dict(node):
             node[key] = value
+
+
+def _builder_key(tree: Any, prefix: str) -> tuple[str, Any] | None:
+    """The first (place, value) of a key that builds an object anywhere in `tree`, else None."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for key, value in items:
+        if key in BUILDER_KEYS:
+            return f"{prefix}{key}", value
+        found = _builder_key(value, f"{prefix}{key}.")
+        if found is not None:
+            return found
+    return None
 
 
 def _not_plain(source: str, place: str, value: Any, why: str) -> ConfigError:
