@@ -29,6 +29,7 @@ from lmlab.run.dirs import ClaimFreshDirs
 from lmlab.run.train import train
 from lmlab.task import LanguageModelTask
 from tests.helpers import REPO, compose_config, tiny_overrides
+from tests.outcomes import check_outcome
 
 pytestmark = pytest.mark.reliability
 
@@ -181,6 +182,7 @@ def test_checkpoint_paths_cannot_escape_the_run_directory(tmp_path, small_corpus
     assert not (tmp_path / "run" / "checkpoints").exists()
     if override.startswith("callbacks.") and "checkpoint" in override:
         assert override.split("=")[0] in str(err.value)  # the message names the key to change
+    check_outcome(f"a file location outside the run directory: `{override}`", str(err.value))
 
 
 class SignalAtStep(pl.Callback):
@@ -321,9 +323,10 @@ def test_a_finished_run_directory_is_never_trained_over(tmp_path, small_corpus):
     cfg = compose_config(tiny_overrides("gpt", small_corpus, steps=4), run)
     train(cfg)
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    with pytest.raises(ConfigError, match="already holds a finished run"):
+    with pytest.raises(ConfigError, match="already holds a finished run") as raised:
         train(compose_config(tiny_overrides("gpt", small_corpus, steps=4) + ["seed=2"], run))
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    check_outcome("`hydra.run.dir` of a finished run", str(raised.value))
 
 
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
@@ -405,6 +408,10 @@ def test_a_checkpoints_callbacks_are_not_built_on_resume(trained_run, tmp_path, 
     )
     metrics = train(compose_config([f"ckpt_path={path}", "trainer.max_steps=22"], tmp_path / "run"))
     assert metrics["steps"] == 22 and not pwned.exists()
+    check_outcome(
+        "a checkpoint whose resume config holds a callback writing a .pth file (`ckpt_path=`)",
+        "resumed and trained to step 22; callbacks come from the command line, the checkpoint's was never built",
+    )
 
 
 def with_node(place: str, node) -> callable:
@@ -421,10 +428,10 @@ def with_node(place: str, node) -> callable:
 @pytest.mark.parametrize(
     "place,node,message",
     [
-        ("trainer.plugins", "payload-list", "sets trainer.plugins="),
+        ("trainer.plugins", "payload-list", "sets trainer.plugins to a list of config nodes"),
         ("task._target_", "lmlab.io.atomic_write_text", "sets task._target_='lmlab.io.atomic_write_text'"),
         ("data.extra", "payload", "sets data.extra._target_="),
-        ("trainer.strategy", "payload", "sets trainer.strategy="),
+        ("trainer.strategy", "payload", "sets trainer.strategy to a config node"),
     ],
 )
 def test_a_crafted_resume_config_is_refused_in_one_line_and_runs_nothing(trained_run, tmp_path, place, node, message):
@@ -439,21 +446,31 @@ def test_a_crafted_resume_config_is_refused_in_one_line_and_runs_nothing(trained
         with pytest.raises(ConfigError, match=re.escape(message)) as raised:
             train(compose_config(overrides, run))
         assert "\n" not in str(raised.value) and not pwned.exists()
+    check_outcome(
+        f"a checkpoint whose resume config sets `{place}` to an object (`ckpt_path=`, or rerun in its directory)",
+        str(raised.value),
+    )
 
 
 def test_a_crafted_group_choice_cannot_point_hydra_at_another_file(trained_run, tmp_path):
     path = crafted(trained_run, tmp_path, "choice.ckpt", lambda s: s["choices"].update(trainer="../../../tmp/evil"))
-    with pytest.raises(ConfigError, match=r"chose trainer='\.\./\.\./\.\./tmp/evil', which this lmlab's conf/trainer/"):
+    with pytest.raises(
+        ConfigError, match=r"chose trainer='\.\./\.\./\.\./tmp/evil', which this lmlab's conf/trainer/"
+    ) as raised:
         train(compose_config([f"ckpt_path={path}"], tmp_path / "run"))
+    check_outcome("a checkpoint whose config group choice is a path (`trainer=../../../tmp/evil`)", str(raised.value))
 
 
 def test_init_from_builds_lmlab_models_only(trained_run, tmp_path, small_corpus):
     """Defect 1 through fine-tuning: the model node is checked as generate.py checks it."""
     pwned = tmp_path / "pwned.pth"
     path = crafted(trained_run, tmp_path, "model.ckpt", lambda s: s["model"].update(payload(pwned)))
-    with pytest.raises(ConfigError, match="model _target_ 'lmlab.io.atomic_write_text' is not an lmlab language model"):
+    with pytest.raises(
+        ConfigError, match="model _target_ 'lmlab.io.atomic_write_text' is not an lmlab language model"
+    ) as raised:
         train(compose_config([f"init_from={path}", "data=text", f"data.path={small_corpus}"], tmp_path / "run"))
     assert not pwned.exists()
+    check_outcome("a checkpoint whose model `_target_` writes a file (`init_from=`)", str(raised.value))
 
 
 def test_a_resume_takes_the_checkpoints_settings_and_this_command_lines(trained_run, tmp_path):
@@ -532,6 +549,7 @@ def test_a_damaged_token_cache_entry_is_rebuilt_with_a_notice(tmp_path, split_te
     assert again.split_bytes == fresh.split_bytes
     notices = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
     assert len(notices) == 1 and notices[0].endswith(": rebuilding it") and "\n" not in notices[0]
+    check_outcome(f"a token cache entry with {how}", "notice: " + notices[0].replace(str(tmp_path), "/x"))
 
 
 def test_a_truncated_validation_cache_no_longer_halves_the_score(tmp_path, small_corpus):
@@ -542,6 +560,10 @@ def test_a_truncated_validation_cache_no_longer_halves_the_score(tmp_path, small
     damage_cache(entry, "val.bin cut to half")
     second = train(compose_config(overrides, tmp_path / "second"))
     assert second["val/bpb"] == first["val/bpb"] and second["test/bpb"] == first["test/bpb"]
+    check_outcome(
+        "a run on a token cache whose val.bin was cut to half",
+        "the entry is rebuilt with a notice; val/bpb and test/bpb equal those of the intact cache",
+    )
 
 
 class PowerCut(BaseException):
@@ -567,6 +589,10 @@ def test_a_power_cut_between_a_cache_write_and_its_fsync_leaves_no_entry(tmp_pat
     monkeypatch.undo()
     built = cache.tokenize_with_cache("c", split_text, [0.9, 0.05, 0.05], CharTokenizer(), tmp_path)
     assert built.split_tokens["val"] > 0 and oct(built.path.stat().st_mode & 0o777) == oct(0o777 & ~current_umask())
+    check_outcome(
+        "a power cut between a token cache write and its fsync",
+        "no entry is left in place (only a hidden temporary folder); the next run builds it, with the umask's modes",
+    )
 
 
 def current_umask() -> int:
@@ -594,6 +620,7 @@ def test_a_checkpoints_tokenizer_is_read_as_json_only(trained_run, tmp_path, tok
     with pytest.raises(ConfigError, match=re.escape(message)) as raised:
         load_checkpoint(path)
     assert "\n" not in str(raised.value)
+    check_outcome(f"a checkpoint whose tokenizer is `{tokenizer[:60]}`", str(raised.value))
 
 
 def test_a_fifo_named_as_a_checkpoints_tokenizer_does_not_hang_generate(trained_run, tmp_path):
@@ -609,6 +636,7 @@ def test_a_fifo_named_as_a_checkpoints_tokenizer_does_not_hang_generate(trained_
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].endswith("is not an lmlab tokenizer: it is not JSON")
+    check_outcome("a checkpoint whose tokenizer names a FIFO (`generate.py`)", result.stderr.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize(
@@ -627,6 +655,7 @@ def test_a_damaged_lmlab_section_is_refused_in_one_line(trained_run, tmp_path, c
     with pytest.raises(ConfigError, match=re.escape(message)) as raised:
         load_checkpoint(path)
     assert "\n" not in str(raised.value)
+    check_outcome(f"a checkpoint whose lmlab section is damaged ({message.split(' (')[0]})", str(raised.value))
 
 
 def sharded_folder(path: Path, step: int) -> None:
@@ -651,6 +680,10 @@ def test_an_fsdp_swap_killed_between_its_renames_is_restored(tmp_path, left):
     assert resumed.ckpt_path == str(checkpoints / "last.ckpt")
     expected = 20 if "saving" in left else 10
     assert torch.load(checkpoints / "last.ckpt" / "meta.pt", weights_only=True)["global_step"] == expected
+    check_outcome(
+        f"an FSDP run killed during its checkpoint swap, leaving {' and '.join(f'last.ckpt.{x}' for x in left)}",
+        f"the rerun restores last.ckpt from last.ckpt.{'saving' if 'saving' in left else 'old'} with a notice and resumes",
+    )
 
 
 def test_a_half_written_fsdp_save_is_not_restored(tmp_path):
@@ -691,6 +724,9 @@ def test_a_second_writer_on_a_run_directory_is_refused_naming_the_holder(tmp_pat
         "or give this run its own directory (leave hydra.run.dir unset)"
     )
     assert sorted(p.name for p in run.iterdir()) == [".lock"]  # nothing of the second run was written
+    check_outcome(
+        "a second run on a run directory in use (same `hydra.run.dir`, or a SLURM requeue)", str(raised.value)
+    )
     assert train(compose_config(tiny_overrides("gpt", small_corpus, steps=4), run))["status"] == "completed"  # freed
 
 
@@ -711,10 +747,9 @@ def test_flipped_bytes_in_a_checkpoint_are_refused(trained_run, tmp_path):
 
     flipped = tmp_path / "flipped.ckpt"
     flip_a_weight_byte(trained_run / "checkpoints" / "last.ckpt", flipped)
-    with pytest.raises(
-        ConfigError, match="is damaged: its tensors no longer match the hash stored when it was written"
-    ):
+    with pytest.raises(ConfigError, match="its tensors no longer match the hash stored when it was written") as raised:
         load_checkpoint(flipped)
+    check_outcome("a checkpoint with a flipped bit in its weights", str(raised.value))
     with pytest.raises(ConfigError, match="no longer match the hash"):
         train(compose_config([f"ckpt_path={flipped}"], tmp_path / "run"))
     assert read_checkpoint(flipped, verify_hash=False)["global_step"] == 20  # verify_checkpoint_hash=false
@@ -729,8 +764,9 @@ def test_non_finite_weights_are_refused_at_load(trained_run, tmp_path):
     checkpoint["state_dict"][name][0] = float("nan")
     checkpoint["lmlab"]["tensors_sha256"] = tensors_sha256(checkpoint)  # a whole file, of a diverged state
     torch.save(checkpoint, tmp_path / "nan.ckpt")
-    with pytest.raises(ConfigError, match=re.escape(f"holds NaN or infinite weights ({name})")):
+    with pytest.raises(ConfigError, match=re.escape(f"holds NaN or infinite weights ({name})")) as raised:
         load_checkpoint(tmp_path / "nan.ckpt")
+    check_outcome("a checkpoint holding NaN weights", str(raised.value))
 
 
 def no_space(*args, **kwargs):
@@ -761,6 +797,7 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_previous_one_and_says_so_in_one_l
     assert checkpoint_step(run / "checkpoints" / "last.ckpt") == 10 and leftovers(run / "checkpoints") == []
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "failed" and metrics["error"] == str(raised.value)
+    check_outcome("a full disk when a checkpoint is saved", f"{raised.value} (metrics.json: status failed)")
 
 
 def test_a_full_disk_at_metrics_json_ends_in_one_line(tmp_path, small_corpus, monkeypatch):
@@ -773,11 +810,10 @@ def test_a_full_disk_at_metrics_json_ends_in_one_line(tmp_path, small_corpus, mo
 
     monkeypatch.setattr(train_module, "atomic_write_json", full)
     run = tmp_path / "run"
-    with pytest.raises(
-        DiskFull, match=r"^no space left on the device writing .*metrics\.json: the previous file is kept"
-    ):
+    with pytest.raises(DiskFull, match=r"^no space left on the device writing .*metrics\.json: the previous") as raised:
         train(compose_config(tiny_overrides("gpt", small_corpus, steps=4), run))
     assert checkpoint_step(run / "checkpoints" / "last.ckpt") == 4 and leftovers(run) == []
+    check_outcome("a full disk when metrics.json is written", str(raised.value))
 
 
 def test_a_full_disk_while_caching_tokens_ends_in_one_line_and_leaves_no_entry(tmp_path, small_corpus, monkeypatch):
@@ -789,10 +825,11 @@ def test_a_full_disk_while_caching_tokens_ends_in_one_line_and_leaves_no_entry(t
 
     monkeypatch.setattr(cache, "_encode_split", encode)
     run = tmp_path / "run"
-    with pytest.raises(DiskFull, match=r"^no space left on the device writing the token cache in .*: free some space"):
+    with pytest.raises(DiskFull, match=r"^no space left on the device writing the token cache in .*: free") as raised:
         train(compose_config(tiny_overrides("gpt", small_corpus, steps=4), run))
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["corpus-hashes", "locks"]  # no entry, no temp folder
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["corpus-hashes", "locks"]  # no entry, no temp
     assert json.loads((run / "metrics.json").read_text())["status"] == "failed"
+    check_outcome("a full disk while the token cache is written", f"{raised.value} (metrics.json: status failed)")
 
 
 def test_sigterm_during_data_preparation_stops_in_one_line(tmp_path, small_corpus, monkeypatch):
@@ -811,8 +848,11 @@ def test_sigterm_during_data_preparation_stops_in_one_line(tmp_path, small_corpu
         train(compose_config(tiny_overrides("gpt", small_corpus, steps=4), run))
     assert "\n" not in str(raised.value)
     assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["corpus-hashes", "locks"]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["corpus-hashes", "locks"]
     assert {signum: signal.getsignal(signum) for signum in before} == before
+    check_outcome(
+        "SIGTERM while the corpus is tokenized and cached", f"{raised.value} (metrics.json: status interrupted)"
+    )
 
 
 class SignalAtTest(pl.Callback):
@@ -836,8 +876,9 @@ def test_sigterm_during_the_final_test_pass_stops_in_one_line(tmp_path, small_co
     overrides = tiny_overrides("gpt", small_corpus, steps=4) + [
         "+callbacks.term._target_=tests.test_reliability.SignalAtTest"
     ]
-    with pytest.raises(RunInterrupted, match=r"^SIGTERM outside the training steps: stopped"):
+    with pytest.raises(RunInterrupted, match=r"^SIGTERM outside the training steps: stopped") as raised:
         train(compose_config(overrides, run))
+    check_outcome("SIGTERM during the final test pass", f"{raised.value} (metrics.json: status interrupted)")
     assert calls and all(weights_only is True for _, weights_only in calls)  # explicit, whatever the environment
     assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
     assert checkpoint_step(run / "checkpoints" / "last.ckpt") == 4

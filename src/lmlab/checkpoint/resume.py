@@ -316,9 +316,14 @@ def _builder_key(tree: Any, prefix: str) -> tuple[str, Any] | None:
 
 
 def _not_plain(source: str, place: str, value: Any, why: str) -> ConfigError:
-    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    if isinstance(value, dict):
+        shown = " to a config node"
+    elif isinstance(value, (list, tuple)) and not _is_plain(value):
+        shown = " to a list of config nodes"
+    else:
+        shown = f"={value!r}" if len(repr(value)) <= 80 else f"={repr(value)[:77]}..."
     return ConfigError(
-        f"checkpoint {source} sets {place}={shown} {why}: a checkpoint may only carry plain settings; "
+        f"checkpoint {source} sets {place}{shown} {why}: a checkpoint may only carry plain settings; "
         "use a checkpoint written by train.py, or pass the original run's config groups (e.g. trainer=fsdp) on the command line"
     )
 

@@ -223,6 +223,8 @@ def load_entry(folder: Path) -> TokenizedCorpus:
             )
         ids[name] = np.memmap(path, dtype=dtype, mode="r") if tokens else np.zeros(0, dtype=dtype)
         _check_ids(ids[name], meta["vocab_size"], folder, name)
+    if not (folder / "tokenizer.json").is_file():
+        raise DamagedEntry(f"token cache entry {folder} is damaged: its tokenizer.json is missing")
     try:
         tokenizer = load_tokenizer(folder / "tokenizer.json")
     except ConfigError as err:

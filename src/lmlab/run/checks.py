@@ -43,7 +43,7 @@ def check_run_settings(cfg: Any) -> None:
     if max_time is not None and not isinstance(max_time, (str, Mapping)):
         raise ConfigError(
             f"trainer.max_time={max_time} is not a duration: give DD:HH:MM:SS (e.g. 00:01:30:00), "
-            "a mapping such as {{hours: 1}}, or null for no limit"
+            "a mapping such as {hours: 1}, or null for no limit"
         )
     scheduler = cfg.task.get("scheduler") or {}
     warmup = scheduler.get("warmup_steps", 0) if isinstance(scheduler, Mapping) else 0
