@@ -77,9 +77,9 @@ SETTING_CASES = {
     "a negative learning rate": (["task.optimizer.lr=-0.1"], ConfigError, "Invalid learning rate"),
     "label smoothing above 1": (["task.label_smoothing=2"], ConfigError, "label_smoothing must be in [0, 1]"),
     "activation checkpointing without repeated blocks": (
-        ["model=lstm", "task.activation_checkpointing=true"],
+        ["model=lstm", "perf.activation_checkpointing=true"],
         ConfigError,
-        "task.activation_checkpointing=true needs a model made of repeated blocks",
+        "perf.activation_checkpointing=true needs a model made of repeated blocks",
     ),
     "an unknown precision": (["trainer.precision=bogus"], ConfigError, "invalid trainer config: Precision 'bogus'"),
     "an accelerator without its library": (["trainer.accelerator=tpu"], ConfigError, "invalid trainer config"),

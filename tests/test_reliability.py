@@ -882,3 +882,23 @@ def test_sigterm_during_the_final_test_pass_stops_in_one_line(tmp_path, small_co
     assert calls and all(weights_only is True for _, weights_only in calls)  # explicit, whatever the environment
     assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
     assert checkpoint_step(run / "checkpoints" / "last.ckpt") == 4
+
+
+def test_a_run_directory_with_checkpoints_but_no_last_ckpt_is_refused(tmp_path, small_corpus):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "best-step4.ckpt").write_bytes(b"another run's")
+    with pytest.raises(ConfigError, match="holds another run's checkpoints but no last.ckpt") as raised:
+        train(compose_config(tiny_overrides("gpt", small_corpus, steps=4), run))
+    check_outcome("`hydra.run.dir` holding checkpoints but no `last.ckpt`", str(raised.value))
+
+
+def test_an_older_checkpoints_plain_table_is_taken_where_conf_now_computes_it(trained_run, tmp_path):
+    """adamw_lr was a table in conf/train.yaml and is now a resolver: a checkpoint that stored the
+    table still resumes (a plain mapping, no key that builds an object)."""
+    from lmlab.checkpoint.resume import start_from_checkpoint
+
+    table = {"gpt": 4.0e-3, "lstm": 1.2e-2}
+    path = crafted(trained_run, tmp_path, "table.ckpt", lambda s: s["resume_config"].update(adamw_lr=table))
+    cfg, _ = start_from_checkpoint(compose_config([f"ckpt_path={path}"], tmp_path / "run"))
+    assert cfg.adamw_lr == table

@@ -6,8 +6,9 @@ Every Lightning checkpoint that `train.py` writes (`last.ckpt` and the best one)
 tokenizer, optimizer, trainer settings) and the training step, all plain dicts, lists, strings and
 numbers. `torch.load(..., weights_only=True)` can therefore read the whole file, and it is the only
 way lmlab reads one: unpickling arbitrary objects would let a checkpoint execute code. For the same
-reason the model class named by `_target_` must be an lmlab `LanguageModel`; nothing else is built,
-and a resumed or fine-tuned run takes plain settings from a checkpoint, never a `_target_`
+reason the model class named by `_target_` must be a registered model family's class, looked up in
+the registry without importing anything (lmlab.models.registry); nothing else is built, and a
+resumed or fine-tuned run takes plain settings from a checkpoint, never a `_target_`
 (lmlab.checkpoint.resume).
 
 A file also carries `tensors_sha256`, a hash of every tensor it holds, checked on every read
@@ -36,11 +37,11 @@ from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.errors import ConfigError
-from lmlab.models import LanguageModel
+from lmlab.models import LanguageModel, MoEConfig
+from lmlab.models.registry import model_class
 from lmlab.tokenizers import Tokenizer, tokenizer_from_json
 
 FORMAT_VERSION = 1
@@ -265,24 +266,21 @@ def model_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     }
 
 
-def model_class(target: Any) -> type[LanguageModel]:
-    """The lmlab `LanguageModel` class a checkpoint's model `_target_` names; anything else is refused."""
-    try:
-        cls = get_class(target) if isinstance(target, str) and target.startswith("lmlab.models.") else None
-    except (ImportError, ValueError, AttributeError):
-        cls = None
-    if not (isinstance(cls, type) and issubclass(cls, LanguageModel)):
+def checked_model_class(target: Any) -> type[LanguageModel]:
+    """The registered model class a checkpoint's model `_target_` names; anything else is refused."""
+    cls = model_class(target) if isinstance(target, str) else None
+    if cls is None:
         raise ConfigError(
-            f"model _target_ {target!r} is not an lmlab language model (lmlab.models.*): "
-            "the checkpoint's model config is damaged"
+            f"model _target_ {target!r} is not an lmlab language model (a registered family's class, "
+            "lmlab.models.registry): the checkpoint's model config is damaged"
         )
     return cls
 
 
 def build_model(model_config: dict[str, Any]) -> LanguageModel:
     """Instantiate `model_config` (a resolved `cfg.model` plus vocab_size), allowing lmlab models only."""
-    settings = {key: value for key, value in model_config.items() if not key.startswith("_")}
-    cls = model_class(model_config.get("_target_", ""))
+    settings = MoEConfig.nest_flat_keys({key: value for key, value in model_config.items() if not key.startswith("_")})
+    cls = checked_model_class(model_config.get("_target_", ""))
     try:
         return cls(**settings)
     except (TypeError, ValueError, RuntimeError, OverflowError) as err:

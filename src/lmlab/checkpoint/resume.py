@@ -40,11 +40,11 @@ from omegaconf.errors import OmegaConfBaseException
 from lmlab.checkpoint.format import (
     BUILDER_KEYS,
     SECTION,
+    checked_model_class,
     checkpoint_tokenizer,
     is_checkpoint,
     is_sharded,
     load_weights,
-    model_class,
     model_weights,
     read_checkpoint,
 )
@@ -163,7 +163,7 @@ def _finetune_config(cfg: DictConfig, record: dict[str, Any], overrides: list[Ov
     """This command line's run, with the checkpoint's model (checked as generate.py checks it) and
     tokenizer settings, and its training windows unless data.block_size is given."""
     model = {key: value for key, value in record["model"].items() if key != "vocab_size"}
-    model_class(model.get("_target_"))
+    checked_model_class(model.get("_target_"))
     names = record["config"]["names"]
     adopted = compose_with_choices(cfg, {group: names.get(group) for group in ("model", "tokenizer")}, overrides, path)
     skip = _set_here(overrides, ())
@@ -293,6 +293,10 @@ def adopt_settings(
         if isinstance(value, dict) and isinstance(here, dict):
             adopt_settings(node[key], value, below, skip, source, ignored, f"{place}.")
             continue
+        if isinstance(value, dict) and _is_plain_mapping(value):  # e.g. a table conf/ now computes (adamw_lr)
+            with open_dict(node):
+                node[key] = value
+            continue
         if isinstance(value, dict) or isinstance(here, dict):
             raise _not_plain(source, place, value, "where conf/ has a different kind of entry")
         if _has_interpolation(value):
@@ -332,6 +336,16 @@ def _is_plain(value: Any) -> bool:
     if isinstance(value, (list, tuple)):
         return all(_is_plain(item) for item in value)
     return value is None or isinstance(value, (str, int, float, bool))
+
+
+def _is_plain_mapping(value: dict) -> bool:
+    """A table of plain settings: string keys, none that builds an object, no interpolation anywhere."""
+    return all(
+        isinstance(key, str)
+        and key not in BUILDER_KEYS
+        and (_is_plain_mapping(item) if isinstance(item, dict) else _is_plain(item) and not _has_interpolation(item))
+        for key, item in value.items()
+    )
 
 
 def _has_interpolation(value: Any) -> bool:
