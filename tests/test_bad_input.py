@@ -92,7 +92,7 @@ SETTING_CASES = {
     "stateful data for an attention model": (
         ["data.stateful=true"],
         ConfigError,
-        "data.stateful=true needs a recurrent model",
+        "eval.context=carry carries the model's state across the whole split",
     ),
     "an LR monitor without a logger": (
         ["~logger"],
