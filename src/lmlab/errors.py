@@ -32,3 +32,7 @@ class RunInterrupted(RunStopped):
     """Ctrl-C or SIGTERM: a resumable checkpoint was written before stopping."""
 
     status = "interrupted"
+
+
+class DiskFull(RunStopped):
+    """No space left on the device (or the quota is spent): the file being written was not replaced."""

@@ -7,18 +7,27 @@ claims the name just before Hydra runs: it creates the directory with an atomic 
 which names the default directories in conf/, then answers with the claimed name. The resolver has
 no side effect of its own, because OmegaConf also evaluates values while merging configs (an
 experiment recipe replacing the sweep directory, for one), and that must not create directories.
+
+A directory given by hand (`hydra.run.dir=`) or resumed can still be named by two processes at once
+(two seeds started on one directory, a SLURM requeue while the old job still runs). `RunDirLock`
+holds an exclusive `flock` on `<run>/.lock` for the run's lifetime, so the second writer is refused
+in one line naming the holder, instead of both mixing their checkpoints and curves.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import os
 import re
+import socket
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from lmlab.errors import ConfigError
 from lmlab.run.sweep_resume import unfinished_sweep
 
 RESOLVER = "lmlab_fresh_dir"
@@ -99,3 +108,58 @@ def job_dir_name(overrides: str, job_number: int | str) -> str:
     digest = hashlib.sha256(overrides.encode()).hexdigest()[:8]
     tail = f"-job{job_number}-{digest}"
     return safe[: MAX_JOB_DIR - len(tail)].rstrip("_,") + tail
+
+
+LOCK_FILE = ".lock"
+
+
+def launch_rank() -> int:
+    """This process's global rank as its launcher set it (0 alone): only rank 0 of a run holds the lock,
+    the other ranks of a DDP or FSDP job write into the same directory with it."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return int(os.environ.get("NODE_RANK", "0") or 0) + int(os.environ.get("LOCAL_RANK", "0") or 0)
+
+
+class RunDirLock:
+    """An exclusive lock on a run directory, held from `acquire` until the `with` block ends.
+
+    `flock` is released by the kernel when the process dies, however it dies, so a killed run never
+    leaves a stale lock; `.lock` holds the holder's PID and host for the refusal message.
+    """
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self, run_dir: Path) -> None:
+        """Create `run_dir` and lock it; a ConfigError naming the holder if another process has it."""
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if launch_rank() != 0 or self.held:
+            return
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").split() or ["?", "?"]
+            os.close(fd)
+            pid, host = (holder + ["?"])[:2]
+            raise ConfigError(
+                f"{run_dir} is in use by another run (PID {pid} on {host}): wait for it to end, or give this "
+                "run its own directory (leave hydra.run.dir unset)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+
+    def __enter__(self) -> RunDirLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor releases the flock
+            self._fd = None

@@ -41,15 +41,18 @@ from lmlab.run.checks import (
     check_context_fits,
     check_optimizer,
     check_output_paths,
+    check_run_settings,
     check_stateful,
     check_training_length,
 )
 from lmlab.run.dashboards import log_final, log_run_info
+from lmlab.run.dirs import RunDirLock
 from lmlab.run.distributed import check_distributed, full_weights
 from lmlab.run.evaluate import total_nats
 from lmlab.run.plan import resolve_run
 from lmlab.run.precision import set_float32_matmul_precision
 from lmlab.run.quiet import quiet_lightning
+from lmlab.run.signals import stop_on_signals
 from lmlab.run.sweep_resume import continue_job
 from lmlab.task import LanguageModelTask
 
@@ -81,11 +84,25 @@ def run_job(cfg: DictConfig) -> float:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one experiment and return its metrics (also written to `<run dir>/metrics.json`)."""
+    """Run one experiment and return its metrics (also written to `<run dir>/metrics.json`).
+
+    The run directory is locked for the run's lifetime (one writer); a run that stops early
+    (diverged, interrupted, disk full) records why in its metrics.json."""
+    with stop_on_signals(cfg.paths.output_dir), RunDirLock() as lock:
+        try:
+            return _train(cfg, lock)
+        except RunStopped as err:
+            if lock.held:
+                record_failure(cfg, err)
+            raise
+
+
+def _train(cfg: DictConfig, lock: RunDirLock) -> dict[str, Any]:
     started, cpu_started = time.perf_counter(), time.process_time()  # CPU time: this process, all its threads
     quiet_lightning(bool(cfg.get("verbose", False)))
     cfg = continue_unfinished_run(cfg)  # never on top of another run's results
     cfg, start = start_from_checkpoint(cfg)  # resume (ckpt_path=) or fine-tune (init_from=), else (cfg, None)
+    check_run_settings(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     set_float32_matmul_precision(cfg.get("float32_matmul_precision", "high"))
     check_training_length(cfg.trainer)
@@ -97,7 +114,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     byte_budget(cfg)  # both checked before the data is prepared; the plan turns them into steps
     flops_budget(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    lock.acquire(output_dir)  # creates it; a second process on the same directory is refused
 
     tokenizer = start.tokenizer if start else build(cfg.tokenizer, "tokenizer")  # a checkpoint's is reused
     protocol = eval_protocol(cfg)  # eval.context, checked against the model family before any work
@@ -138,10 +155,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             trainer.fit(
                 task, datamodule=datamodule, ckpt_path=start.path if start and start.resume else None, weights_only=True
             )
-    except RunStopped as err:  # diverged or interrupted: say so in metrics.json; the last good checkpoint stays
-        if trainer.is_global_zero:
-            record_failure(cfg, err)
-        raise
     except MisconfigurationException as err:  # Lightning's own check of the trainer, callbacks and loggers
         raise ConfigError(
             f"Lightning refused this setup: {' '.join(str(err).split())} "
@@ -228,11 +241,10 @@ def _final_scores(trainer: pl.Trainer, task: LanguageModelTask, datamodule: Text
     best_step = checkpoint_step(best) if best else trainer.global_step  # a file, or a sharded folder (FSDP)
     scored = trainer.callback_metrics
     if not (best_step == trainer.global_step and all(key in scored for key in VAL_METRICS)):
-        trainer.validate(task, datamodule=datamodule, ckpt_path=best, verbose=False)
+        trainer.validate(task, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
     scores = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("val/")}
-    trainer.test(
-        task, datamodule=datamodule, ckpt_path=None if best_step == trainer.global_step else best, verbose=False
-    )
+    best_or_current = None if best_step == trainer.global_step else best
+    trainer.test(task, datamodule=datamodule, ckpt_path=best_or_current, verbose=False, weights_only=True)
     scores.update({key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("test/")})
     scores["best_step"] = best_step
     return scores
@@ -251,5 +263,8 @@ def record_failure(cfg: DictConfig, err: Exception) -> dict[str, Any]:
         "status": getattr(err, "status", "failed"),
         "error": error,
     }
-    atomic_write_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
+    try:
+        atomic_write_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
+    except (OSError, LmlabError) as write_err:  # a full disk: the error itself still reaches the user
+        log.warning("could not record the failure in metrics.json: %s", write_err)
     return metrics
