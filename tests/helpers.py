@@ -19,14 +19,14 @@ register_resolvers()
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 SHAKESPEARE = REPO / "data" / "tinyshakespeare.txt"
-MODELS = ["rnn", "gru", "lstm", "transformer", "gpt", "llama", "lstm_attn", "mamba", "jamba"]
+MODELS = ["rnn", "gru", "lstm", "transformer", "gpt", "llama", "lstm_attn", "mamba", "mamba2", "jamba"]
 TOKENIZERS = ["char", "word", "bpe"]
 
 
 def tiny_overrides(model: str, corpus: Path, steps: int = 20) -> list[str]:
     """Command-line overrides that shrink any model x tokenizer run to a few seconds on CPU."""
     size = ["model.d_model=32", "model.n_layer=1"]
-    if model in ("gpt", "transformer", "llama"):
+    if model in ("gpt", "transformer", "llama", "mamba2"):
         size.append("model.n_head=2")
     if model == "jamba":  # one Mamba layer, then one attention layer with a mixture-of-experts feed-forward
         size = ["model.d_model=32", "model.n_layer=2", "model.n_head=2", "model.n_kv_head=1"]

@@ -6,6 +6,7 @@ from lmlab.models.jamba import Jamba
 from lmlab.models.llama import Llama
 from lmlab.models.lstm_attn import LSTMAttentionLM
 from lmlab.models.mamba import Mamba
+from lmlab.models.mamba2 import Mamba2
 from lmlab.models.recurrent import RecurrentLM
 from lmlab.models.state import (
     HybridCache,
@@ -29,6 +30,7 @@ __all__ = [
     "LanguageModel",
     "Llama",
     "Mamba",
+    "Mamba2",
     "MemoryState",
     "RecurrentLM",
     "SSMCache",

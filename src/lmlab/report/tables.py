@@ -18,7 +18,7 @@ from typing import Any
 
 from lmlab.report.runs import Run, configurations
 
-MODEL_ORDER = ("rnn", "gru", "lstm", "lstm_attn", "transformer", "gpt", "llama", "mamba", "jamba")
+MODEL_ORDER = ("rnn", "gru", "lstm", "lstm_attn", "transformer", "gpt", "llama", "mamba", "mamba2", "jamba")
 TOKENIZER_ORDER = ("char", "word", "bpe")
 SCORES = ("val/loss", "val/ppl", "val/bpb", "test/loss", "test/ppl", "test/bpb")
 METRIC_COLUMNS = (  # read from metrics.json
