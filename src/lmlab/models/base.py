@@ -46,9 +46,9 @@ class LanguageModel(nn.Module, ABC):
         return block(*args)
 
     def has_data_dependent_shapes(self) -> bool:
-        """True when a forward's tensor shapes depend on the token values (mixture-of-experts routing
-        picks how many tokens each expert gets), which rules out replaying it as a CUDA graph."""
-        return any(isinstance(m, MoE) for m in self.modules())
+        """True when a forward's tensor shapes depend on the token values (dropless mixture-of-experts
+        routing picks how many tokens each expert gets), which rules out replaying it as a CUDA graph."""
+        return any(isinstance(m, MoE) and m.has_data_dependent_shapes for m in self.modules())
 
     def aux_loss(self) -> Tensor | None:
         """The weighted load-balancing loss of the last forward's mixture-of-experts layers (their

@@ -63,13 +63,21 @@ class GPT(AttentionLM):
         top_k: int = 2,
         moe_every: int = 1,
         aux_loss_weight: float = 0.01,
+        capacity_factor: float | None = None,
     ) -> None:
         super().__init__(vocab_size, d_model, n_layer, n_head, dropout, block_size, pad_vocab_to)
-        check_moe(n_experts, top_k, moe_every, n_layer, aux_loss_weight)
+        check_moe(n_experts, top_k, moe_every, n_layer, aux_loss_weight, capacity_factor)
 
         def mlp(layer: int) -> nn.Module:
             return mlp_or_moe(
-                layer, lambda: MLP(d_model, dropout, bias), d_model, n_experts, top_k, moe_every, aux_loss_weight
+                layer,
+                lambda: MLP(d_model, dropout, bias),
+                d_model,
+                n_experts,
+                top_k,
+                moe_every,
+                aux_loss_weight,
+                capacity_factor,
             )
 
         n_rows = padded_vocab_size(vocab_size, pad_vocab_to)

@@ -93,6 +93,7 @@ class Jamba(LanguageModel):
         top_k: int = 2,
         moe_every: int = 2,
         aux_loss_weight: float = 0.01,
+        capacity_factor: float | None = None,
         dropout: float = 0.0,
         block_size: int = 256,
         tie_weights: bool = True,
@@ -130,7 +131,7 @@ class Jamba(LanguageModel):
         check_mamba(d_state, d_conv, expand, dt_rank, scan, kernels)
         if ssm == "mamba2":
             check_mamba2(d_model, d_state, d_conv, expand, ssm_n_head or n_head, n_groups, chunk_size, "ssm_n_head")
-        check_moe(n_experts, top_k, moe_every, n_layer, aux_loss_weight)
+        check_moe(n_experts, top_k, moe_every, n_layer, aux_loss_weight, capacity_factor)
         self.vocab_size, self.context_length = vocab_size, block_size
         self.d_model, self.n_layer, self.n_head, self.n_kv_head = d_model, n_layer, n_head, n_kv_head
         d_ff = swiglu_hidden(d_model, multiple_of) if d_ff is None else d_ff
@@ -146,7 +147,14 @@ class Jamba(LanguageModel):
 
         def mlp(layer: int) -> nn.Module:
             return mlp_or_moe(
-                layer, lambda: SwiGLU(d_model, d_ff, dropout), d_model, n_experts, top_k, moe_every, aux_loss_weight
+                layer,
+                lambda: SwiGLU(d_model, d_ff, dropout),
+                d_model,
+                n_experts,
+                top_k,
+                moe_every,
+                aux_loss_weight,
+                capacity_factor,
             )
 
         n_rows = padded_vocab_size(vocab_size, pad_vocab_to)

@@ -59,13 +59,14 @@ class Llama(AttentionLM):
         top_k: int = 2,
         moe_every: int = 1,
         aux_loss_weight: float = 0.01,
+        capacity_factor: float | None = None,
     ) -> None:
         check_sizes(multiple_of=multiple_of)
         n_kv_head = n_head if n_kv_head is None else n_kv_head
         d_ff = swiglu_hidden(d_model, multiple_of) if d_ff is None else d_ff
         super().__init__(vocab_size, d_model, n_layer, n_head, dropout, block_size, pad_vocab_to, d_ff=d_ff)
         check_kv_heads(n_head, n_kv_head)
-        check_moe(n_experts, top_k, moe_every, n_layer, aux_loss_weight)
+        check_moe(n_experts, top_k, moe_every, n_layer, aux_loss_weight, capacity_factor)
         if rope_base <= 1:
             raise ValueError(f"rope_base must be > 1 (got {rope_base}): set model.rope_base to e.g. 10000")
         if rope_scaling is not None and rope_scaling < 1:
@@ -82,7 +83,14 @@ class Llama(AttentionLM):
 
         def mlp(layer: int) -> nn.Module:
             return mlp_or_moe(
-                layer, lambda: SwiGLU(d_model, d_ff, dropout), d_model, n_experts, top_k, moe_every, aux_loss_weight
+                layer,
+                lambda: SwiGLU(d_model, d_ff, dropout),
+                d_model,
+                n_experts,
+                top_k,
+                moe_every,
+                aux_loss_weight,
+                capacity_factor,
             )
 
         n_rows = padded_vocab_size(vocab_size, pad_vocab_to)

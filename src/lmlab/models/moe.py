@@ -5,18 +5,36 @@ probabilities renormalised over those k. Nothing stops a router from sending eve
 same expert, so a load-balancing loss (Fedus et al. 2021, eq. 4) is added to the training loss:
 n_experts * sum_e f_e * P_e, with f_e the share of routing slots expert e received and P_e its
 mean router probability. It is 1 when the load is even and grows as the load concentrates.
-Tokens are never dropped (no capacity limit), so routing stays per token and causal.
+
+Without `capacity_factor` no token is dropped: each expert runs on the rows routed to it, a number
+known only once the router has run, so the forward syncs with the host and its shapes depend on the
+data (no CUDA graph, graph breaks under torch.compile). With it, each expert takes at most
+capacity = ceil(capacity_factor x top_k x tokens / n_experts) rows in training (Switch, GShard):
+tokens are scattered into a fixed [n_experts, capacity] buffer by a cumulative count, so every shape
+is static and nothing waits on the host. A routing slot past its expert's capacity is dropped: it
+adds nothing, and a token whose every slot is dropped passes through the block's residual unchanged.
+Slots fill first choices before second ones, then by position, then by batch row, so whether a
+token is dropped never depends on a later token. In eval mode the capacity is every token (no
+drops), so scores and generation do not depend on what else is in the batch.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 
-def check_moe(n_experts: int, top_k: int, moe_every: int, n_layer: int, aux_loss_weight: float) -> None:
+def check_moe(
+    n_experts: int,
+    top_k: int,
+    moe_every: int,
+    n_layer: int,
+    aux_loss_weight: float,
+    capacity_factor: float | None = None,
+) -> None:
     """n_experts=0 means a plain feed-forward; otherwise the routing settings must be usable."""
     if n_experts < 0:
         raise ValueError(f"n_experts must be >= 0 (got {n_experts}): set model.n_experts to 0 (no experts) or more")
@@ -35,6 +53,11 @@ def check_moe(n_experts: int, top_k: int, moe_every: int, n_layer: int, aux_loss
         raise ValueError(
             f"aux_loss_weight must be >= 0 (got {aux_loss_weight}): set model.aux_loss_weight to e.g. 0.01"
         )
+    if capacity_factor is not None and not capacity_factor > 0:
+        raise ValueError(
+            f"capacity_factor must be > 0 (got {capacity_factor}): set model.capacity_factor to e.g. 1.25, "
+            "or null to never drop a token"
+        )
 
 
 def is_moe_layer(layer: int, n_experts: int, moe_every: int) -> bool:
@@ -50,11 +73,12 @@ def mlp_or_moe(
     top_k: int,
     moe_every: int,
     aux_loss_weight: float,
+    capacity_factor: float | None = None,
 ) -> nn.Module:
     """The feed-forward of layer `layer`: a mixture of `make_mlp` experts on every `moe_every`-th
     layer when n_experts > 0 (GPT, Llama and Jamba share this rule), else one make_mlp()."""
     if is_moe_layer(layer, n_experts, moe_every):
-        return MoE(d_model, n_experts, top_k, aux_loss_weight, make_mlp)
+        return MoE(d_model, n_experts, top_k, aux_loss_weight, make_mlp, capacity_factor)
     return make_mlp()
 
 
@@ -62,18 +86,35 @@ class MoE(nn.Module):
     """`n_experts` copies of a feed-forward built by `make_expert`, and a linear router."""
 
     def __init__(
-        self, d_model: int, n_experts: int, top_k: int, aux_loss_weight: float, make_expert: Callable[[], nn.Module]
+        self,
+        d_model: int,
+        n_experts: int,
+        top_k: int,
+        aux_loss_weight: float,
+        make_expert: Callable[[], nn.Module],
+        capacity_factor: float | None = None,
     ) -> None:
         super().__init__()
-        self.top_k, self.aux_loss_weight = top_k, aux_loss_weight
+        self.top_k, self.aux_loss_weight, self.capacity_factor = top_k, aux_loss_weight, capacity_factor
         self.router = nn.Linear(d_model, n_experts, bias=False)
         self.experts = nn.ModuleList(make_expert() for _ in range(n_experts))
         self.weighted_loss: Tensor | None = None  # aux_loss_weight x balance loss of the last forward
+
+    @property
+    def has_data_dependent_shapes(self) -> bool:
+        """Dropless routing sizes each expert's batch by the data; a capacity fixes every shape."""
+        return self.capacity_factor is None
 
     def idle_parameters(self) -> int:
         """Parameters of the experts a token does not visit: left out of FLOPs per token."""
         per_expert = sum(p.numel() for p in self.experts[0].parameters())
         return (len(self.experts) - self.top_k) * per_expert
+
+    def capacity(self, n_tokens: int) -> int:
+        """Rows each expert takes from `n_tokens` tokens: every token in eval mode, else the capacity factor's share."""
+        if not self.training:
+            return n_tokens
+        return min(n_tokens, math.ceil(self.capacity_factor * self.top_k * n_tokens / len(self.experts)))
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -81,12 +122,54 @@ class MoE(nn.Module):
         probs = self.router(x).float().softmax(-1)  # [N, E], in fp32 like every softmax here
         top_p, top_e = probs.topk(self.top_k, dim=-1)
         weights = top_p / top_p.sum(-1, keepdim=True)
+        n_experts = len(self.experts)
+        chosen = top_e[..., None] == torch.arange(n_experts, device=x.device)  # [N, k, E]; no one_hot: it syncs
+        share = chosen.sum((0, 1)).to(probs.dtype) / top_e.numel()
+        self.weighted_loss = self.aux_loss_weight * n_experts * (share * probs.mean(0)).sum()
+        if self.capacity_factor is None:
+            out = self._dropless(x, top_e, weights)
+        else:
+            batch_time = shape[:-1] if len(shape) == 3 else None
+            out = self._dispatch(x, top_e, chosen, weights, self.capacity(x.size(0)), batch_time)
+        return out.reshape(shape)
+
+    def _dropless(self, x: Tensor, top_e: Tensor, weights: Tensor) -> Tensor:
+        """Each expert on exactly the rows routed to it: no drops, shapes that depend on the routing."""
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             rows, slot = (top_e == e).nonzero(as_tuple=True)
             y = expert(x[rows]) * weights[rows, slot, None]
             out = out.index_add(0, rows, y.to(out.dtype))
-        n_experts = len(self.experts)
-        share = torch.bincount(top_e.flatten(), minlength=n_experts).to(probs.dtype) / top_e.numel()
-        self.weighted_loss = self.aux_loss_weight * n_experts * (share * probs.mean(0)).sum()
-        return out.reshape(shape)
+        return out
+
+    def _dispatch(
+        self,
+        x: Tensor,
+        top_e: Tensor,
+        chosen: Tensor,
+        weights: Tensor,
+        capacity: int,
+        batch_time: torch.Size | None,
+    ) -> Tensor:
+        """Scatter the routing slots into an [n_experts x capacity] buffer, run each expert on its
+        block, gather back; slots past their expert's capacity get weight zero. Static shapes only.
+
+        top_e, weights [N, k] and chosen [N, k, E] (top_e as a mask) describe each token's k slots.
+        With `batch_time` (B, T), the (b, t) rows queue as (t, b): a token's place in line then
+        depends only on tokens at or before its position."""
+        n_tokens, top_k, n_experts = chosen.shape
+        order = torch.arange(n_tokens, device=x.device)
+        if batch_time is not None:
+            order = order.view(batch_time).t().reshape(-1)
+        line = chosen[order].transpose(0, 1).reshape(top_k * n_tokens, n_experts)  # first choices first
+        place = (line.cumsum(0) * line).sum(-1) - 1  # each slot's place in its expert's line
+        kept = place < capacity
+        expert = top_e[order].t().reshape(-1)
+        slot = expert * capacity + place.clamp(max=capacity - 1)  # a dropped slot adds zero wherever it lands
+        rows = order.repeat(top_k)  # the token of each slot
+        buffer = x.new_zeros(n_experts * capacity, x.size(1))
+        buffer = buffer.index_add(0, slot, x[rows] * kept[:, None].to(x.dtype))
+        blocks = buffer.view(n_experts, capacity, -1)
+        y = torch.cat([expert_mlp(blocks[e]) for e, expert_mlp in enumerate(self.experts)])
+        gate = weights[order].t().reshape(-1) * kept  # dropped slots weigh nothing
+        return torch.zeros_like(x).index_add(0, rows, (y[slot] * gate[:, None]).to(x.dtype))
