@@ -128,9 +128,10 @@ class Jamba(LanguageModel):
                 f"set model.attn_offset between 0 and model.attn_every - 1"
             )
         check_choice("ssm", ssm, SSM_LAYERS)
+        ssm_n_head = n_head if ssm_n_head is None else ssm_n_head
         check_mamba(d_state, d_conv, expand, dt_rank, scan, kernels)
         if ssm == "mamba2":
-            check_mamba2(d_model, d_state, d_conv, expand, ssm_n_head or n_head, n_groups, chunk_size, "ssm_n_head")
+            check_mamba2(d_model, d_state, d_conv, expand, ssm_n_head, n_groups, chunk_size, "ssm_n_head")
         check_moe(n_experts, top_k, moe_every, n_layer, aux_loss_weight, capacity_factor)
         self.vocab_size, self.context_length = vocab_size, block_size
         self.d_model, self.n_layer, self.n_head, self.n_kv_head = d_model, n_layer, n_head, n_kv_head
@@ -140,9 +141,7 @@ class Jamba(LanguageModel):
             if layer % attn_every == attn_offset:
                 return GroupedQueryAttention(d_model, n_head, n_kv_head, dropout)
             if ssm == "mamba2":
-                return Mamba2Mixer(
-                    d_model, d_state, d_conv, expand, ssm_n_head or n_head, n_groups, chunk_size, norm_eps
-                )
+                return Mamba2Mixer(d_model, d_state, d_conv, expand, ssm_n_head, n_groups, chunk_size, norm_eps)
             return MambaMixer(d_model, d_state, d_conv, expand, dt_rank, scan, kernels, recompute_scan)
 
         def mlp(layer: int) -> nn.Module:

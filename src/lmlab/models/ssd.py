@@ -40,6 +40,7 @@ def ssd_chunked(
     """y [B, T, H, P] and the final state [B, H, P, N] of the recurrence over T steps from `state`
     (None: zeros). T need not be a multiple of chunk_size: the tail is padded with steps that neither
     decay the state (a = 0) nor write to it (x = 0)."""
+    b, c = b.to(x.dtype), c.to(x.dtype)  # one dtype for the matmuls (a bf16 model feeds fp32 x)
     batch, length, n_heads, head_dim = x.shape
     n_groups, d_state = b.shape[-2:]
     heads_per_group = n_heads // n_groups
