@@ -27,12 +27,17 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="where to write the report (default: the directory given, if one; else outputs/comparisons/<time>)",
     )
+    parser.add_argument(
+        "--mixed-eval",
+        action="store_true",
+        help="rank runs scored with different eval.context protocols together (refused by default)",
+    )
     args = parser.parse_args(argv)
     out = args.out or (
         args.paths[0] if len(args.paths) == 1 else Path("outputs/comparisons") / f"{datetime.now():%Y-%m-%d_%H-%M-%S}"
     )
 
-    report = write_report(args.paths, out)
+    report = write_report(args.paths, out, mixed_eval=args.mixed_eval)
     print(runs_table(report.runs))
     print(f"\nwrote {', '.join(str(path) for path in report.files)}")
     return 0

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table, write_results
 
-from lmlab.models import GPT, Jamba, LanguageModel, Llama, Mamba, Mamba2, count_parameters
+from lmlab.models import GPT, Jamba, LanguageModel, Llama, Mamba, Mamba2, MoEConfig, count_parameters
 
 # Dense bf16 tensor-core peaks, TFLOP/s, by a substring of torch.cuda.get_device_name()
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
@@ -53,10 +53,10 @@ FAMILIES = {
         n_layer=8,
         n_head=d // 64,
         n_kv_head=d // 128,
-        n_experts=8,
-        top_k=2,
+        attn_every=8,  # the paper's pattern (the class defaults are the small CPU stack's)
+        attn_offset=4,
+        moe=MoEConfig(n_experts=8, top_k=2, moe_every=2, capacity_factor=capacity_factor),
         block_size=ctx,
-        capacity_factor=capacity_factor,
     ),
 }
 

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTensorMode
 
-from lmlab.models import GPT, Jamba, Llama
-from lmlab.models.moe import MoE, check_moe
+from lmlab.models import GPT, Jamba, Llama, MoEConfig
+from lmlab.models.moe import CapacityMoE, MoE
 
 D, E = 8, 4
 
@@ -22,8 +22,11 @@ def expert() -> nn.Module:
 
 
 def make(top_k: int = 2, capacity_factor: float | None = None, seed: int = 0) -> MoE:
+    """The dropless MoE, or with a capacity factor the CapacityMoE: the same weights from the same seed."""
     torch.manual_seed(seed)
-    return MoE(D, E, top_k, 0.01, expert, capacity_factor)
+    if capacity_factor is None:
+        return MoE(D, E, top_k, 0.01, expert)
+    return CapacityMoE(D, E, top_k, 0.01, expert, capacity_factor)
 
 
 def inputs(batch: int = 3, length: int = 5, seed: int = 1) -> torch.Tensor:
@@ -61,8 +64,7 @@ def reference_with_capacity(moe: MoE, x: torch.Tensor, capacity: int) -> torch.T
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_dispatch_equals_the_dropless_loop_when_nothing_overflows(top_k):
     dropless = make(top_k).train()
-    dispatched = copy.deepcopy(dropless)
-    dispatched.capacity_factor = E / top_k  # capacity = every token: nothing can overflow
+    dispatched = make(top_k, capacity_factor=E / top_k).train()  # capacity = every token: nothing can overflow
     x = inputs()
     assert dispatched.capacity(15) == 15
     out, aux, grads, x_grad = output_loss_grads(dispatched, x)
@@ -99,8 +101,7 @@ def test_tokens_past_a_full_expert_get_no_expert_output():
 @torch.no_grad()
 def test_eval_mode_drops_nothing():
     moe = make(2, capacity_factor=0.3).eval()
-    dropless = copy.deepcopy(moe)
-    dropless.capacity_factor = None
+    dropless = make(2).eval()
     x = inputs()
     torch.testing.assert_close(moe(x), dropless(x), atol=1e-6, rtol=1e-5)
 
@@ -133,15 +134,19 @@ def test_every_shape_is_known_before_the_data():
 
 
 def test_models_with_a_capacity_have_static_shapes():
-    sizes = dict(d_model=16, n_layer=2, n_experts=4, block_size=8)
+    sizes = dict(d_model=16, n_layer=2, block_size=8)
     for capacity_factor, dynamic in ((None, True), (1.25, False)):
-        assert GPT(50, n_head=2, **sizes, capacity_factor=capacity_factor).has_data_dependent_shapes() is dynamic
-        assert Llama(50, n_head=2, **sizes, capacity_factor=capacity_factor).has_data_dependent_shapes() is dynamic
-        jamba = Jamba(50, n_head=2, attn_every=2, attn_offset=1, capacity_factor=capacity_factor, **sizes)
+        moe = {"n_experts": 4, "capacity_factor": capacity_factor}
+        assert GPT(50, n_head=2, moe=moe, **sizes).has_data_dependent_shapes() is dynamic
+        assert Llama(50, n_head=2, moe=moe, **sizes).has_data_dependent_shapes() is dynamic
+        jamba = Jamba(50, n_head=2, attn_every=2, attn_offset=1, moe={**moe, "moe_every": 2}, **sizes)
         assert jamba.has_data_dependent_shapes() is dynamic
+        # the same parameter names either way, so a checkpoint loads into both
+        names = {n for n, _ in GPT(50, n_head=2, moe={"n_experts": 4}, **sizes).named_parameters()}
+        assert {n for n, _ in GPT(50, n_head=2, moe=moe, **sizes).named_parameters()} == names
 
 
 @pytest.mark.parametrize("bad", [0, -1.0])
 def test_a_capacity_factor_that_is_not_positive_is_refused(bad):
-    with pytest.raises(ValueError, match=f"capacity_factor must be > 0 \\(got {bad}\\): set model.capacity_factor"):
-        check_moe(4, 2, 1, 2, 0.01, bad)
+    with pytest.raises(ValueError, match=f"capacity_factor must be > 0 \\(got {bad}\\): set model.moe.capacity_factor"):
+        MoEConfig(n_experts=4, capacity_factor=bad).check(n_layer=2)

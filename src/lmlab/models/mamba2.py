@@ -178,7 +178,8 @@ class Mamba2(LanguageModel):
     `chunk_size` (a power of two) is the length of the matmul blocks of the SSD.
     """
 
-    has_repeated_blocks = True
+    block_types = (MambaBlock,)  # Mamba's block, holding a Mamba-2 mixer
+    carries_state = True
 
     def __init__(
         self,

@@ -6,9 +6,9 @@ same expert, so a load-balancing loss (Fedus et al. 2021, eq. 4) is added to the
 n_experts * sum_e f_e * P_e, with f_e the share of routing slots expert e received and P_e its
 mean router probability. It is 1 when the load is even and grows as the load concentrates.
 
-Without `capacity_factor` no token is dropped: each expert runs on the rows routed to it, a number
-known only once the router has run, so the forward syncs with the host and its shapes depend on the
-data (no CUDA graph, graph breaks under torch.compile). With it, each expert takes at most
+Without `capacity_factor` (MoE) no token is dropped: each expert runs on the rows routed to it, a
+number known only once the router has run, so the forward syncs with the host and its shapes depend
+on the data (no CUDA graph). With it (CapacityMoE), each expert takes at most
 capacity = ceil(capacity_factor x top_k x tokens / n_experts) rows in training (Switch, GShard):
 tokens are scattered into a fixed [n_experts, capacity] buffer by a cumulative count, so every shape
 is static and nothing waits on the host. A routing slot past its expert's capacity is dropped: it
@@ -25,39 +25,6 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-
-
-def check_moe(
-    n_experts: int,
-    top_k: int,
-    moe_every: int,
-    n_layer: int,
-    aux_loss_weight: float,
-    capacity_factor: float | None = None,
-) -> None:
-    """n_experts=0 means a plain feed-forward; otherwise the routing settings must be usable."""
-    if n_experts < 0:
-        raise ValueError(f"n_experts must be >= 0 (got {n_experts}): set model.n_experts to 0 (no experts) or more")
-    if n_experts == 0:
-        return
-    if not 1 <= top_k <= n_experts:
-        raise ValueError(
-            f"top_k must be between 1 and n_experts={n_experts} (got {top_k}): set model.top_k <= model.n_experts"
-        )
-    if not 1 <= moe_every <= n_layer:
-        raise ValueError(
-            f"moe_every={moe_every} must be between 1 and the stack's n_layer={n_layer}, or no layer would be a "
-            f"mixture of experts: set model.moe_every <= model.n_layer"
-        )
-    if aux_loss_weight < 0:
-        raise ValueError(
-            f"aux_loss_weight must be >= 0 (got {aux_loss_weight}): set model.aux_loss_weight to e.g. 0.01"
-        )
-    if capacity_factor is not None and not capacity_factor > 0:
-        raise ValueError(
-            f"capacity_factor must be > 0 (got {capacity_factor}): set model.capacity_factor to e.g. 1.25, "
-            "or null to never drop a token"
-        )
 
 
 def is_moe_layer(layer: int, n_experts: int, moe_every: int) -> bool:
@@ -77,44 +44,31 @@ def mlp_or_moe(
 ) -> nn.Module:
     """The feed-forward of layer `layer`: a mixture of `make_mlp` experts on every `moe_every`-th
     layer when n_experts > 0 (GPT, Llama and Jamba share this rule), else one make_mlp()."""
-    if is_moe_layer(layer, n_experts, moe_every):
-        return MoE(d_model, n_experts, top_k, aux_loss_weight, make_mlp, capacity_factor)
-    return make_mlp()
+    if not is_moe_layer(layer, n_experts, moe_every):
+        return make_mlp()
+    if capacity_factor is None:
+        return MoE(d_model, n_experts, top_k, aux_loss_weight, make_mlp)
+    return CapacityMoE(d_model, n_experts, top_k, aux_loss_weight, make_mlp, capacity_factor)
 
 
 class MoE(nn.Module):
-    """`n_experts` copies of a feed-forward built by `make_expert`, and a linear router."""
+    """`n_experts` copies of a feed-forward built by `make_expert`, and a linear router; no token dropped."""
+
+    data_dependent_shapes = True  # how many tokens each expert gets depends on the tokens (LanguageModel reads it)
 
     def __init__(
-        self,
-        d_model: int,
-        n_experts: int,
-        top_k: int,
-        aux_loss_weight: float,
-        make_expert: Callable[[], nn.Module],
-        capacity_factor: float | None = None,
+        self, d_model: int, n_experts: int, top_k: int, aux_loss_weight: float, make_expert: Callable[[], nn.Module]
     ) -> None:
         super().__init__()
-        self.top_k, self.aux_loss_weight, self.capacity_factor = top_k, aux_loss_weight, capacity_factor
+        self.top_k, self.aux_loss_weight = top_k, aux_loss_weight
         self.router = nn.Linear(d_model, n_experts, bias=False)
         self.experts = nn.ModuleList(make_expert() for _ in range(n_experts))
         self.weighted_loss: Tensor | None = None  # aux_loss_weight x balance loss of the last forward
-
-    @property
-    def has_data_dependent_shapes(self) -> bool:
-        """Dropless routing sizes each expert's batch by the data; a capacity fixes every shape."""
-        return self.capacity_factor is None
 
     def idle_parameters(self) -> int:
         """Parameters of the experts a token does not visit: left out of FLOPs per token."""
         per_expert = sum(p.numel() for p in self.experts[0].parameters())
         return (len(self.experts) - self.top_k) * per_expert
-
-    def capacity(self, n_tokens: int) -> int:
-        """Rows each expert takes from `n_tokens` tokens: every token in eval mode, else the capacity factor's share."""
-        if not self.training:
-            return n_tokens
-        return min(n_tokens, math.ceil(self.capacity_factor * self.top_k * n_tokens / len(self.experts)))
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -123,18 +77,15 @@ class MoE(nn.Module):
         top_p, top_e = probs.topk(self.top_k, dim=-1)
         weights = top_p / top_p.sum(-1, keepdim=True)
         n_experts = len(self.experts)
-        chosen = top_e[..., None] == torch.arange(n_experts, device=x.device)  # [N, k, E]; no one_hot: it syncs
+        chosen = top_e[..., None] == torch.arange(n_experts, device=x.device)  # [N, k, E]; one_hot would sync
         share = chosen.sum((0, 1)).to(probs.dtype) / top_e.numel()
         self.weighted_loss = self.aux_loss_weight * n_experts * (share * probs.mean(0)).sum()
-        if self.capacity_factor is None:
-            out = self._dropless(x, top_e, weights)
-        else:
-            batch_time = shape[:-1] if len(shape) == 3 else None
-            out = self._dispatch(x, top_e, chosen, weights, self.capacity(x.size(0)), batch_time)
-        return out.reshape(shape)
+        return self.combine(x, top_e, chosen, weights, shape[:-1]).reshape(shape)
 
-    def _dropless(self, x: Tensor, top_e: Tensor, weights: Tensor) -> Tensor:
-        """Each expert on exactly the rows routed to it: no drops, shapes that depend on the routing."""
+    def combine(self, x: Tensor, top_e: Tensor, chosen: Tensor, weights: Tensor, leading: torch.Size) -> Tensor:
+        """sum_k weight_k expert_k(x) for every row of x [N, d], its experts top_e and their weights
+        [N, k] (chosen [N, k, E]: top_e as a mask; `leading`: x's shape before it was flattened).
+        Here each expert runs on exactly the rows routed to it."""
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             rows, slot = (top_e == e).nonzero(as_tuple=True)
@@ -142,25 +93,42 @@ class MoE(nn.Module):
             out = out.index_add(0, rows, y.to(out.dtype))
         return out
 
-    def _dispatch(
+
+class CapacityMoE(MoE):
+    """MoE whose experts take at most `capacity` rows each in training (model.moe.capacity_factor):
+    the same weights and routing, shapes fixed before the data, slots past the capacity dropped."""
+
+    data_dependent_shapes = False
+
+    def __init__(
         self,
-        x: Tensor,
-        top_e: Tensor,
-        chosen: Tensor,
-        weights: Tensor,
-        capacity: int,
-        batch_time: torch.Size | None,
-    ) -> Tensor:
+        d_model: int,
+        n_experts: int,
+        top_k: int,
+        aux_loss_weight: float,
+        make_expert: Callable[[], nn.Module],
+        capacity_factor: float,
+    ) -> None:
+        super().__init__(d_model, n_experts, top_k, aux_loss_weight, make_expert)
+        self.capacity_factor = capacity_factor
+
+    def capacity(self, n_tokens: int) -> int:
+        """Rows each expert takes from `n_tokens` tokens: every token in eval mode, else the capacity factor's share."""
+        if not self.training:
+            return n_tokens
+        return min(n_tokens, math.ceil(self.capacity_factor * self.top_k * n_tokens / len(self.experts)))
+
+    def combine(self, x: Tensor, top_e: Tensor, chosen: Tensor, weights: Tensor, leading: torch.Size) -> Tensor:
         """Scatter the routing slots into an [n_experts x capacity] buffer, run each expert on its
         block, gather back; slots past their expert's capacity get weight zero. Static shapes only.
 
-        top_e, weights [N, k] and chosen [N, k, E] (top_e as a mask) describe each token's k slots.
-        With `batch_time` (B, T), the (b, t) rows queue as (t, b): a token's place in line then
-        depends only on tokens at or before its position."""
+        With (B, T) rows, the (b, t) rows queue as (t, b): a token's place in line then depends only
+        on tokens at or before its position."""
         n_tokens, top_k, n_experts = chosen.shape
+        capacity = self.capacity(n_tokens)
         order = torch.arange(n_tokens, device=x.device)
-        if batch_time is not None:
-            order = order.view(batch_time).t().reshape(-1)
+        if len(leading) == 2:
+            order = order.view(leading).t().reshape(-1)
         line = chosen[order].transpose(0, 1).reshape(top_k * n_tokens, n_experts)  # first choices first
         place = (line.cumsum(0) * line).sum(-1) - 1  # each slot's place in its expert's line
         kept = place < capacity

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from lmlab.errors import ConfigError
 from lmlab.io import atomic_write_text
 from lmlab.report.plots import bpb_by_model, compute_frontier, has_flops, learning_curves, save_figure
 from lmlab.report.runs import Run, find_runs, repeated
@@ -125,12 +126,30 @@ def _significance_text(choices: list[Choice], rows: list[dict]) -> str:
     return f"{note}\n\n{markdown_table(shown, SIGNIFICANCE_COLUMNS)}"
 
 
-def write_report(paths: Iterable[str | Path], out_dir: str | Path) -> Report:
+def check_one_protocol(runs: Iterable[Run]) -> None:
+    """Refuse to rank completed runs scored under different eval.context protocols (a run that does
+    not record its protocol predates eval.context and is taken as comparable)."""
+    protocols: dict[str, int] = {}
+    for run in runs:
+        if run.completed and "eval_context" in run.metrics:
+            protocols[str(run.metrics["eval_context"])] = protocols.get(str(run.metrics["eval_context"]), 0) + 1
+    if len(protocols) > 1:
+        counts = ", ".join(f"{name}: {n} runs" for name, n in sorted(protocols.items()))
+        raise ConfigError(
+            f"these runs were scored with different eval.context protocols ({counts}), which give different bits "
+            "per byte: compare runs scored alike, or pass --mixed-eval to rank them anyway"
+        )
+
+
+def write_report(paths: Iterable[str | Path], out_dir: str | Path, mixed_eval: bool = False) -> Report:
     """comparison.csv, comparison.md, learning_curves.png and bpb_by_model.png (and, for repeats,
     comparison_by_configuration.csv; for runs that record training FLOPs, compute_frontier.png) in
-    `out_dir`, from the runs under `paths`."""
+    `out_dir`, from the runs under `paths`. Runs scored with different eval.context protocols are
+    refused unless `mixed_eval`: their bits per byte measure different things."""
     paths = [Path(p) for p in paths]
     runs = find_runs(paths)
+    if not mixed_eval:
+        check_one_protocol(runs)
     out = Path(out_dir)
     files = {"comparison.csv": csv_text(run_rows(runs), list(RUN_COLUMNS))}
     if repeated(runs):

@@ -16,8 +16,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab.cli import USER_ERROR_EXIT
-from lmlab.errors import ConfigError, LmlabError
+from lmlab.errors import USER_ERROR_EXIT, ConfigError, LmlabError
 from lmlab.report import runs_table, write_report
 
 log = logging.getLogger(__name__)
