@@ -175,7 +175,8 @@ class Mamba2(LanguageModel):
     (data.stateful) and generation carry it. `n_head` splits d_inner = expand x d_model into heads,
     each with its own decay (the paper fixes head_dim = 64 and derives the count; lmlab's families
     name heads by count, so widths stay multiples of it); `n_groups` groups of heads share B and C;
-    `chunk_size` (a power of two) is the length of the matmul blocks of the SSD.
+    `chunk_size` (a power of two) is the length of the matmul blocks of the SSD. The defaults are
+    conf/model/mamba2.yaml's.
     """
 
     block_types = (MambaBlock,)  # Mamba's block, holding a Mamba-2 mixer
@@ -184,8 +185,8 @@ class Mamba2(LanguageModel):
     def __init__(
         self,
         vocab_size: int,
-        d_model: int = 384,
-        n_layer: int = 6,
+        d_model: int = 128,
+        n_layer: int = 3,
         d_state: int = 64,
         d_conv: int = 4,
         expand: int = 2,
