@@ -6,6 +6,7 @@ from lmlab.models.jamba import Jamba
 from lmlab.models.llama import Llama
 from lmlab.models.lstm_attn import LSTMAttentionLM
 from lmlab.models.mamba import Mamba
+from lmlab.models.mamba2 import Mamba2
 from lmlab.models.moe_config import MoEConfig
 from lmlab.models.recurrent import RecurrentLM
 from lmlab.models.registry import Family, families, family, family_names, register_family, unregister_family
@@ -32,6 +33,7 @@ __all__ = [
     "LanguageModel",
     "Llama",
     "Mamba",
+    "Mamba2",
     "MemoryState",
     "MoEConfig",
     "RecurrentLM",

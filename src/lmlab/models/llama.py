@@ -1,5 +1,10 @@
 """A Llama-style GPT (Touvron et al. 2023): RMSNorm pre-norm, rotary positions, SwiGLU, no biases,
-grouped-query attention."""
+grouped-query attention.
+
+Made to run at GPT's speed: the rotary tables are computed once per forward and shared by every
+layer, queries and keys are rotated in their own dtype with five elementwise ops, and grouped
+keys/values go to scaled_dot_product_attention as they are (enable_gqa), never repeated per head.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +12,27 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from lmlab.models.attention import AttentionLM, GroupedQueryAttention, check_kv_heads, positions
+from lmlab.models.attention import AttentionLM, GroupedQueryAttention, attend, check_kv_heads, positions
 from lmlab.models.base import check_sizes, padded_vocab_size
 from lmlab.models.ffn import SwiGLU, swiglu_hidden
 from lmlab.models.moe_config import MoEConfig
+from lmlab.models.rope import rope_tables, rotate
 from lmlab.models.state import KVCache
+
+
+class LlamaAttention(GroupedQueryAttention):
+    """GroupedQueryAttention (the same weights, `q`, `kv`, `proj`) rotating its queries and keys by
+    tables the model computed once for this forward, instead of building them in every layer."""
+
+    def forward(self, x: Tensor, cache: KVCache | None, layer: int, rope: tuple[Tensor, Tensor]) -> Tensor:
+        B, T, _ = x.shape
+        q = rotate(self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2), *rope)
+        k, v = self.kv(x).view(B, T, 2, self.n_kv_head, self.head_dim).transpose(1, 3).unbind(2)
+        y = attend(q, rotate(k, *rope), v, cache, layer, self.dropout if self.training else 0.0)
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, -1)))
 
 
 class LlamaBlock(nn.Module):
@@ -26,8 +45,9 @@ class LlamaBlock(nn.Module):
         self.norm2 = nn.RMSNorm(d_model, eps=norm_eps)
         self.mlp = mlp
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
-        x = x + self.attn(self.norm1(x), cache, layer)
+    def forward(self, x: Tensor, cache: KVCache | None, layer: int, rope: tuple[Tensor, Tensor]) -> Tensor:
+        """`rope`: the (cos, sin) tables of the new tokens' positions, shared by every layer."""
+        x = x + self.attn(self.norm1(x), cache, layer, rope)
         return x + self.mlp(self.norm2(x))
 
 
@@ -77,6 +97,7 @@ class Llama(AttentionLM):
                 "to extend the trained context, or null"
             )
         self.n_kv_head, self.context_length = n_kv_head, math.floor(block_size * (rope_scaling or 1))
+        self.rope_base, self.rope_scaling = rope_base, rope_scaling
         self.too_long = (
             f"the model was trained on {block_size} positions; set model.rope_scaling=F to read "
             f"F x {block_size} tokens (RoPE position interpolation), or crop the input to the last "
@@ -92,7 +113,7 @@ class Llama(AttentionLM):
         self.blocks = nn.ModuleList(
             LlamaBlock(
                 d_model,
-                GroupedQueryAttention(d_model, n_head, n_kv_head, dropout, rope_base, rope_scaling),
+                LlamaAttention(d_model, n_head, n_kv_head, dropout, rope_base, rope_scaling),
                 mlp(i),
                 norm_eps,
             )
@@ -105,6 +126,17 @@ class Llama(AttentionLM):
             self.lm_head.weight = self.wte.weight
 
     def forward(self, idx: Tensor, state: KVCache | None = None) -> tuple[Tensor, KVCache | None]:
-        positions(idx, state, self.context_length, self.too_long)  # RoPE places the tokens; this checks the length
-        x = self.run_blocks(self.drop(self.wte(idx)), state)
+        pos = positions(idx, state, self.context_length, self.too_long)  # checks the length too
+        x = self.drop(self.wte(idx))
+        rope = rope_tables(pos, self.d_model // self.n_head, self.rope_base, self.rope_scaling, matmul_dtype(x))
+        for layer, block in enumerate(self.blocks):
+            x = self.call_block(block, x, state, layer, rope)
+        if state is not None:
+            state.length += idx.size(1)
         return self._unpad(self.lm_head(self.norm(x))), state
+
+
+def matmul_dtype(x: Tensor) -> torch.dtype:
+    """The dtype linear layers give for input x: autocast's where it is on, else x's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype

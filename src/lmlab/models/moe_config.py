@@ -20,12 +20,14 @@ from lmlab.models.moe import mlp_or_moe
 class MoEConfig:
     """n_experts=0: a plain feed-forward everywhere. Otherwise every `moe_every`-th layer's feed-forward
     becomes `n_experts` copies, each token routed to `top_k` of them, with `aux_loss_weight` times the
-    load-balancing loss added to the training loss (moe.py)."""
+    load-balancing loss added to the training loss (moe.py). `capacity_factor` None drops no token
+    (shapes depend on the routing); a number caps each expert's rows in training (static shapes)."""
 
     n_experts: int = 0
     top_k: int = 2
     moe_every: int = 1
     aux_loss_weight: float = 0.01
+    capacity_factor: float | None = None
 
     @classmethod
     def of(cls, settings: MoEConfig | Mapping[str, Any] | None) -> MoEConfig:
@@ -63,6 +65,11 @@ class MoEConfig:
             raise ValueError(
                 f"aux_loss_weight must be >= 0 (got {self.aux_loss_weight}): set model.moe.aux_loss_weight to e.g. 0.01"
             )
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(
+                f"capacity_factor must be > 0 (got {self.capacity_factor}): set model.moe.capacity_factor to e.g. "
+                "1.25, or null to never drop a token"
+            )
 
     @classmethod
     def nest_flat_keys(cls, settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -76,4 +83,13 @@ class MoEConfig:
 
     def feed_forward(self, layer: int, make_mlp: Callable[[], nn.Module], d_model: int) -> nn.Module:
         """Layer `layer`'s feed-forward: a mixture of `make_mlp` experts or one make_mlp()."""
-        return mlp_or_moe(layer, make_mlp, d_model, self.n_experts, self.top_k, self.moe_every, self.aux_loss_weight)
+        return mlp_or_moe(
+            layer,
+            make_mlp,
+            d_model,
+            self.n_experts,
+            self.top_k,
+            self.moe_every,
+            self.aux_loss_weight,
+            self.capacity_factor,
+        )

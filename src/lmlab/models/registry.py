@@ -23,6 +23,7 @@ from lmlab.models.jamba import Jamba
 from lmlab.models.llama import Llama
 from lmlab.models.lstm_attn import LSTMAttentionLM
 from lmlab.models.mamba import Mamba
+from lmlab.models.mamba2 import Mamba2
 from lmlab.models.recurrent import RecurrentLM
 from lmlab.models.transformer import TransformerLM
 
@@ -128,6 +129,7 @@ register_family("transformer", TransformerLM, 4.0e-3, {"d_model": 32, "n_layer":
 register_family("gpt", GPT, 4.0e-3, {"d_model": 32, "n_layer": 1, "n_head": 2})
 register_family("llama", Llama, 4.0e-3, {"d_model": 32, "n_layer": 1, "n_head": 4, "n_kv_head": 2})
 register_family("mamba", Mamba, 4.0e-3, {"d_model": 32, "n_layer": 1})
+register_family("mamba2", Mamba2, 4.0e-3, {"d_model": 32, "n_layer": 1, "n_head": 2})  # the mamba rate, not tuned
 # one Mamba layer, then one attention layer with a mixture-of-experts feed-forward
 register_family(
     "jamba",
