@@ -45,7 +45,9 @@ MODELS = {
     ),
     # Mamba tied with a padded vocabulary, and untied with its own state size, kernel and dt rank
     "mamba": lambda v: Mamba(v, d_model=32, n_layer=2, d_state=8, pad_vocab_to=64),
-    "mamba-untied": lambda v: Mamba(v, d_model=24, n_layer=2, d_state=4, d_conv=3, expand=3, dt_rank=5, tie_weights=False),
+    "mamba-untied": lambda v: Mamba(
+        v, d_model=24, n_layer=2, d_state=4, d_conv=3, expand=3, dt_rank=5, tie_weights=False
+    ),
 }
 EXPORTED_CLASS = {"gpt": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mamba": "MambaForCausalLM"}
 SEQ_LEN = 24  # the inputs' length for models without a context limit (Mamba)
