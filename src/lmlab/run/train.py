@@ -40,6 +40,7 @@ from lmlab.run.checks import (
 )
 from lmlab.run.dashboards import log_final, log_run_info
 from lmlab.run.distributed import check_distributed, full_weights
+from lmlab.run.loggers import build_loggers
 from lmlab.run.precision import resolve_precision, set_float32_matmul_precision
 from lmlab.run.quiet import quiet_lightning
 from lmlab.run.sizing import apply_target_params
@@ -103,7 +104,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if start:
         start.load_into(model)
     callbacks = {name: build(node, f"callbacks.{name}") for name, node in cfg.get("callbacks", {}).items()}
-    loggers = [build(node, f"logger.{name}") for name, node in cfg.get("logger", {}).items()]
+    loggers = build_loggers(cfg)  # names a sweep's experiment and its runs
     # torchao's FP8 layers fail under inference_mode: a float8 run evaluates under no_grad instead
     no_inference_mode = {"inference_mode": False} if cfg.task.get("float8") else {}
     trainer: pl.Trainer = build(
