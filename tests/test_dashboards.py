@@ -13,6 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 
+from lmlab.run.dashboards import hparams_columns, hparams_experiment
 from lmlab.run.dirs import job_dir_name
 from lmlab.run.labels import swept_keys, varying_overrides
 
@@ -89,6 +90,45 @@ def default_columns(experiment: api_pb2.Experiment) -> list[str]:
     (not differs, name), its frontend puts differing ones first and shows the first five."""
     infos = sorted(experiment.hparam_infos, key=lambda info: (not info.differs, info.name))
     return [info.name for info in infos[:5]]
+
+
+HPARAMS = {
+    "model": "gpt",
+    "tokenizer": "bpe",
+    "lr": 3e-3,
+    "params": 50_000,
+    "batch_size": 8,
+    "seed": 1,
+    "stateful": False,
+}
+
+
+def declared(columns: list[str]) -> api_pb2.Experiment:
+    summary = hparams_experiment(HPARAMS, columns)
+    return metadata.parse_experiment_plugin_data(summary.value[0].metadata.plugin_data.content)
+
+
+def test_the_declared_columns_are_the_leading_four_then_what_the_sweep_varies():
+    assert default_columns(declared(hparams_columns(set()))) == ["lr", "model", "params", "tokenizer"]
+    assert hparams_columns({"model", "tokenizer", "seed", "data.stateful"}) == [
+        "model",
+        "tokenizer",
+        "lr",
+        "params",
+        "stateful",
+        "seed",
+    ]
+    experiment = declared(["model", "tokenizer", "lr", "params", "seed", "stateful"])
+    types = {info.name: info.type for info in experiment.hparam_infos}
+    assert types == {
+        "model": api_pb2.DATA_TYPE_STRING,
+        "tokenizer": api_pb2.DATA_TYPE_STRING,
+        "lr": api_pb2.DATA_TYPE_FLOAT64,
+        "params": api_pb2.DATA_TYPE_FLOAT64,
+        "seed": api_pb2.DATA_TYPE_FLOAT64,
+        "stateful": api_pb2.DATA_TYPE_BOOL,
+    }
+    assert {info.name: info.display_name for info in experiment.hparam_infos}["lr"] == "learning rate"
 
 
 @pytest.mark.slow
