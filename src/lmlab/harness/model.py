@@ -33,33 +33,35 @@ DEFAULT_MAX_GEN_TOKS = 256
 
 @register_model("lmlab")
 class LmlabLM(LM):
-    """An lmlab checkpoint as an lm_eval model: `--model lmlab --model_args ckpt=PATH[,device=cpu]`.
+    """An lmlab checkpoint as an lm_eval model: `--model lmlab --model_args ckpt=PATH --device cpu`.
 
-    `block_size` and `batch_size` (windows scored at once by loglikelihood_rolling) default to the
-    run's own, as evaluate.py's do. lm_eval's `max_batch_size` is accepted and unused.
+    `block_size` and `eval_batch_size` (windows scored at once by loglikelihood_rolling, which for a
+    stateful run is also its number of parallel streams) default to the run's own, as evaluate.py's
+    do. lm_eval's own `batch_size` and `max_batch_size` (its command line always passes a batch size)
+    are accepted and unused: requests are scored one at a time.
     """
 
     def __init__(
         self,
         ckpt: str,
         device: str | None = "auto",
-        batch_size: int | str | None = None,
         block_size: int | None = None,
+        eval_batch_size: int | None = None,
+        batch_size: int | str | None = None,
         max_batch_size: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
         if kwargs:
             raise ConfigError(
-                f"unknown lmlab model_args: {', '.join(sorted(kwargs))}; use ckpt, device, batch_size, block_size"
+                f"unknown lmlab model_args: {', '.join(sorted(kwargs))}; use ckpt, block_size, eval_batch_size (and --device)"
             )
         self.loaded = load_checkpoint(ckpt, resolve_device(device or "auto"))
         self.model, self.tokenizer = self.loaded.model.eval(), self.loaded.tokenizer
         self._device = next(self.model.parameters()).device
         trained = self.loaded.data_config
         self.block_size = int(block_size or trained["block_size"])
-        numeric = isinstance(batch_size, int) or (isinstance(batch_size, str) and batch_size.isdigit())
-        self.batch_size = int(batch_size) if numeric else int(trained.get("eval_batch_size") or trained["batch_size"])
+        self.batch_size = int(eval_batch_size or trained.get("eval_batch_size") or trained["batch_size"])
         self.stateful = bool(trained["stateful"])
         self.start_id = int(self.tokenizer.encode(START_TEXT)[0])
 

@@ -41,7 +41,9 @@ def harness_from_config(cfg: DictConfig) -> dict[str, Any]:
             f"harness.tasks: no task named {', '.join(unknown)}; `lm_eval ls tasks` lists them "
             "(add harness.include_path=FOLDER for your own task YAMLs)"
         )
-    model = LmlabLM(ckpt=cfg.ckpt, device=cfg.device, batch_size=cfg.data.batch_size, block_size=cfg.data.block_size)
+    model = LmlabLM(
+        ckpt=cfg.ckpt, device=cfg.device, block_size=cfg.data.block_size, eval_batch_size=cfg.data.batch_size
+    )
     results = lm_eval.simple_evaluate(
         model=model,
         tasks=tasks,
