@@ -15,7 +15,7 @@ from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 
 from lmlab.run.dashboards import hparams_columns, hparams_experiment
 from lmlab.run.dirs import job_dir_name
-from lmlab.run.labels import swept_keys, varying_overrides
+from lmlab.run.labels import swept_keys, varying_overrides, varying_values
 
 SWEEP_RUNS = [
     "model=gpt,tokenizer=bpe",
@@ -147,7 +147,7 @@ def test_the_hparams_table_leads_with_model_tokenizer_lr_and_params(tiny_sweep):
             ("final", "test/bpb"),
         ]
         start = hparams_plugin_data(tiny_sweep / run, metadata.SESSION_START_INFO_TAG).session_start_info
-        assert start.group_name == run  # the Trial ID column: the run's name
+        assert start.group_name == " ".join(part.split("=")[1] for part in run.split(","))  # Trial ID: `gpt bpe`
         assert start.hparams["model"].string_value == run.split(",")[0].split("=")[1]
         assert {"model", "tokenizer", "lr", "params", "d_model", "batch_size", "max_steps"} <= set(start.hparams)
 
@@ -170,6 +170,7 @@ def test_a_job_is_labelled_by_the_keys_its_sweep_varies(tmp_path):
     hydra = hydra_node(tmp_path, command_line, job, params={"task.optimizer.lr": "1e-3,3e-3"})
     assert swept_keys(hydra) == {"model", "trainer.devices", "seed", "task.optimizer.lr"}
     assert varying_overrides(hydra) == "model=lstm,seed=2"  # sorted; trainer.devices is an excluded key
+    assert varying_values(hydra) == "lstm 2"
     job_hydra = hydra_node(tmp_path, command_line, [*job, "task.optimizer.lr=3e-3"], {"task.optimizer.lr": "x"})
     name = job_dir_name("data.path=/corpora/a.txt,model=lstm,seed=2", 0, _root_=OmegaConf.create({"hydra": job_hydra}))
     assert name == "model=lstm,seed=2,task.optimizer.lr=3e-3"
@@ -177,5 +178,5 @@ def test_a_job_is_labelled_by_the_keys_its_sweep_varies(tmp_path):
 
 def test_without_a_record_of_the_sweep_every_override_names_the_job(tmp_path):
     hydra = OmegaConf.create({"sweep": {"dir": str(tmp_path / "none")}, "overrides": {"task": ["model=gpt"]}})
-    assert varying_overrides(hydra) is None
+    assert varying_overrides(hydra) is None and varying_values(hydra) is None
     assert job_dir_name("model=gpt,seed=1", 0, _root_=OmegaConf.create({"hydra": hydra})) == "model=gpt,seed=1"

@@ -30,7 +30,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from lmlab.io import atomic_write_json
 from lmlab.run.info import as_markdown, collect_run_info, merge_with_earlier
-from lmlab.run.labels import swept_keys
+from lmlab.run.labels import swept_keys, varying_values
 
 FINAL_SCORES = ("val/loss", "val/ppl", "val/bpb", "test/loss", "test/ppl", "test/bpb")
 COSTS = ("train_flops", "wall_time_s", "cpu_time_s")  # what the run spent, beside its scores
@@ -127,12 +127,15 @@ def hparams_experiment(hparams: dict[str, Any], columns: list[str]) -> Summary:
     return summary
 
 
-def write_tensorboard_final(
-    log_dir: str | Path, hparams: dict[str, Any], metrics: dict[str, Any], trial_id: str
-) -> None:
+def write_tensorboard_final(log_dir: str | Path, hparams: dict[str, Any], metrics: dict[str, Any]) -> None:
     """One HParams row: the experiment's columns, this run's settings, and its final scores in the
-    `final` sub-run at the best checkpoint's step. Own writers: Lightning has closed the run's by now."""
+    `final` sub-run at the best checkpoint's step. Own writers: Lightning has closed the run's by now.
+
+    The Trial ID column is narrow: in a sweep it shows the values the sweep varies (`gpt bpe`), the
+    run's name without the keys, else the run folder's name.
+    """
     swept = swept_keys(HydraConfig.get()) if _in_sweep() else set()
+    trial_id = (varying_values(HydraConfig.get()) if _in_sweep() else None) or Path(log_dir).name
     with SummaryWriter(str(log_dir)) as writer:
         writer.file_writer.add_summary(hparams_experiment(hparams, hparams_columns(swept)))
         writer.file_writer.add_summary(summary_v2.hparams_pb(hparams, trial_id=trial_id))

@@ -41,7 +41,21 @@ def varying_overrides(hydra: DictConfig) -> str | None:
     swept = swept_keys(hydra)
     if not swept:
         return None
+    kept = sorted(_varying(hydra, swept), key=lambda o: str(o.input_line))
+    return ",".join(str(o.input_line) for o in kept)
+
+
+def _varying(hydra: DictConfig, swept: set[str]) -> list[Any]:
     excluded = set(OmegaConf.select(hydra, "job.config.override_dirname.exclude_keys") or [])
     parsed = OverridesParser.create().parse_overrides([str(o) for o in hydra.overrides.task])
-    kept = [o.input_line for o in parsed if _key(o) in swept and _key(o) not in excluded]
-    return ",".join(sorted(str(line) for line in kept))
+    return [o for o in parsed if _key(o) in swept and _key(o) not in excluded]
+
+
+def varying_values(hydra: DictConfig) -> str | None:
+    """The values alone (`gpt bpe` for `model=gpt,tokenizer=bpe`), in the order of varying_overrides:
+    a label short enough for a narrow column (TensorBoard's HParams Trial ID)."""
+    swept = swept_keys(hydra)
+    if not swept:
+        return None
+    kept = sorted(_varying(hydra, swept), key=lambda o: str(o.input_line))
+    return " ".join(str(o.value()) for o in kept) or None

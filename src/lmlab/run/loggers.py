@@ -39,7 +39,7 @@ class TensorBoardLogger(pl_loggers.TensorBoardLogger):
         super().log_metrics(_without_epoch(metrics), step)
 
     def log_final(self, hparams: dict[str, Any], metrics: dict[str, Any]) -> None:
-        write_tensorboard_final(self.log_dir, hparams, metrics, trial_id=Path(self.log_dir).name)
+        write_tensorboard_final(self.log_dir, hparams, metrics)
 
 
 class CSVLogger(pl_loggers.CSVLogger):
