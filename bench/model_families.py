@@ -30,14 +30,22 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table, write_results
 
-from lmlab.models import GPT, Jamba, LanguageModel, Llama, Mamba, count_parameters
+from lmlab.models import GPT, Jamba, LanguageModel, Llama, Mamba, MoEConfig, count_parameters
 
 FAMILIES = {
     "gpt": lambda d, v, ctx: GPT(v, d_model=d, n_layer=12, n_head=d // 64, block_size=ctx),
     "llama": lambda d, v, ctx: Llama(v, d_model=d, n_layer=12, n_head=d // 64, n_kv_head=d // 128, block_size=ctx),
     "mamba": lambda d, v, ctx: Mamba(v, d_model=d, n_layer=24),
     "jamba": lambda d, v, ctx: Jamba(
-        v, d_model=d, n_layer=8, n_head=d // 64, n_kv_head=d // 128, n_experts=8, top_k=2, block_size=ctx
+        v,
+        d_model=d,
+        n_layer=8,
+        n_head=d // 64,
+        n_kv_head=d // 128,
+        attn_every=8,  # the paper's pattern (the class defaults are the small CPU stack's)
+        attn_offset=4,
+        moe=MoEConfig(n_experts=8, top_k=2, moe_every=2),
+        block_size=ctx,
     ),
 }
 

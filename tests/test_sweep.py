@@ -228,7 +228,10 @@ def test_the_scaling_recipe_runs_on_a_tiny_budget_and_draws_the_frontier(tmp_pat
         assert 0 < float(curve[-1]["train_flops"]) <= m["train_flops"]
         assert (run / "test_blocks.npz").is_file()
     assert (sweep / "compute_frontier.png").is_file()
-    assert "![compute frontier](compute_frontier.png)" in (sweep / "comparison.md").read_text()
+    markdown = (sweep / "comparison.md").read_text()
+    assert "![compute frontier](compute_frontier.png)" in markdown
+    # two sizes at one budget: the fits say in one line why none applies, and the comparison stands
+    assert "## Scaling-law fits\n\nNot fitted: no scaling law fits these runs" in markdown
 
 
 def test_the_optuna_recipe_tunes_lr_dropout_and_width_against_val_bpb():

@@ -6,7 +6,8 @@ Every Lightning checkpoint that `train.py` writes (`last.ckpt` and the best one)
 tokenizer, optimizer, trainer settings) and the training step, all plain dicts, lists, strings and
 numbers. `torch.load(..., weights_only=True)` can therefore read the whole file, and it is the only
 way lmlab reads one: unpickling arbitrary objects would let a checkpoint execute code. For the same
-reason the model class named by `_target_` must be an lmlab `LanguageModel`; nothing else is built.
+reason the model class named by `_target_` must be a registered model family's class, looked up in
+the registry without importing anything (lmlab.models.registry); nothing else is built.
 
 Under FSDP (`trainer=fsdp`) a checkpoint is a folder instead: Lightning's sharded format, each rank's
 shards of the weights and optimizer state (torch.distributed.checkpoint) plus `meta.pt` with
@@ -27,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.errors import ConfigError
-from lmlab.models import LanguageModel
+from lmlab.models import LanguageModel, MoEConfig
+from lmlab.models.registry import model_class
 from lmlab.tokenizers import Tokenizer, load_tokenizer
 
 FORMAT_VERSION = 1
@@ -151,16 +152,13 @@ def model_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 def build_model(model_config: dict[str, Any]) -> LanguageModel:
     """Instantiate `model_config` (a resolved `cfg.model` plus vocab_size), allowing lmlab models only."""
-    settings = {key: value for key, value in model_config.items() if not key.startswith("_")}
+    settings = MoEConfig.nest_flat_keys({key: value for key, value in model_config.items() if not key.startswith("_")})
     target = model_config.get("_target_", "")
-    try:
-        cls = get_class(target) if target.startswith("lmlab.models.") else None
-    except ImportError:
-        cls = None
-    if not (isinstance(cls, type) and issubclass(cls, LanguageModel)):
+    cls = model_class(target)
+    if cls is None:
         raise ConfigError(
-            f"model _target_ {target!r} is not an lmlab language model (lmlab.models.*): "
-            "the checkpoint's model config is damaged"
+            f"model _target_ {target!r} is not an lmlab language model (a registered family's class, "
+            "lmlab.models.registry): the checkpoint's model config is damaged"
         )
     try:
         return cls(**settings)

@@ -6,7 +6,9 @@ from lmlab.models.jamba import Jamba
 from lmlab.models.llama import Llama
 from lmlab.models.lstm_attn import LSTMAttentionLM
 from lmlab.models.mamba import Mamba
+from lmlab.models.moe_config import MoEConfig
 from lmlab.models.recurrent import RecurrentLM
+from lmlab.models.registry import Family, families, family, family_names, register_family, unregister_family
 from lmlab.models.state import (
     HybridCache,
     KVCache,
@@ -22,6 +24,7 @@ from lmlab.models.transformer import TransformerLM
 
 __all__ = [
     "GPT",
+    "Family",
     "HybridCache",
     "Jamba",
     "KVCache",
@@ -30,13 +33,19 @@ __all__ = [
     "Llama",
     "Mamba",
     "MemoryState",
+    "MoEConfig",
     "RecurrentLM",
     "SSMCache",
     "State",
     "TransformerLM",
     "count_parameters",
     "detach_state",
+    "families",
+    "family",
+    "family_names",
+    "register_family",
     "select_state",
     "state_from_data",
     "state_to_data",
+    "unregister_family",
 ]

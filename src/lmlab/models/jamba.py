@@ -9,6 +9,7 @@ order the tokens, as in the paper.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from lmlab.models.mamba import (
     layer_states,
     stack_states,
 )
-from lmlab.models.moe import check_moe, mlp_or_moe
+from lmlab.models.moe_config import MoEConfig
 from lmlab.models.state import HybridCache, KVCache
 
 
@@ -63,32 +64,30 @@ class Jamba(LanguageModel):
 
     Its context is `block_size` (the attention layers' KV cache). Like the attention models it
     returns a state only when given one (init_state: a HybridCache of the attention layers' KV cache
-    and the Mamba layers' SSMCache), so generation carries both.
+    and the Mamba layers' SSMCache), so generation carries both. The defaults are
+    conf/model/jamba.yaml's, a small stack; the paper's pattern is attn_every=8, attn_offset=4.
     """
 
-    has_repeated_blocks = True
+    block_types = (JambaLayer,)
 
     def __init__(
         self,
         vocab_size: int,
-        d_model: int = 384,
-        n_layer: int = 8,
-        n_head: int = 6,
-        n_kv_head: int | None = None,
-        attn_every: int = 8,
-        attn_offset: int = 4,
+        d_model: int = 128,
+        n_layer: int = 4,
+        n_head: int = 4,
+        n_kv_head: int | None = 2,
+        attn_every: int = 4,
+        attn_offset: int = 2,
         d_state: int = 16,
         d_conv: int = 4,
         expand: int = 2,
         dt_rank: int | None = None,
         d_ff: int | None = None,
         multiple_of: int = 32,
-        n_experts: int = 0,
-        top_k: int = 2,
-        moe_every: int = 2,
-        aux_loss_weight: float = 0.01,
+        moe: MoEConfig | Mapping[str, Any] = MoEConfig(n_experts=4, moe_every=2),
         dropout: float = 0.0,
-        block_size: int = 256,
+        block_size: int = 64,
         tie_weights: bool = True,
         norm_eps: float = 1e-5,
         scan: str = "auto",
@@ -117,7 +116,8 @@ class Jamba(LanguageModel):
                 f"set model.attn_offset between 0 and model.attn_every - 1"
             )
         check_mamba(d_state, d_conv, expand, dt_rank, scan, kernels)
-        check_moe(n_experts, top_k, moe_every, n_layer, aux_loss_weight)
+        moe = MoEConfig.of(moe)
+        moe.check(n_layer)
         self.vocab_size, self.context_length = vocab_size, block_size
         self.d_model, self.n_layer, self.n_head, self.n_kv_head = d_model, n_layer, n_head, n_kv_head
         d_ff = swiglu_hidden(d_model, multiple_of) if d_ff is None else d_ff
@@ -128,9 +128,7 @@ class Jamba(LanguageModel):
             return MambaMixer(d_model, d_state, d_conv, expand, dt_rank, scan, kernels, recompute_scan)
 
         def mlp(layer: int) -> nn.Module:
-            return mlp_or_moe(
-                layer, lambda: SwiGLU(d_model, d_ff, dropout), d_model, n_experts, top_k, moe_every, aux_loss_weight
-            )
+            return moe.feed_forward(layer, lambda: SwiGLU(d_model, d_ff, dropout), d_model)
 
         n_rows = padded_vocab_size(vocab_size, pad_vocab_to)
         self.wte = nn.Embedding(n_rows, d_model)

@@ -4,13 +4,15 @@ grouped-query attention."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 from torch import Tensor, nn
 
 from lmlab.models.attention import AttentionLM, GroupedQueryAttention, check_kv_heads, positions
 from lmlab.models.base import check_sizes, padded_vocab_size
 from lmlab.models.ffn import SwiGLU, swiglu_hidden
-from lmlab.models.moe import check_moe, mlp_or_moe
+from lmlab.models.moe_config import MoEConfig
 from lmlab.models.state import KVCache
 
 
@@ -36,36 +38,37 @@ class Llama(AttentionLM):
     (position interpolation), so F x block_size tokens fit; without it longer inputs are refused,
     as RoPE does not extrapolate past trained positions. `d_ff=None` takes ~8/3 d_model rounded up
     to `multiple_of`. `n_kv_head` < n_head shares key/value heads (GQA); None means n_head.
-    n_experts > 0 makes every `moe_every`-th feed-forward a mixture of SwiGLU experts (moe.py).
+    `moe` with n_experts > 0 makes every `moe_every`-th feed-forward a mixture of SwiGLU experts
+    (moe.py). The defaults are conf/model/llama.yaml's.
     """
+
+    block_types = (LlamaBlock,)
 
     def __init__(
         self,
         vocab_size: int,
-        d_model: int = 384,
-        n_layer: int = 6,
-        n_head: int = 6,
-        n_kv_head: int | None = None,
+        d_model: int = 128,
+        n_layer: int = 3,
+        n_head: int = 4,
+        n_kv_head: int | None = 2,
         d_ff: int | None = None,
         multiple_of: int = 32,
         dropout: float = 0.0,
-        block_size: int = 256,
+        block_size: int = 64,
         rope_base: float = 10000.0,
         rope_scaling: float | None = None,
         tie_weights: bool = True,
         norm_eps: float = 1e-5,
         pad_vocab_to: int = 1,
-        n_experts: int = 0,
-        top_k: int = 2,
-        moe_every: int = 1,
-        aux_loss_weight: float = 0.01,
+        moe: MoEConfig | Mapping[str, Any] = MoEConfig(),
     ) -> None:
         check_sizes(multiple_of=multiple_of)
         n_kv_head = n_head if n_kv_head is None else n_kv_head
         d_ff = swiglu_hidden(d_model, multiple_of) if d_ff is None else d_ff
         super().__init__(vocab_size, d_model, n_layer, n_head, dropout, block_size, pad_vocab_to, d_ff=d_ff)
         check_kv_heads(n_head, n_kv_head)
-        check_moe(n_experts, top_k, moe_every, n_layer, aux_loss_weight)
+        moe = MoEConfig.of(moe)
+        moe.check(n_layer)
         if rope_base <= 1:
             raise ValueError(f"rope_base must be > 1 (got {rope_base}): set model.rope_base to e.g. 10000")
         if rope_scaling is not None and rope_scaling < 1:
@@ -81,9 +84,7 @@ class Llama(AttentionLM):
         )
 
         def mlp(layer: int) -> nn.Module:
-            return mlp_or_moe(
-                layer, lambda: SwiGLU(d_model, d_ff, dropout), d_model, n_experts, top_k, moe_every, aux_loss_weight
-            )
+            return moe.feed_forward(layer, lambda: SwiGLU(d_model, d_ff, dropout), d_model)
 
         n_rows = padded_vocab_size(vocab_size, pad_vocab_to)
         self.wte = nn.Embedding(n_rows, d_model)

@@ -16,27 +16,6 @@ import torch
 from torch import Tensor, nn
 
 
-def check_moe(n_experts: int, top_k: int, moe_every: int, n_layer: int, aux_loss_weight: float) -> None:
-    """n_experts=0 means a plain feed-forward; otherwise the routing settings must be usable."""
-    if n_experts < 0:
-        raise ValueError(f"n_experts must be >= 0 (got {n_experts}): set model.n_experts to 0 (no experts) or more")
-    if n_experts == 0:
-        return
-    if not 1 <= top_k <= n_experts:
-        raise ValueError(
-            f"top_k must be between 1 and n_experts={n_experts} (got {top_k}): set model.top_k <= model.n_experts"
-        )
-    if not 1 <= moe_every <= n_layer:
-        raise ValueError(
-            f"moe_every={moe_every} must be between 1 and the stack's n_layer={n_layer}, or no layer would be a "
-            f"mixture of experts: set model.moe_every <= model.n_layer"
-        )
-    if aux_loss_weight < 0:
-        raise ValueError(
-            f"aux_loss_weight must be >= 0 (got {aux_loss_weight}): set model.aux_loss_weight to e.g. 0.01"
-        )
-
-
 def is_moe_layer(layer: int, n_experts: int, moe_every: int) -> bool:
     """Every `moe_every`-th layer, ending each period (moe_every=2: layers 1, 3, 5, ... as in Jamba)."""
     return n_experts > 0 and (layer + 1) % moe_every == 0
@@ -60,6 +39,8 @@ def mlp_or_moe(
 
 class MoE(nn.Module):
     """`n_experts` copies of a feed-forward built by `make_expert`, and a linear router."""
+
+    data_dependent_shapes = True  # how many tokens each expert gets depends on the tokens (LanguageModel reads it)
 
     def __init__(
         self, d_model: int, n_experts: int, top_k: int, aux_loss_weight: float, make_expert: Callable[[], nn.Module]

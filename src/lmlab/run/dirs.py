@@ -20,6 +20,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.run.labels import varying_overrides
+from lmlab.run.sweep_resume import unfinished_sweep
 
 RESOLVER = "lmlab_fresh_dir"
 JOB_DIR_RESOLVER = "lmlab_job_dir"
@@ -64,6 +65,15 @@ class ClaimFreshDirs(Callback):
         _claim(config.hydra.run, resuming=bool(config.get("ckpt_path")))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """A sweep started by the same command that did not finish is continued in its own directory
+        (lmlab.run.sweep_resume); otherwise the sweep gets a fresh one."""
+        if RESOLVER in str(OmegaConf.to_container(config.hydra.sweep, resolve=False)["dir"]):
+            default = str(config.hydra.sweep.dir)
+            earlier = unfinished_sweep(Path(default).parent, config)
+            if earlier is not None:
+                print(f"continuing the unfinished sweep {earlier}")
+                _claimed[default] = str(earlier)
+                return
         _claim(config.hydra.sweep, resuming=False)
 
 

@@ -8,12 +8,27 @@ from pathlib import Path
 from lmlab.errors import ConfigError
 from lmlab.tokenizers.base import FORMAT, FORMAT_V1, Tokenizer
 from lmlab.tokenizers.bpe import BPETokenizer
+from lmlab.tokenizers.bytes import ByteTokenizer
 from lmlab.tokenizers.char import CharTokenizer
+from lmlab.tokenizers.pretrained import PretrainedTokenizer
+from lmlab.tokenizers.unigram import UnigramTokenizer
 from lmlab.tokenizers.word import WordTokenizer
 
-__all__ = ["BPETokenizer", "CharTokenizer", "Tokenizer", "WordTokenizer", "load_tokenizer"]
+__all__ = [
+    "BPETokenizer",
+    "ByteTokenizer",
+    "CharTokenizer",
+    "PretrainedTokenizer",
+    "Tokenizer",
+    "UnigramTokenizer",
+    "WordTokenizer",
+    "load_tokenizer",
+]
 
-_CLASSES: dict[str, type[Tokenizer]] = {cls.name: cls for cls in (CharTokenizer, WordTokenizer, BPETokenizer)}
+_CLASSES: dict[str, type[Tokenizer]] = {
+    cls.name: cls
+    for cls in (CharTokenizer, WordTokenizer, BPETokenizer, UnigramTokenizer, ByteTokenizer, PretrainedTokenizer)
+}
 
 # Settings that version-1 files predate, with the behaviour those files had: word tokenizers were closed.
 _V1_SETTINGS = {"word": {"unk": True}}

@@ -85,6 +85,16 @@ def safe_pieces(texts: Iterable[str], size: int = CHUNK_CHARS) -> Iterator[str]:
         yield buffer
 
 
+def encode_in_chunks(hf: HFTokenizer, text: str) -> np.ndarray:
+    """The ids of `text` under `hf`, its safely cut chunks encoded on all cores (Rust threads; no GIL,
+    no processes)."""
+    chunks, ids = list(split_chunks(text)), []
+    for start in range(0, len(chunks), ENCODE_BATCH):
+        encodings = hf.encode_batch(chunks[start : start + ENCODE_BATCH], add_special_tokens=False)
+        ids += [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+    return np.concatenate(ids)
+
+
 class Tokenizer(ABC):
     """Text <-> int32 ids, learnt from the training split."""
 
@@ -232,12 +242,7 @@ class HFBackedTokenizer(Tokenizer):
         return self._hf.get_vocab_size()
 
     def _encode(self, text: str) -> np.ndarray:
-        # encode_batch runs the chunks on all cores (Rust threads; no GIL, no processes).
-        chunks, ids = list(split_chunks(text)), []
-        for start in range(0, len(chunks), ENCODE_BATCH):
-            encodings = self._hf.encode_batch(chunks[start : start + ENCODE_BATCH], add_special_tokens=False)
-            ids += [np.asarray(e.ids, dtype=np.int32) for e in encodings]
-        return np.concatenate(ids)
+        return encode_in_chunks(self._hf, text)
 
     def hf_tokenizer(self) -> HFTokenizer:
         self._require_trained()
