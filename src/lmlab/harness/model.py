@@ -6,7 +6,8 @@
   recurrent and state-space models read the whole context in windows of `block_size` tokens,
   carrying their state from window to window, so nothing is cut.
 - `loglikelihood_rolling(text)`: the text scored exactly as evaluate.py scores a file
-  (lmlab.run.evaluate.score_text: the run's windows, its carried state for a stateful run, the first
+  (lmlab.run.evaluate.score_text under the run's evaluation protocol, or `eval_context=carry`,
+  `sliding` with `eval_stride`, `full`: windows, or a state carried over the whole text; the first
   token predicted after a newline), so lm_eval's bits_per_byte equals lmlab's.
 - `generate_until(context, gen_kwargs)`: lmlab's cached decoding (KV cache or carried state), greedy
   unless `do_sample`, stopped at the first `until` string.
@@ -21,12 +22,13 @@ import torch
 import torch.nn.functional as F
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from lmlab.checkpoint import load_checkpoint, resolve_device
 from lmlab.errors import ConfigError
 from lmlab.generate import START_TEXT, continuation, prompt_ids, stream_tokens
-from lmlab.run.evaluate import score_text
+from lmlab.run.evaluate import checkpoint_protocol, score_text
 
 DEFAULT_MAX_GEN_TOKS = 256
 
@@ -47,6 +49,8 @@ class LmlabLM(LM):
         device: str | None = "auto",
         block_size: int | None = None,
         eval_batch_size: int | None = None,
+        eval_context: str | None = None,
+        eval_stride: int | None = None,
         batch_size: int | str | None = None,
         max_batch_size: int | None = None,
         **kwargs: Any,
@@ -54,7 +58,7 @@ class LmlabLM(LM):
         super().__init__()
         if kwargs:
             raise ConfigError(
-                f"unknown lmlab model_args: {', '.join(sorted(kwargs))}; use ckpt, block_size, eval_batch_size (and --device)"
+                f"unknown lmlab model_args: {', '.join(sorted(kwargs))}; use ckpt, block_size, eval_batch_size, eval_context, eval_stride (and --device)"
             )
         self.loaded = load_checkpoint(ckpt, resolve_device(device or "auto"))
         self.model, self.tokenizer = self.loaded.model.eval(), self.loaded.tokenizer
@@ -62,7 +66,8 @@ class LmlabLM(LM):
         trained = self.loaded.data_config
         self.block_size = int(block_size or trained["block_size"])
         self.batch_size = int(eval_batch_size or trained.get("eval_batch_size") or trained["batch_size"])
-        self.stateful = bool(trained["stateful"])
+        asked = OmegaConf.create({"eval": {"context": eval_context, "stride": eval_stride}})
+        self.protocol = checkpoint_protocol(asked, self.model, trained, self.block_size)
         self.start_id = int(self.tokenizer.encode(START_TEXT)[0])
 
     # --- log-likelihoods ---
@@ -130,7 +135,8 @@ class LmlabLM(LM):
                 text,
                 block_size=self.block_size,
                 batch_size=self.batch_size,
-                stateful=self.stateful,
+                stateful=self.protocol.carries_state,
+                stride=self.protocol.stride,
             )
             results.append(-scores.loss * scores.tokens)
         return results

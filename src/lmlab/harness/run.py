@@ -41,8 +41,14 @@ def harness_from_config(cfg: DictConfig) -> dict[str, Any]:
             f"harness.tasks: no task named {', '.join(unknown)}; `lm_eval ls tasks` lists them "
             "(add harness.include_path=FOLDER for your own task YAMLs)"
         )
+    asked = cfg.get("eval") or {}
     model = LmlabLM(
-        ckpt=cfg.ckpt, device=cfg.device, block_size=cfg.data.block_size, eval_batch_size=cfg.data.batch_size
+        ckpt=cfg.ckpt,
+        device=cfg.device,
+        block_size=cfg.data.block_size,
+        eval_batch_size=cfg.data.batch_size,
+        eval_context=asked.get("context"),
+        eval_stride=asked.get("stride"),
     )
     results = lm_eval.simple_evaluate(
         model=model,
