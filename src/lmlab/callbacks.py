@@ -316,30 +316,6 @@ class ValidationCurve(pl.Callback):
             return tuple(next(csv.reader(f), ())) or None
 
 
-class ComparisonLayout(pl.Callback):
-    """TensorBoard's Custom Scalars tab: bits per byte, perplexity and throughput of every run in one view.
-
-    Each run writes the same layout at the start of training; TensorBoard merges the layouts of all
-    runs under `--logdir`, so a sweep directory shows one chart per metric with a line per run.
-    """
-
-    LAYOUT = {
-        "lmlab comparison": {
-            "val bits per byte": ["Multiline", [r"^val/bpb$"]],
-            "val perplexity": ["Multiline", [r"^val/ppl$"]],
-            "training throughput (tokens/s)": ["Multiline", [r"^train/tokens_per_s$"]],
-        }
-    }
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
-            return
-        for logger in trainer.loggers:
-            experiment = getattr(logger, "experiment", None)
-            if hasattr(experiment, "add_custom_scalars"):
-                experiment.add_custom_scalars(self.LAYOUT)
-
-
 class ValidationSample(pl.Callback):
     """After each validation during training, a short seeded sample from a fixed prompt, logged to
     TensorBoard's Text tab as `val/sample`: how the model writes is seen to improve step by step.

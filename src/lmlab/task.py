@@ -182,8 +182,9 @@ class LanguageModelTask(pl.LightningModule):
         scores[f"{split}/unk_rate"] = torch.tensor(corpus.unk_rate(split))
         self.log_dict(scores, logger=False, sync_dist=False)  # SyncFreeProgressBar shows val/bpb
         # Lightning would write these at the step before the one just validated; curve.csv, the samples
-        # and the checkpoints all name the optimizer step, so the dashboards do too.
-        if not self.trainer.sanity_checking:
+        # and the checkpoints all name the optimizer step, so the dashboards do too. The end-of-run
+        # validation and test of the best checkpoint are recorded once, by lmlab.run.dashboards.log_final.
+        if not self.trainer.sanity_checking and self.trainer.state.fn == "fit":
             values = {key: float(value) for key, value in scores.items()}
             for logger in self.loggers:
                 logger.log_metrics(values, step=self.global_step)

@@ -28,6 +28,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.errors import ConfigError
+from lmlab.run.labels import varying_overrides
 from lmlab.run.sweep_resume import unfinished_sweep
 
 RESOLVER = "lmlab_fresh_dir"
@@ -93,13 +94,19 @@ def _claim(node: DictConfig, resuming: bool) -> None:
         claim_fresh_dir(folder)
 
 
-def job_dir_name(overrides: str, job_number: int | str) -> str:
+def job_dir_name(overrides: str, job_number: int | str, _root_: DictConfig | None = None) -> str:
     """A sweep job's folder name: its overrides (`model=gpt,tokenizer=bpe`) when they make a short, safe
     name; otherwise the readable start of them with characters that are not safe in a name replaced,
     the job number and a hash of the full overrides, so that names stay unique and under MAX_JOB_DIR.
 
+    As the `lmlab_job_dir` resolver (`_root_`: the job's config), only the overrides of the keys the
+    sweep varies name the folder (lmlab.run.labels), so that TensorBoard's run names, like the
+    report's `run` column, leave out the settings every run shares.
     The full overrides stay in the job's `.hydra/overrides.yaml` and `config.yaml`.
     """
+    hydra = OmegaConf.select(_root_, "hydra") if _root_ is not None else None
+    varying = varying_overrides(hydra) if hydra is not None else None
+    overrides = overrides if varying is None else varying
     if not overrides:
         return f"job{job_number}"
     safe = UNSAFE.sub("_", overrides)

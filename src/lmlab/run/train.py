@@ -49,6 +49,7 @@ from lmlab.run.dashboards import log_final, log_run_info
 from lmlab.run.dirs import RunDirLock
 from lmlab.run.distributed import check_distributed, full_weights
 from lmlab.run.evaluate import total_nats
+from lmlab.run.loggers import build_loggers
 from lmlab.run.plan import resolve_run
 from lmlab.run.precision import set_float32_matmul_precision
 from lmlab.run.quiet import quiet_lightning
@@ -134,7 +135,7 @@ def _train(cfg: DictConfig, lock: RunDirLock) -> dict[str, Any]:
         start.load_into(model)
     apply_perf(model, perf)  # FP8 layers and activation checkpointing, once, before the optimizer sees the weights
     callbacks = {name: build(node, f"callbacks.{name}") for name, node in cfg.get("callbacks", {}).items()}
-    loggers = [build(node, f"logger.{name}") for name, node in cfg.get("logger", {}).items()]
+    loggers = build_loggers(cfg)  # names a sweep's experiment and its runs
     # torchao's FP8 layers fail under inference_mode: a float8 run evaluates under no_grad instead
     no_inference_mode = {"inference_mode": False} if perf.float8 else {}
     run_callbacks = [SelfContainedCheckpoints(run_record(cfg, tokenizer)), ExactResume()]
