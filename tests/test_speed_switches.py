@@ -10,14 +10,17 @@ from functools import partial
 import pytest
 import pytorch_lightning as pl
 import torch
+from hydra.errors import HydraException
 from rich.console import Console
 
 from lmlab.callbacks import SyncFreeProgressBar, TokenThroughput
+from lmlab.errors import ConfigError
 from lmlab.models import GPT
 from lmlab.perf import SHORT_CPU_CONTEXT, Perf, auto_attention, dynamo_settings
+from lmlab.run.build import build
 from lmlab.run.quiet import quiet_lightning
 from lmlab.task import LanguageModelTask
-from tests.helpers import train_losses
+from tests.helpers import compose_config, train_losses
 
 
 def _losses(compile: bool, loss_chunk_rows: int = 0) -> list[float]:
@@ -192,3 +195,20 @@ def test_compile_ddp_sets_how_dynamo_compiles_a_distributed_fit(choice, split):
 def test_compile_ddp_names_its_choices():
     with pytest.raises(ValueError, match="perf.compile_ddp must be split or whole"):
         Perf(compile=True, compile_ddp="overlap")
+
+
+@pytest.mark.parametrize(
+    "old", ["compile", "compile_mode", "compile_ddp", "float8", "attention", "cuda_graphs", "activation_checkpointing"]
+)
+def test_the_speed_switches_moved_from_task_to_perf(tmp_path, old):
+    """task.KEY is refused when the config is composed, naming the key; perf.KEY is the switch now."""
+    with pytest.raises(HydraException, match=f"Could not override 'task.{old}'"):
+        compose_config([f"task.{old}=null"], tmp_path)
+    assert old in compose_config([], tmp_path).perf
+
+
+def test_a_bad_perf_value_is_one_line_naming_its_key(tmp_path):
+    cfg = compose_config(["perf.cuda_graphs=sometimes"], tmp_path)
+    with pytest.raises(ConfigError, match="invalid perf config: perf.cuda_graphs must be auto, true or false"):
+        build(cfg.perf, "perf")
+    assert build(compose_config(["perf.attention=math"], tmp_path).perf, "perf") == Perf(attention="math")
