@@ -21,7 +21,8 @@ from lmlab.graphed_step import GraphCaptureError, GraphedTrainingStep, state_ten
 from lmlab.metrics import split_scores, token_nats
 from lmlab.models import LanguageModel, count_parameters, detach_state, state_from_data, state_to_data
 from lmlab.models.float8 import check_float8_device, use_float8_matmuls
-from lmlab.optim import ValidationPlateau, decayed_parameters, lightning_scheduler, parameter_groups, schedule_arguments
+from lmlab.optim import ValidationPlateau, build_optimizer, decayed_parameters, lightning_scheduler, schedule_arguments
+from lmlab.optim.schedule_free import EvalWeights
 
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 
@@ -317,13 +318,17 @@ class LanguageModelTask(pl.LightningModule):
             and getattr(self.trainer.precision_plugin, "scaler", None) is None
         ):
             extra["fused"] = True  # one kernel for the whole update (not with fp16's loss scaler)
-        optimizer = factory(parameter_groups(self.model, self.weight_decay, self._decayed), **extra)
+        optimizer = build_optimizer(factory, self.model, self.weight_decay, self._decayed, self.device, **extra)
         if self.scheduler_factory is None:
             return optimizer
         total_steps = int(self.trainer.estimated_stepping_batches)
         scheduler = self.scheduler_factory(optimizer, **schedule_arguments(self.scheduler_factory, total_steps))
         validates = self._first_validation_step(total_steps) if isinstance(scheduler, ValidationPlateau) else None
         return {"optimizer": optimizer, "lr_scheduler": lightning_scheduler(scheduler, validates_by_step=validates)}
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """Schedule-free optimizers: averaged weights for evaluation and checkpoints (lmlab.optim.schedule_free)."""
+        return [EvalWeights()]
 
     def _first_validation_step(self, total_steps: int) -> int | None:
         """The optimizer step of this run's first validation, or None if it never validates by its last step
