@@ -298,3 +298,27 @@ def test_a_checkpoint_saved_while_training_holds_the_averaged_weights_and_eval_m
     assert all(group["train_mode"] is False for group in checkpoint["optimizer_states"][0]["param_groups"])
     assert all(torch.allclose(p, y[name], atol=1e-7) for name, p in model.named_parameters())  # back at y
     assert optimizer.param_groups[0]["train_mode"] is True
+
+
+@pytest.mark.slow
+def test_the_speedrun_recipe_composes_its_levers_and_runs_shrunk_on_a_cpu(tmp_path, small_corpus):
+    cfg = compose_config(["experiment=shakespeare_char_speedrun"], tmp_path / "composed")
+    assert cfg.task.optimizer._target_ == "lmlab.optim.MuonWithAdamW"
+    assert cfg.task.scheduler._target_ == "lmlab.optim.warmup_stable_decay"
+    assert cfg.task.scheduler.decay_shape == "1-sqrt" and cfg.trainer.max_steps == 2500
+    options = ("qk_norm", "relu_squared", "zero_init_projections")
+    assert all(cfg.model[key] is True for key in options) and cfg.model.tie_weights is False
+    full = GPT(
+        vocab_size=65, **{k: cfg.model[k] for k in ("d_model", "n_layer", "n_head", "tie_weights")}, block_size=256
+    )
+    assert sum(p.numel() for p in full.parameters()) - full.wpe.weight.numel() <= 10_700_000  # nanoGPT's count
+    shrunk = [
+        "experiment=shakespeare_char_speedrun",
+        *tiny_overrides("gpt", small_corpus),
+        "trainer=cpu",
+        "trainer.precision=32-true",
+        "task.compile=false",
+        "data.splits=[0.9,0.05,0.05]",
+    ]
+    metrics = train(compose_config(shrunk, tmp_path / "run"))
+    assert metrics["status"] == "completed" and metrics["steps"] == 20 and math.isfinite(metrics["test/bpb"])
