@@ -322,3 +322,27 @@ def test_the_speedrun_recipe_composes_its_levers_and_runs_shrunk_on_a_cpu(tmp_pa
     ]
     metrics = train(compose_config(shrunk, tmp_path / "run"))
     assert metrics["status"] == "completed" and metrics["steps"] == 20 and math.isfinite(metrics["test/bpb"])
+
+
+def test_eval_weights_evaluates_the_average_and_trains_the_interpolation():
+    """Validation, test and the end of training see x; each training batch sees y; other optimizers are left alone."""
+    model = tiny_gpt()
+    optimizer = adamw_schedule_free(parameter_groups(model, 0.1), lr=1e-2)
+    trainer, callback = SimpleNamespace(optimizers=[optimizer]), EvalWeights()
+    callback.on_train_batch_start(trainer, model, None, 0)
+    losses_and_grads(model, 2, optimizer.step)
+    y = [p.detach().clone() for p in model.parameters()]
+    hooks = {
+        "validation": lambda: callback.on_validation_start(trainer, model),
+        "test": lambda: callback.on_test_start(trainer, model),
+        "end of training": lambda: callback.on_train_end(trainer, model),
+    }
+    for when, hook in hooks.items():
+        hook()
+        assert optimizer.param_groups[0]["train_mode"] is False, when
+        assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), y)), when
+        callback.on_train_batch_start(trainer, model, None, 0)
+        assert optimizer.param_groups[0]["train_mode"] is True
+        assert all(torch.allclose(p, q, atol=1e-7) for p, q in zip(model.parameters(), y)), when
+    adamw = torch.optim.AdamW(model.parameters())
+    callback.on_validation_start(SimpleNamespace(optimizers=[adamw]), model)  # no eval(): nothing to do
