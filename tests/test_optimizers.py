@@ -346,3 +346,40 @@ def test_eval_weights_evaluates_the_average_and_trains_the_interpolation():
         assert all(torch.allclose(p, q, atol=1e-7) for p, q in zip(model.parameters(), y)), when
     adamw = torch.optim.AdamW(model.parameters())
     callback.on_validation_start(SimpleNamespace(optimizers=[adamw]), model)  # no eval(): nothing to do
+
+
+@pytest.mark.parametrize(("experiment", "points"), [("compare_optimizers", 3), ("compare_optimizers_gpu", 4)])
+def test_each_optimizer_of_a_comparison_sweeps_its_own_grid_of_rates(tmp_path, experiment, points):
+    rates = {}
+    for optimizer in ("adamw", "muon", "schedulefree", "lion"):
+        for point in range(1, points + 1):
+            cfg = compose_config(
+                [f"experiment={experiment}", f"optimizer={optimizer}", f"lr_grid.point=r{point}"], tmp_path
+            )
+            rates.setdefault(optimizer, []).append(cfg.task.optimizer.lr)
+    assert rates["muon"] == sorted(rates["muon"]) and rates["muon"] != rates["adamw"]
+    assert all(len(set(grid)) == points for grid in rates.values())
+
+
+def test_the_report_groups_the_runs_of_one_grid_and_picks_their_rate(tmp_path):
+    """Runs that differ only in lr_grid.point (and so in the rate) form one group, as a swept rate's runs do."""
+    import dataclasses
+    import json
+
+    import yaml
+
+    from lmlab.report.runs import load_run
+    from lmlab.report.tuning import choose_learning_rates
+
+    runs = []
+    for point, lr, val in (("r1", 0.01, 3.0), ("r2", 0.03, 2.5), ("r3", 0.1, 2.8)):
+        run = tmp_path / point
+        run.mkdir()
+        config = {"names": {"model": "gpt", "tokenizer": "char"}, "lr_grid": {"point": point, "rates": {}}}
+        config["task"] = {"optimizer": {"_target_": "lmlab.optim.MuonWithAdamW", "lr": lr}}
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+        metrics = {"model": "gpt", "tokenizer": "char", "status": "completed", "val/bpb": val, "test/bpb": val}
+        (run / "metrics.json").write_text(json.dumps(metrics))
+        runs.append(dataclasses.replace(load_run(run), label=f"lr_grid.point={point},model=gpt,optimizer=muon"))
+    (choice,) = choose_learning_rates(runs)
+    assert choice.grid == (0.01, 0.03, 0.1) and choice.lr == 0.03 and choice.setting == "optimizer=muon"
