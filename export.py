@@ -1,4 +1,5 @@
-"""Export a trained model to a Hugging Face transformers directory (GPT -> GPT2LMHeadModel, Llama -> LlamaForCausalLM).
+"""Export a trained model to a Hugging Face transformers directory (GPT -> GPT2LMHeadModel, Llama -> LlamaForCausalLM,
+Mamba -> MambaForCausalLM).
 
 python export.py ckpt=outputs/runs/<run>/checkpoints/last.ckpt out=exported/my-model
 """

@@ -30,7 +30,7 @@ python3 bench/throughput.py --preset lstm-medium --preset gru-medium --steps 200
   --name gpu_recurrent_shipped
 stage "issue 17: char GPT 4x256, batch 64x128, shipped configuration vs plain loop"
 python3 bench/throughput.py --preset char-gpt --steps 200 --warmup 20 --repeats 3 --name gpu_char_gpt_shipped
-stage "issue 17: the same three with the eager step (task.cuda_graphs=false), for comparison"
+stage "issue 17: the same three with the eager step (perf.cuda_graphs=false), for comparison"
 python3 bench/throughput.py --preset lstm-medium --preset gru-medium --preset char-gpt --steps 200 --warmup 20 \
   --repeats 3 --cuda-graphs false --name gpu_throughput_graphs_off
 stage "issue 17: where an LSTM step's host time goes"

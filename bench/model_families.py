@@ -1,18 +1,22 @@
-"""Training throughput, peak memory and generation latency of gpt, llama, mamba and jamba at about the
-same parameter count (issue 11's benchmark).
+"""Training throughput, MFU, peak memory and generation latency of gpt, llama, mamba, mamba2 and jamba at
+about the same parameter count (issue 11's benchmark; mamba2 and MFU from issue 27).
 
     python bench/model_families.py                                   # GPU: ~100M parameters, bf16, 8 x 1024 tokens
     python bench/model_families.py --compile                         # the same, torch.compile'd
-    python bench/model_families.py --device cpu --target-params 1e6 --vocab 256 --batch 2 --seq-len 128 \\
-        --contexts 128 512 --steps 2 --gen-tokens 4                  # a quick check that it runs
+    python bench/model_families.py --capacity-factor 1.25            # jamba's experts with a capacity (static shapes)
+    python bench/model_families.py --smoke                           # a seconds-long check on the CPU that it runs
 
-Each family keeps its depth (gpt and llama 12 layers, mamba 24, jamba 8 with one attention layer
-at offset 4 and 8 experts, top-2, on every other layer) and gets the width (a multiple of 128: heads
-of 64, two query heads per key/value head) whose parameter count is closest to --target-params; MoE runs also report the parameters a
-token passes through. Training: AdamW steps on random tokens under bf16 autocast, tokens/s over
---steps steps after 3 warm-up steps, and peak GPU memory. Generation: the model cast to bf16, batch 1, the state
-filled with C tokens, then the median time of one more token, for each context C in --contexts (Mamba's
-state does not grow, so its time should stay flat). Writes bench/results/model_families_<device>.json.
+Each family keeps its depth (gpt and llama 12 layers, mamba and mamba2 24, jamba 8 with one attention
+layer at offset 4 and 8 experts, top-2, on every other layer) and gets the width (a multiple of 128:
+heads of 64, two query heads per key/value head; mamba2's SSM heads of 64 channels) whose parameter
+count is closest to --target-params; MoE runs also report the parameters a token passes through.
+Training: AdamW steps on random tokens under bf16 autocast, tokens/s over --steps steps after 3
+warm-up steps, peak GPU memory, and MFU: tokens/s x training FLOPs per token (flops_per_token at
+--seq-len) over the card's dense bf16 peak (989 TFLOP/s on an H100 or H200; --peak-tflops for other
+cards; no MFU column when the peak is unknown). Generation: the model cast to bf16, batch 1, the
+state filled with C tokens, then the median time of one more token, for each context C in --contexts
+(the Mambas' states do not grow, so their times should stay flat). Writes
+bench/results/model_families_<device>.json (--smoke writes model_families_smoke.json).
 """
 
 from __future__ import annotations
@@ -30,14 +34,29 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table, write_results
 
-from lmlab.models import GPT, Jamba, LanguageModel, Llama, Mamba, count_parameters
+from lmlab.models import GPT, Jamba, LanguageModel, Llama, Mamba, Mamba2, MoEConfig, count_parameters
+
+# Dense bf16 tensor-core peaks, TFLOP/s, by a substring of torch.cuda.get_device_name()
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
+SMOKE = dict(
+    device="cpu", target_params=1e6, vocab=256, batch=2, seq_len=128, contexts=[128, 256], steps=2, gen_tokens=4
+)
 
 FAMILIES = {
     "gpt": lambda d, v, ctx: GPT(v, d_model=d, n_layer=12, n_head=d // 64, block_size=ctx),
     "llama": lambda d, v, ctx: Llama(v, d_model=d, n_layer=12, n_head=d // 64, n_kv_head=d // 128, block_size=ctx),
     "mamba": lambda d, v, ctx: Mamba(v, d_model=d, n_layer=24),
-    "jamba": lambda d, v, ctx: Jamba(
-        v, d_model=d, n_layer=8, n_head=d // 64, n_kv_head=d // 128, n_experts=8, top_k=2, block_size=ctx
+    "mamba2": lambda d, v, ctx: Mamba2(v, d_model=d, n_layer=24, n_head=2 * d // 64),
+    "jamba": lambda d, v, ctx, capacity_factor=None: Jamba(
+        v,
+        d_model=d,
+        n_layer=8,
+        n_head=d // 64,
+        n_kv_head=d // 128,
+        attn_every=8,  # the paper's pattern (the class defaults are the small CPU stack's)
+        attn_offset=4,
+        moe=MoEConfig(n_experts=8, top_k=2, moe_every=2, capacity_factor=capacity_factor),
+        block_size=ctx,
     ),
 }
 
@@ -47,6 +66,16 @@ def sized(family: str, target: float, vocab: int, context: int) -> tuple[int, in
     with torch.device("meta"):
         counts = {d: count_parameters(FAMILIES[family](d, vocab, context)) for d in range(128, 4097, 128)}
     return min(counts.items(), key=lambda item: abs(item[1] - target))
+
+
+def peak_flops(device: torch.device, peak_tflops: float | None) -> float | None:
+    """FLOP/s that 100% MFU means: --peak-tflops if given, else the card's dense bf16 peak if known."""
+    if peak_tflops is not None:
+        return peak_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for card, tflops in BF16_PEAK_TFLOPS.items() if card in name), None)
 
 
 def sync(device: torch.device) -> None:
@@ -123,20 +152,31 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--capacity-factor", type=float, default=None, help="jamba's MoE capacity; none: dropless")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="the card's peak for MFU (default: known cards)"
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: " + str(SMOKE))
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE)
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     context = max(args.seq_len, *args.contexts) + args.gen_tokens  # attention models' KV cache and positions
+    peak = peak_flops(device, args.peak_tflops)
     rows = []
     for family in args.families:
         d_model, params = sized(family, args.target_params, args.vocab, context)
         torch.manual_seed(0)
-        model = FAMILIES[family](d_model, args.vocab, context).to(device)
+        extra = {"capacity_factor": args.capacity_factor} if family == "jamba" else {}
+        model = FAMILIES[family](d_model, args.vocab, context, **extra).to(device)
         row = {"family": family, "d_model": d_model, "params": params, "active params": model.matmul_parameters()}
         row["train GFLOP/token"] = model.flops_per_token(args.seq_len) / 1e9
         try:
             row.update(train_speed(model.train(), args, device))
+            if peak is not None:
+                row["MFU %"] = 100 * row["train tok/s"] * model.flops_per_token(args.seq_len) / peak
             model = model.eval().to(torch.bfloat16 if args.dtype == "bf16" else torch.float32)
             for c in args.contexts:
                 row[f"gen ms/token @{c}"] = generation_ms(model, c, args, device)
@@ -155,8 +195,10 @@ def main() -> None:
     print(table(rows, list(dict.fromkeys(k for r in rows for k in r))))
     settings = {k: getattr(args, k) for k in ("target_params", "vocab", "batch", "seq_len", "steps", "contexts")}
     settings |= {"dtype": args.dtype, "compile": args.compile, "gen_tokens": args.gen_tokens, "threads": args.threads}
+    settings |= {"capacity_factor": args.capacity_factor, "peak_tflops": None if peak is None else peak / 1e12}
     suffix = "_compiled" if args.compile else ""
-    path = write_results(f"model_families_{device.type}{suffix}", {"settings": settings, "rows": rows})
+    name = "model_families_smoke" if args.smoke else f"model_families_{device.type}{suffix}"
+    path = write_results(name, {"settings": settings, "rows": rows})
     print(f"wrote {path}")
 
 

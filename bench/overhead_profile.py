@@ -31,7 +31,17 @@ from pytorch_lightning.profilers import SimpleProfiler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table, write_results
-from throughput import PRESETS, SCHEDULE, SETUPS, BenchData, batches, bench_trainer, optimizer_factory, plain_loop
+from throughput import (
+    PRESETS,
+    SCHEDULE,
+    SETUPS,
+    BenchData,
+    batches,
+    bench_trainer,
+    optimizer_factory,
+    perf_of,
+    plain_loop,
+)
 
 from lmlab.run.quiet import quiet_lightning
 from lmlab.task import LanguageModelTask
@@ -54,7 +64,7 @@ def profiled_fit(
         scheduler=SCHEDULE,
         weight_decay=0.1,
         stateful=p.stateful,
-        compile=p.compile,
+        perf=perf_of(p),
     )
     out_dir = Path(tempfile.mkdtemp(prefix="lmlab-profile-"))
     profiler = SimpleProfiler(dirpath=out_dir, filename="lightning-profile")  # its own report, kept out of the way

@@ -39,7 +39,7 @@ from _common import ROOT, table, write_results
 from lmlab.cli import register_resolvers
 from lmlab.metrics import token_nats
 from lmlab.run.build import build
-from lmlab.run.sizing import apply_target_params
+from lmlab.run.plan import resolve_run
 
 FREE = ("task.optimizer.lr", "seed")  # swept settings that do not change a job's cost
 
@@ -74,16 +74,9 @@ def time_job(overrides: list[str], recipe: str, device: str, timed_steps: int) -
     tokenizer = build(cfg.tokenizer, "tokenizer")
     data = build(cfg.data, "data", tokenizer=tokenizer, seed=cfg.seed)
     data.prepare_data()
-    apply_target_params(cfg.model, data.tokenizer.vocab_size, cfg.budget.get("target_params"))
+    cfg = resolve_run(cfg, data)  # matched width and step budget, as train.py plans them
     model = build(cfg.model, "model", vocab_size=data.tokenizer.vocab_size).to(device)
-    tokens_per_step = data.batch_size * data.block_size
-    flops_per_token = model.flops_per_token(data.block_size)
-    if cfg.budget.get("max_bytes"):
-        steps = round(cfg.budget.max_bytes / (tokens_per_step * data.train_bytes_per_token))
-    elif cfg.budget.get("max_flops"):
-        steps = round(cfg.budget.max_flops / (tokens_per_step * flops_per_token))
-    else:
-        steps = int(cfg.trainer.max_steps)
+    steps = int(cfg.trainer.max_steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     bf16 = device == "cuda" and str(cfg.trainer.precision).startswith("bf16")
     autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext

@@ -18,7 +18,7 @@ straight run's, and the sharded checkpoint is read back in one process as genera
     python bench/scaling.py --gpus 1,2,4,8 --resume-model llama-1b   # issue 15, on 8 GPUs
     python bench/scaling.py --tiny --gpus 1 --strategies ddp    # a CPU smoke test of this script
     python bench/scaling.py --gpus 2 --strategies ddp --set trainer.strategy.bucket_cap_mb=100   # a DDP setting
-    python bench/scaling.py --gpus 1,2 --strategies ddp --models gpt2-small --batch 32 --set task.compile_ddp=whole
+    python bench/scaling.py --gpus 1,2 --strategies ddp --models gpt2-small --batch 32 --set perf.compile_ddp=whole
 
 `--budget-s` bounds the whole run: configurations that would start after it are reported as skipped.
 Results: RESULTS/scaling.json (bench/results/, or $LMLAB_RESULTS_DIR) and a markdown table on stdout.
@@ -66,7 +66,7 @@ def compose_run(model: str, strategy: str, devices: int, out_dir: Path, tiny: bo
     if tiny:  # CPU: nothing to gain from bf16 autocast; DDP over gloo
         overrides += ["trainer.accelerator=cpu", "trainer.precision=32-true"]
     # CUDA graphs replay a step on one GPU only: off here, so the 1-GPU row runs the step the N-GPU rows run
-    overrides += ["task.scheduler.warmup_steps=10", "task.cuda_graphs=false", *extra]
+    overrides += ["task.scheduler.warmup_steps=10", "perf.cuda_graphs=false", *extra]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     with open_dict(cfg):
@@ -128,7 +128,7 @@ def throughput_worker(args: argparse.Namespace) -> None:
         args.devices,
         Path(args.json).parent,
         args.tiny,
-        (f"task.compile={args.compile}", *args.set),
+        (f"perf.compile={args.compile}", *args.set),
     )
     model = build(cfg.model, "model", vocab_size=vocab_size)
     timer = StepTimer(args.warmup, args.steps)
@@ -164,7 +164,7 @@ def throughput_worker(args: argparse.Namespace) -> None:
         "accumulate_grad_batches": accumulate,
         "context": context,
         "compiled": args.compile,
-        "compile_ddp": cfg.task.compile_ddp if args.compile and world > 1 else None,
+        "compile_ddp": cfg.perf.compile_ddp if args.compile and world > 1 else None,
         "step_s": timer.seconds / args.steps,
         "tokens_per_s": tokens_per_s,
         "peak_mem_gib_per_gpu": float(peak.max()) / 2**30,
@@ -356,7 +356,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--strategies", type=csv(str), default=["ddp", "fsdp"])
     p.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=8, help="untimed steps first (compilation, allocator)")
-    p.add_argument("--no-compile", dest="compile", action="store_false", help="eager (default: task.compile)")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="eager (default: perf.compile)")
     p.add_argument(
         "--batch", type=int, help="sequences per GPU per step (default: the model's, e.g. 16 for gpt2-small)"
     )

@@ -45,11 +45,11 @@ from _common import table, write_results
 from lmlab.callbacks import SyncFreeProgressBar, TokenThroughput
 from lmlab.metrics import token_nats
 from lmlab.models import GPT, RecurrentLM, count_parameters, detach_state
-from lmlab.models.float8 import use_float8_matmuls
 from lmlab.optim import parameter_groups, warmup_cosine
+from lmlab.perf import Perf, apply_perf, attention_context
 from lmlab.run.precision import cpu_has_native_bf16
 from lmlab.run.quiet import quiet_lightning
-from lmlab.task import LanguageModelTask, attention_context
+from lmlab.task import LanguageModelTask
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -71,9 +71,9 @@ class Preset:
     compile_mode: str | None = None
     loss_chunk_rows: int = 0
     attention: str = "auto"
-    cuda_graphs: bool | str = "auto"  # task.cuda_graphs, as shipped
-    float8: bool = False  # task.float8: torchao's FP8 linear layers, in both loops
-    activation_checkpointing: bool = False  # task.activation_checkpointing: blocks recomputed in backward, both loops
+    cuda_graphs: bool | str = "auto"  # perf.cuda_graphs, as shipped
+    float8: bool = False  # perf.float8: torchao's FP8 linear layers, in both loops
+    activation_checkpointing: bool = False  # perf.activation_checkpointing: blocks recomputed in backward, both loops
     extra: dict = field(default_factory=dict)
 
 
@@ -133,6 +133,18 @@ PRESETS = {
 }
 
 
+def perf_of(p: Preset) -> Perf:
+    """The preset's speed switches (conf/train.yaml's perf node), for both loops."""
+    return Perf(
+        compile=p.compile,
+        compile_mode=p.compile_mode,
+        float8=p.float8,
+        attention=p.attention,
+        cuda_graphs=p.cuda_graphs,
+        activation_checkpointing=p.activation_checkpointing,
+    )
+
+
 def batches(p: Preset, n: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
     seq = [torch.randint(0, p.vocab, (p.batch, p.block + 1), generator=g) for _ in range(n)]
@@ -162,9 +174,7 @@ def precision(p: Preset, device: torch.device) -> str:
 def plain_loop(p: Preset, model: torch.nn.Module, data, warmup: int, device: torch.device) -> float:
     """The reference: the loop a careful engineer writes by hand. Returns seconds for the timed steps."""
     model = model.to(device).train()
-    if p.float8:
-        use_float8_matmuls(model)
-    model.activation_checkpointing = p.activation_checkpointing
+    apply_perf(model, perf_of(p))  # FP8 layers, activation checkpointing: as lmlab applies them
     fused = {"fused": True} if device.type == "cuda" else {}
     opt = optimizer_factory(p, device)(parameter_groups(model, 0.1), **fused)
     schedule = SCHEDULE(opt, total_steps=len(data))
@@ -345,19 +355,16 @@ def lightning_loop(
     p: Preset, model: torch.nn.Module, data, warmup: int, device: torch.device, loader=None, setup: str = "shipped"
 ) -> float:
     """lmlab's path: LanguageModelTask + Trainer.fit, set up as `setup` says (the shipped configuration)."""
+    perf = perf_of(p)
+    apply_perf(model, perf)
     task = LanguageModelTask(
         model,
         optimizer=optimizer_factory(p, device),
         scheduler=SCHEDULE,
         weight_decay=0.1,
         stateful=p.stateful,
-        compile=p.compile,
-        compile_mode=p.compile_mode,
         loss_chunk_rows=p.loss_chunk_rows,
-        attention=p.attention,
-        cuda_graphs=p.cuda_graphs,
-        float8=p.float8,
-        activation_checkpointing=p.activation_checkpointing,
+        perf=perf,
     )
     timer = StepTimer(warmup, len(data), device)
     loader = loader or torch.utils.data.DataLoader(data, batch_size=None, shuffle=False)
@@ -460,7 +467,7 @@ def parser() -> argparse.ArgumentParser:
         help="recompute each block's activations in the backward pass (less memory, more compute), both loops",
     )
     parser.add_argument(
-        "--cuda-graphs", choices=["auto", "true", "false"], default=None, help="task.cuda_graphs (shipped: auto)"
+        "--cuda-graphs", choices=["auto", "true", "false"], default=None, help="perf.cuda_graphs (shipped: auto)"
     )
     parser.add_argument(
         "--real-data",

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table, write_results
 
 from lmlab.checkpoint import load_checkpoint
-from lmlab.data.windows import IGNORE_INDEX, EvalWindows
+from lmlab.data.windows import IGNORE_INDEX, EvalWindows, already_batched
 from lmlab.run.evaluate import score_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,7 +125,7 @@ def score_nanogpt(work: Path, ckpt_path: Path, meta_path: Path) -> dict:
     ids = np.array([stoi[c] for c in text], dtype=np.int64)
     windows = EvalWindows(ids, checkpoint["model_args"]["block_size"], context_token=stoi[before])
     nats = 0.0
-    for x, y in DataLoader(windows, batch_size=64):
+    for x, y in DataLoader(windows, batch_size=64, collate_fn=already_batched):
         logits, _ = model(x, torch.zeros_like(x))  # with targets, nanoGPT returns every position's logits
         nats += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
     return {"steps": checkpoint["iter_num"], "last10_loss": float(nats) / len(ids)}

@@ -32,4 +32,4 @@ class ValidationStateAtEpochStart(pl.Callback):
         streams, rows = state_tensors(state)[0].size(1), batch[0].size(0)  # [layers, streams, width]
         if streams != rows:
             raise RuntimeError(f"validation ran {streams} streams and training {rows}: set data.eval_batch_size={rows}")
-        pl_module._train_state = state
+        pl_module.carried_state = state

@@ -11,7 +11,9 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from lmlab.callbacks import ExactResume
 from lmlab.cli import register_resolvers
+from lmlab.models import family, family_names
 from lmlab.run.distributed import SameStreamDDPStrategy
 
 register_resolvers()
@@ -19,18 +21,13 @@ register_resolvers()
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 SHAKESPEARE = REPO / "data" / "tinyshakespeare.txt"
-MODELS = ["rnn", "gru", "lstm", "transformer", "gpt", "llama", "lstm_attn", "mamba", "jamba"]
+MODELS = family_names()
 TOKENIZERS = ["char", "word", "bpe"]
 
 
 def tiny_overrides(model: str, corpus: Path, steps: int = 20) -> list[str]:
     """Command-line overrides that shrink any model x tokenizer run to a few seconds on CPU."""
-    size = ["model.d_model=32", "model.n_layer=1"]
-    if model in ("gpt", "transformer", "llama"):
-        size.append("model.n_head=2")
-    if model == "jamba":  # one Mamba layer, then one attention layer with a mixture-of-experts feed-forward
-        size = ["model.d_model=32", "model.n_layer=2", "model.n_head=2", "model.n_kv_head=1"]
-        size += ["model.attn_every=2", "model.attn_offset=1"]
+    size = [f"model.{key}={value}" for key, value in family(model).tiny.items()]  # the registry's tiny shape
     return [
         f"model={model}",
         "data=text",
@@ -86,7 +83,8 @@ def sweep_overrides(corpus: Path, sweep_dir: Path, swept: list[str], fixed: tupl
 
 
 def cpu_trainer(devices: int, callbacks=(), **kwargs) -> pl.Trainer:
-    """A bare Trainer on 1 or N CPU processes (DDP over gloo), sharding its data as lmlab does."""
+    """A bare Trainer on 1 or N CPU processes (DDP over gloo), sharding its data and saving the carried
+    state and RNG (ExactResume) as lmlab does."""
     return pl.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -97,7 +95,7 @@ def cpu_trainer(devices: int, callbacks=(), **kwargs) -> pl.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=list(callbacks),
+        callbacks=[*callbacks, ExactResume()],
         **kwargs,
     )
 

@@ -1,4 +1,4 @@
-"""task.activation_checkpointing: each block's activations are recomputed in the backward pass.
+"""perf.activation_checkpointing: each block's activations are recomputed in the backward pass.
 
 The loss and every gradient are the ones computed without it (dropout included), far fewer bytes are
 kept for the backward pass, and nothing changes outside training: evaluation, generation, weights.
@@ -19,8 +19,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import lmlab.models.base
+from lmlab.errors import ConfigError
 from lmlab.generate import IncrementalDecoder
-from lmlab.models import GPT, Jamba, LanguageModel, Llama, LSTMAttentionLM, Mamba, RecurrentLM, TransformerLM
+from lmlab.models import GPT, Jamba, LanguageModel, Llama, LSTMAttentionLM, Mamba, MoEConfig, RecurrentLM, TransformerLM
+from lmlab.perf import Perf, apply_perf
 from lmlab.run.train import train
 from lmlab.task import LanguageModelTask
 from tests.helpers import REPO, compose_config, tiny_overrides
@@ -125,7 +127,7 @@ def test_checkpointing_keeps_far_fewer_bytes_for_the_backward_pass(kind):
 def test_the_mixture_of_experts_loss_and_its_router_gradients_survive_the_recompute(kind):
     """MoE layers keep their load-balancing loss on the module during the forward; its gradient reaches
     the routers through the recomputed blocks, as it does without checkpointing."""
-    model = make(kind, n_experts=4, top_k=2, moe_every=1, aux_loss_weight=1.0)
+    model = make(kind, moe=MoEConfig(n_experts=4, top_k=2, moe_every=1, aux_loss_weight=1.0))
     x, y = tokens(), tokens(seed=2)
     _, aux, grads = loss_and_grads(model, False, x, y)
     _, checkpointed_aux, checkpointed_grads = loss_and_grads(model, True, x, y)
@@ -152,7 +154,7 @@ def test_the_mixture_of_experts_loss_and_its_router_gradients_survive_the_recomp
 
 @pytest.mark.parametrize("kind", ["gpt", "llama", "jamba"])
 def test_the_recompute_runs_on_the_attention_kernel_the_forward_was_pinned_to(kind):
-    """task.attention pins a kernel around the forward only; the backward's recompute must use it too,
+    """perf.attention pins a kernel around the forward only; the backward's recompute must use it too,
     or it saves other tensors than the forward did (the math kernel's weights, flash's log-sum-exp).
     Dropout 0: a CPU's flash kernel has no dropout, so with it the math kernel runs pinned or not."""
     model, x, y = make(kind, dropout=0.0), tokens(), tokens(seed=2)
@@ -213,8 +215,9 @@ def test_evaluation_no_grad_and_cached_generation_are_unchanged(kind, monkeypatc
 
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_weights_keep_their_names_and_checkpoints_load_either_way(kind):
-    plain = make(kind)
-    task = LanguageModelTask(make(kind), optimizer=torch.optim.AdamW, activation_checkpointing=True)
+    plain, checkpointed = make(kind), make(kind)
+    apply_perf(checkpointed, Perf(activation_checkpointing=True))
+    task = LanguageModelTask(checkpointed, optimizer=torch.optim.AdamW)
     assert task.model.activation_checkpointing
     assert list(task.model.state_dict()) == list(plain.state_dict())
     assert [name for name, _ in task.model.named_parameters()] == [name for name, _ in plain.named_parameters()]
@@ -222,7 +225,7 @@ def test_weights_keep_their_names_and_checkpoints_load_either_way(kind):
     assert list(task.state_dict()) == list(LanguageModelTask(make(kind), optimizer=torch.optim.AdamW).state_dict())
 
 
-MESSAGE = "task.activation_checkpointing=true needs a model made of repeated blocks"
+MESSAGE = "perf.activation_checkpointing=true needs a model made of repeated blocks"
 
 
 @pytest.mark.parametrize(
@@ -235,16 +238,17 @@ MESSAGE = "task.activation_checkpointing=true needs a model made of repeated blo
     ids=["rnn", "lstm", "lstm_attn"],
 )
 def test_a_model_without_repeated_blocks_is_refused(model):
-    with pytest.raises(ValueError, match=MESSAGE) as raised:
-        LanguageModelTask(model, optimizer=torch.optim.AdamW, activation_checkpointing=True)
-    assert f"{type(model).__name__} has none: set task.activation_checkpointing=false" in str(raised.value)
-    LanguageModelTask(model, optimizer=torch.optim.AdamW)  # off: trains as before
+    with pytest.raises(ConfigError, match=MESSAGE) as raised:
+        apply_perf(model, Perf(activation_checkpointing=True))
+    assert f"{type(model).__name__} has none: set perf.activation_checkpointing=false" in str(raised.value)
+    apply_perf(model, Perf())  # off: trains as before
+    assert not model.activation_checkpointing
 
 
 @pytest.mark.slow
 def test_train_py_refuses_a_recurrent_model_in_one_line(tmp_path, small_corpus):
     run = tmp_path / "run"
-    overrides = [*tiny_overrides("lstm", small_corpus), "task.activation_checkpointing=true", f"hydra.run.dir={run}"]
+    overrides = [*tiny_overrides("lstm", small_corpus), "perf.activation_checkpointing=true", f"hydra.run.dir={run}"]
     result = subprocess.run(
         [sys.executable, "train.py", *overrides], cwd=REPO, capture_output=True, text=True, timeout=300
     )
@@ -252,8 +256,8 @@ def test_train_py_refuses_a_recurrent_model_in_one_line(tmp_path, small_corpus):
     assert "Traceback" not in result.stderr
     *_, line = [line for line in result.stderr.splitlines() if line.strip()]
     assert line == (
-        "error: invalid task config: task.activation_checkpointing=true needs a model made of repeated blocks "
-        "(gpt, transformer, llama, mamba, jamba); RecurrentLM has none: set task.activation_checkpointing=false"
+        "error: perf.activation_checkpointing=true needs a model made of repeated blocks "
+        "(transformer, gpt, llama, mamba, jamba); RecurrentLM has none: set perf.activation_checkpointing=false"
     )
     assert not (run / "checkpoints").exists()
 
@@ -266,7 +270,7 @@ def test_a_checkpointed_train_py_run_scores_as_the_plain_one(tmp_path, small_cor
     scores = {}
     for checkpointing in (False, True):
         overrides = [*tiny_overrides("gpt", small_corpus), "model.dropout=0.1", "model.n_layer=2"]
-        overrides += ["trainer.precision=32-true", f"task.activation_checkpointing={str(checkpointing).lower()}"]
+        overrides += ["trainer.precision=32-true", f"perf.activation_checkpointing={str(checkpointing).lower()}"]
         run = tmp_path / str(checkpointing)
         train(compose_config(overrides, run))
         scores[checkpointing] = json.loads((run / "metrics.json").read_text())
@@ -279,15 +283,15 @@ def test_a_checkpointed_train_py_run_scores_as_the_plain_one(tmp_path, small_cor
 
 @pytest.mark.slow
 def test_compiled_checkpointed_training_matches_eager_and_still_recomputes():
-    """task.compile=true: torch.compile traces the checkpointed blocks and recomputes them in its own
+    """perf.compile=true: torch.compile traces the checkpointed blocks and recomputes them in its own
     backward (about 20 s of compiling on a CPU). Dropout 0: compiled code draws other random numbers."""
     x, y = tokens(batch=4), tokens(batch=4, seed=2)
 
     def step(compile: bool, checkpointing: bool):
         model = make("gpt", n_layer=4, d_model=64, dropout=0.0)
-        task = LanguageModelTask(
-            model, optimizer=torch.optim.AdamW, compile=compile, activation_checkpointing=checkpointing
-        )
+        perf = Perf(compile=compile, activation_checkpointing=checkpointing)
+        apply_perf(model, perf)
+        task = LanguageModelTask(model, optimizer=torch.optim.AdamW, perf=perf)
         kept, (loss, _) = saved_activation_bytes(model, lambda: task._step_loss(x, y, training=True))
         loss.backward()
         return kept, loss.detach(), [p.grad for p in model.parameters()]

@@ -1,4 +1,4 @@
-"""CUDA graphs (task.cuda_graphs) replay a step's forward and backward: same numbers, fresh dropout, clear refusals.
+"""CUDA graphs (perf.cuda_graphs) replay a step's forward and backward: same numbers, fresh dropout, clear refusals.
 
 The GPU tests run where a GPU is (`pytest tests/test_cuda_graphs.py` on the GPU machine); the CPU
 tests check the choice of when graphs are used and the errors when they cannot be.
@@ -15,7 +15,8 @@ import torch
 
 from lmlab.errors import ConfigError
 from lmlab.graphed_step import GraphCaptureError, GraphedTrainingStep
-from lmlab.models import GPT, Jamba, Llama, LSTMAttentionLM, Mamba, RecurrentLM, TransformerLM
+from lmlab.models import GPT, Jamba, Llama, LSTMAttentionLM, Mamba, MoEConfig, RecurrentLM, TransformerLM
+from lmlab.perf import Perf, apply_perf
 from lmlab.run.train import train
 from lmlab.task import LanguageModelTask
 from tests.helpers import compose_config, tiny_overrides
@@ -37,17 +38,13 @@ class StepLosses(pl.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def fit(make_model, cuda_graphs, data, stateful: bool, precision: str = "32-true", **task_options):
+def fit(make_model, cuda_graphs, data, stateful: bool, precision: str = "32-true", **perf_options):
     """Per-step losses and final weights of a short GPU run, and whether it replayed a graph."""
     torch.manual_seed(0)
     model = make_model()
-    task = LanguageModelTask(
-        model,
-        optimizer=partial(torch.optim.AdamW, lr=3e-3),
-        stateful=stateful,
-        cuda_graphs=cuda_graphs,
-        **task_options,
-    )
+    perf = Perf(cuda_graphs=cuda_graphs, **perf_options)
+    apply_perf(model, perf)
+    task = LanguageModelTask(model, optimizer=partial(torch.optim.AdamW, lr=3e-3), stateful=stateful, perf=perf)
     losses = StepLosses()
     trainer = pl.Trainer(
         accelerator="gpu",
@@ -95,7 +92,7 @@ def test_graphed_training_gives_the_eager_losses_and_weights(name):
 
 @needs_gpu
 def test_graphed_training_with_activation_checkpointing_and_dropout_gives_the_eager_losses_and_weights():
-    """Blocks recomputed inside the captured backward (task.activation_checkpointing): each replay's
+    """Blocks recomputed inside the captured backward (perf.activation_checkpointing): each replay's
     recompute must draw the dropout masks of its own forward, as the eager steps do, and the random
     state checkpointing saves and restores inside the capture must leave the generator usable."""
 
@@ -211,7 +208,7 @@ def test_a_full_run_with_validation_and_test_scores_as_the_eager_one(tmp_path, s
     scores = {}
     for graphs in (False, True):
         overrides = [*tiny_overrides(model, small_corpus, steps=24), "trainer.accelerator=gpu", "model.dropout=0.0"]
-        overrides += ["trainer.precision=32-true", f"task.cuda_graphs={str(graphs).lower()}", "seed=3"]
+        overrides += ["trainer.precision=32-true", f"perf.cuda_graphs={str(graphs).lower()}", "seed=3"]
         overrides += ["data.stateful=true"] if model == "lstm" else []
         train(compose_config(overrides, tmp_path / str(graphs)))
         scores[graphs] = json.loads((tmp_path / str(graphs) / "metrics.json").read_text())
@@ -252,27 +249,27 @@ def test_auto_falls_back_to_eager_steps_and_true_refuses_in_one_line():
         auto, _, captured = fit(host_syncing_gpt, "auto", data, stateful=False)
     assert not captured
     assert auto == pytest.approx(eager, rel=1e-5)
-    with pytest.raises(ConfigError, match="task.cuda_graphs=true: this model's step cannot be captured"):
+    with pytest.raises(ConfigError, match="perf.cuda_graphs=true: this model's step cannot be captured"):
         fit(host_syncing_gpt, True, data, stateful=False)
 
 
 def test_mixture_of_experts_models_report_data_dependent_shapes():
     assert Jamba(
-        VOCAB, d_model=32, n_layer=2, n_head=2, n_experts=2, attn_every=2, attn_offset=1
+        VOCAB, d_model=32, n_layer=2, n_head=2, moe=MoEConfig(n_experts=2), attn_every=2, attn_offset=1
     ).has_data_dependent_shapes()
     assert not GPT(VOCAB, d_model=32, n_layer=1, n_head=2, block_size=8).has_data_dependent_shapes()
     assert not RecurrentLM(VOCAB, d_model=16, n_layer=1).has_data_dependent_shapes()
 
 
 def test_a_setting_other_than_auto_true_or_false_is_refused():
-    with pytest.raises(ValueError, match="task.cuda_graphs must be auto, true or false"):
-        LanguageModelTask(GPT(VOCAB, d_model=16, n_layer=1, n_head=2, block_size=8), optimizer=None, cuda_graphs="yes")
+    with pytest.raises(ValueError, match="perf.cuda_graphs must be auto, true or false"):
+        Perf(cuda_graphs="yes")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_asking_for_cuda_graphs_on_a_cpu_is_one_clear_error(tmp_path, small_corpus):
-    cfg = compose_config([*tiny_overrides("gpt", small_corpus, steps=2), "task.cuda_graphs=true"], tmp_path)
-    with pytest.raises(ConfigError, match="task.cuda_graphs=true cannot be used: training does not run on a CUDA GPU"):
+    cfg = compose_config([*tiny_overrides("gpt", small_corpus, steps=2), "perf.cuda_graphs=true"], tmp_path)
+    with pytest.raises(ConfigError, match="perf.cuda_graphs=true cannot be used: training does not run on a CUDA GPU"):
         train(cfg)
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from lmlab.data import HFDataModule, TextDataModule
-from lmlab.data.corpus import read_local_corpus, split_by_bytes
+from lmlab.data.corpus import split_by_bytes
+from lmlab.data.sources import read_local_corpus
 from lmlab.data.windows import IGNORE_INDEX, EvalWindows, StreamBatches
 from lmlab.errors import DataError
 from lmlab.tokenizers import BPETokenizer, CharTokenizer

@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from lmlab import lightning_compat
 from lmlab.data import TextDataModule
 from lmlab.models import GPT, RecurrentLM
-from lmlab.run import distributed
 from lmlab.run.distributed import SameStreamDDPStrategy
 from lmlab.task import LanguageModelTask
 from lmlab.tokenizers import CharTokenizer
@@ -186,7 +186,7 @@ def test_ddp_is_built_on_the_stream_that_trains(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "Stream", no_side_stream)
     monkeypatch.setattr(
-        distributed, "DistributedDataParallel", lambda module, device_ids, **kw: built.append(kw) or module
+        lightning_compat, "DistributedDataParallel", lambda module, device_ids, **kw: built.append(kw) or module
     )
     strategy = SameStreamDDPStrategy(gradient_as_bucket_view=True)
     monkeypatch.setattr(strategy, "determine_ddp_device_ids", lambda: [0])  # as on a GPU

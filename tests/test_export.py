@@ -15,6 +15,7 @@ from lmlab.checkpoint import FORMAT_VERSION, SECTION
 from lmlab.errors import ConfigError
 from lmlab.export import export_from_config, export_model
 from lmlab.models import GPT, LanguageModel, Llama, RecurrentLM
+from lmlab.models.mamba import Mamba
 from lmlab.tokenizers import BPETokenizer, CharTokenizer, Tokenizer, WordTokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -42,7 +43,14 @@ MODELS = {
     "llama-scaled": lambda v: Llama(
         v, d_model=32, n_layer=2, n_head=4, n_kv_head=1, block_size=12, rope_scaling=2.0, tie_weights=False
     ),
+    # Mamba tied with a padded vocabulary, and untied with its own state size, kernel and dt rank
+    "mamba": lambda v: Mamba(v, d_model=32, n_layer=2, d_state=8, pad_vocab_to=64),
+    "mamba-untied": lambda v: Mamba(
+        v, d_model=24, n_layer=2, d_state=4, d_conv=3, expand=3, dt_rank=5, tie_weights=False
+    ),
 }
+EXPORTED_CLASS = {"gpt": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mamba": "MambaForCausalLM"}
+SEQ_LEN = 24  # the inputs' length for models without a context limit (Mamba)
 
 
 def random_model(name: str, vocab_size: int) -> LanguageModel:
@@ -64,11 +72,12 @@ def test_exported_logits_equal_lmlab_logits(name, char, tmp_path):
     model = random_model(name, char.vocab_size)
     export_model(model, char, tmp_path / "out")
     exported = load_exported(tmp_path / "out")
-    assert type(exported).__name__ == {"gpt": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[name.split("-")[0]]
-    idx = torch.randint(0, char.vocab_size, (3, model.context_length), generator=torch.Generator().manual_seed(1))
+    assert type(exported).__name__ == EXPORTED_CLASS[name.split("-")[0]]
+    seq_len = model.context_length or SEQ_LEN
+    idx = torch.randint(0, char.vocab_size, (3, seq_len), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours, theirs = model(idx)[0], exported(idx).logits
-    assert theirs.shape == ours.shape == (3, model.context_length, char.vocab_size)
+    assert theirs.shape == ours.shape == (3, seq_len, char.vocab_size)
     assert torch.allclose(theirs, ours, atol=1e-4, rtol=0)
 
 
@@ -84,13 +93,14 @@ def lmlab_greedy(model: LanguageModel, prompt: torch.Tensor, n_new: int) -> list
     return tokens
 
 
-@pytest.mark.parametrize("name", ["gpt", "llama-gqa"])
+@pytest.mark.parametrize("name", ["gpt", "llama-gqa", "mamba"])
 def test_greedy_generation_gives_the_same_tokens(name, char, tmp_path):
+    """Mamba's generation carries its conv and SSM states in both libraries (transformers' MambaCache)."""
     model = random_model(name, char.vocab_size)
     export_model(model, char, tmp_path / "out")
     exported = load_exported(tmp_path / "out")
     prompt = torch.tensor([char.encode("First Citizen:\n").tolist()])
-    n_new = model.context_length - prompt.size(1)
+    n_new = (model.context_length or SEQ_LEN) - prompt.size(1)
     with torch.no_grad():
         generated = exported.generate(
             prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new, do_sample=False, pad_token_id=0
@@ -133,6 +143,7 @@ def test_other_architectures_are_refused_in_one_line(char, tmp_path):
     message = str(error.value)
     assert "\n" not in message and "RecurrentLM" in message
     assert "gpt (as GPT2LMHeadModel)" in message and "llama (as LlamaForCausalLM)" in message
+    assert "mamba (as MambaForCausalLM)" in message
     assert not (tmp_path / "out").exists()
 
 

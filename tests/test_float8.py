@@ -1,4 +1,4 @@
-"""`task.float8=true`: torchao's FP8 linear layers, checked on the CPU (which emulates the FP8 products)."""
+"""`perf.float8=true`: torchao's FP8 linear layers, checked on the CPU (which emulates the FP8 products)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from torch import nn
 from lmlab.checkpoint.format import load_checkpoint
 from lmlab.errors import ConfigError
 from lmlab.models import GPT, Llama
-from lmlab.models import float8 as float8_module
-from lmlab.models.float8 import check_float8_device, use_float8_matmuls
+from lmlab.perf import Perf, apply_perf
+from lmlab.perf import float8 as float8_module
+from lmlab.perf.float8 import check_float8_device, use_float8_matmuls
 from lmlab.run.train import train
 from lmlab.task import LanguageModelTask
 from tests.helpers import compose_config, tiny_overrides, train_losses
@@ -49,7 +50,8 @@ def test_sizes_fp8_kernels_cannot_take_stay_in_the_run_precision():
 
 def _losses(float8: bool, steps: int = 25) -> list[float]:
     model = tiny_gpt()
-    task = LanguageModelTask(model, optimizer=partial(torch.optim.AdamW, lr=1e-2), float8=float8)
+    apply_perf(model, Perf(float8=float8))
+    task = LanguageModelTask(model, optimizer=partial(torch.optim.AdamW, lr=1e-2))
     assert any(isinstance(m, Float8Linear) for m in model.modules()) is float8
     text = torch.arange(17).repeat(8, 1) * 3 % 64  # 8 copies of one learnable sequence
     return train_losses(task, [(text[:, :-1], text[:, 1:])] * steps, autocast_dtype=torch.bfloat16)
@@ -64,14 +66,14 @@ def test_fp8_training_learns_and_follows_the_bf16_curve():
 
 def test_without_torchao_the_error_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao.float8", None)  # import fails
-    with pytest.raises(ConfigError, match=r"task.float8=true needs torchao \(pip install torchao"):
-        LanguageModelTask(tiny_gpt(), optimizer=torch.optim.SGD, float8=True)
+    with pytest.raises(ConfigError, match=r"perf.float8=true needs torchao \(pip install torchao"):
+        apply_perf(tiny_gpt(), Perf(float8=True))
 
 
 def test_a_gpu_without_fp8_tensor_cores_is_refused_in_one_line(monkeypatch):
     monkeypatch.setattr(float8_module.torch.cuda, "get_device_capability", lambda device: (8, 0))
     monkeypatch.setattr(float8_module.torch.cuda, "get_device_name", lambda device: "NVIDIA A100")
-    with pytest.raises(ConfigError, match="NVIDIA A100 has 8.0: set task.float8=false"):
+    with pytest.raises(ConfigError, match="NVIDIA A100 has 8.0: set perf.float8=false"):
         check_float8_device(torch.device("cuda", 0))
     monkeypatch.setattr(float8_module.torch.cuda, "get_device_capability", lambda device: (9, 0))
     check_float8_device(torch.device("cuda", 0))  # Hopper
@@ -88,7 +90,7 @@ def test_swapping_twice_changes_nothing():
 def test_a_float8_run_trains_evaluates_and_its_checkpoint_loads_into_a_plain_model(tmp_path, small_corpus):
     """The whole Lightning path: training, validation and test (under no_grad, not inference_mode,
     which torchao's layers do not support), then the checkpoint as generate.py reads it."""
-    overrides = tiny_overrides("gpt", small_corpus, steps=8) + ["task.float8=true", "trainer.precision=bf16-mixed"]
+    overrides = tiny_overrides("gpt", small_corpus, steps=8) + ["perf.float8=true", "trainer.precision=bf16-mixed"]
     cfg = compose_config(overrides, tmp_path / "run")
     with pytest.warns(UserWarning, match="the FP8 products are emulated"):
         metrics = train(cfg)

@@ -14,6 +14,7 @@ from lmlab.models import (
     Llama,
     LSTMAttentionLM,
     Mamba,
+    MoEConfig,
     RecurrentLM,
     TransformerLM,
     count_parameters,
@@ -35,7 +36,7 @@ def test_gpt_moe_counts_only_the_routed_experts() -> None:
     mlp = 4 * D * D + 4 * D * D
     attn_and_norms = 2 * D + 4 * D * D
     router = D * 4
-    model = GPT(V, d_model=D, n_layer=2, n_head=2, block_size=T, n_experts=4, top_k=2, moe_every=2)
+    model = GPT(V, d_model=D, n_layer=2, n_head=2, block_size=T, moe=MoEConfig(n_experts=4, top_k=2, moe_every=2))
     assert count_parameters(model) == V * D + T * D + 2 * attn_and_norms + mlp + router + 4 * mlp + D
     active = V * D + 2 * attn_and_norms + mlp + router + 2 * mlp + D
     assert model.flops_per_token(T) == 6 * active + 12 * 2 * D * T
@@ -117,9 +118,7 @@ def test_jamba_with_experts() -> None:
         d_state=4,
         d_conv=3,
         d_ff=d_ff,
-        n_experts=3,
-        top_k=1,
-        moe_every=2,
+        moe=MoEConfig(n_experts=3, top_k=1, moe_every=2),
         block_size=T,
     )
     assert count_parameters(model) == total

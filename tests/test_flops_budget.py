@@ -5,63 +5,54 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-import pytorch_lightning as pl
 
+from lmlab.data.eval_context import EvalProtocol
 from lmlab.errors import ConfigError
-from lmlab.run.budgets import apply_flops_budget, byte_budget, flops_budget
+from lmlab.run.budgets import byte_budget, flops_budget, steps_for_flops, tokens_per_step
+from lmlab.run.build import build
+from lmlab.run.plan import resolve_run
 from tests.helpers import compose_config
 
-
-def _trainer(accumulate: int = 1) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=1500,
-        accumulate_grad_batches=accumulate,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        val_check_interval=500,
-    )
-
-
-class _Model:
-    """A model as the budget sees it: only its training FLOPs per token, at a context it must be asked for."""
-
-    def __init__(self, per_token: int) -> None:
-        self.per_token, self.asked = per_token, []
-
-    def flops_per_token(self, seq_len: int) -> int:
-        self.asked.append(seq_len)
-        return self.per_token
-
-
-DATA = SimpleNamespace(batch_size=8, block_size=32, train_bytes_per_token=1.0)
+DATA = SimpleNamespace(
+    batch_size=8,
+    block_size=32,
+    train_bytes_per_token=1.0,
+    tokenizer=SimpleNamespace(vocab_size=65),
+    eval_protocol=EvalProtocol("window"),
+)
 
 
 @pytest.mark.parametrize("per_token,accumulate", [(600_000, 1), (1_234_567, 2), (60_000_000, 1)])
-def test_a_flops_budget_becomes_the_steps_that_spend_it(tmp_path, per_token, accumulate):
-    cfg = compose_config(["budget.max_flops=3e12", f"trainer.accumulate_grad_batches={accumulate}"], tmp_path)
-    max_flops = flops_budget(cfg)
-    assert max_flops == 3e12
-    trainer, model = _trainer(accumulate), _Model(per_token)
-    steps = apply_flops_budget(trainer, cfg, DATA, model, max_flops)
+def test_a_flops_budget_becomes_the_steps_that_spend_it(per_token, accumulate):
+    tokens = tokens_per_step(batch_size=8, block_size=32, accumulate_grad_batches=accumulate, world_size=1)
+    steps = steps_for_flops(3e12, per_token, tokens)
     per_step = per_token * 8 * 32 * accumulate
-    assert model.asked == [32]  # the FLOPs of the context the run trains at
-    assert trainer.max_steps == steps == cfg.trainer.max_steps
     assert abs(steps * per_step - 3e12) <= per_step / 2  # the nearest step
-    assert steps % trainer.val_check_interval <= 2 or trainer.val_check_interval == steps  # last validation at the end
 
 
-def test_a_budget_too_small_for_one_step_is_one_line_naming_the_minimum(tmp_path):
-    cfg = compose_config(["budget.max_flops=1e8"], tmp_path)  # one step: 600,000 FLOPs x 8 x 32 tokens = 1.54e8
-    with pytest.raises(ConfigError) as err:
-        apply_flops_budget(_trainer(), cfg, DATA, _Model(600_000), flops_budget(cfg))
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_the_plan_gives_the_trainer_the_steps_of_its_flops_budget_up_front(tmp_path, accumulate):
+    overrides = ["budget.max_flops=3e12", f"trainer.accumulate_grad_batches={accumulate}", "trainer.accelerator=cpu"]
+    cfg = compose_config([*overrides, "trainer.devices=1", "trainer.val_check_interval=500"], tmp_path)
+    plan = resolve_run(cfg, DATA)
+    per_step = (
+        build(plan.model, "model", vocab_size=65).flops_per_token(32) * 8 * 32 * accumulate
+    )  # at the run's context
+    steps, interval = plan.trainer.max_steps, plan.trainer.val_check_interval
+    assert abs(steps * per_step - 3e12) <= per_step / 2
+    assert steps % interval <= 2 or interval == steps  # last validation at the end
+    assert (cfg.trainer.max_steps, cfg.trainer.val_check_interval) == (2000, 500)  # the config given is left as it is
+    trainer = build(plan.trainer, "trainer", logger=False, callbacks=[])
+    assert (trainer.max_steps, trainer.val_check_interval) == (steps, interval)
+
+
+def test_a_budget_too_small_for_one_step_is_one_line_naming_the_minimum():
+    with pytest.raises(ConfigError) as err:  # one step: 600,000 FLOPs x 8 x 32 tokens = 1.54e8
+        steps_for_flops(1e8, 600_000, 8 * 32)
     message = str(err.value)
     assert "\n" not in message and "budget.max_flops=1e+08 is less than one training step" in message
     assert "raise budget.max_flops to at least 1.54e+08" in message
-    cfg = compose_config(["budget.max_flops=1.54e8"], tmp_path)
-    assert apply_flops_budget(_trainer(), cfg, DATA, _Model(600_000), flops_budget(cfg)) == 1
+    assert steps_for_flops(1.54e8, 600_000, 8 * 32) == 1
 
 
 @pytest.mark.parametrize(

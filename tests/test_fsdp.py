@@ -35,8 +35,8 @@ from lmlab.errors import ConfigError
 from lmlab.models import GPT, Jamba, Llama, LSTMAttentionLM, Mamba, RecurrentLM, TransformerLM
 from lmlab.run.build import build
 from lmlab.run.distributed import (
-    BLOCKS,
     AtomicFSDPStrategy,
+    BlockWrapPolicy,
     block_wrap_policy,
     check_distributed,
     check_fsdp_model,
@@ -199,7 +199,7 @@ def _train_main(rank: int, port: int, corpus: Path, run_dir: Path) -> None:
 
 
 def _checkpointing_main(rank: int, port: int, corpus: Path, root: Path) -> None:
-    """The preset's run without and with task.activation_checkpointing (dropout on) on this rank: its
+    """The preset's run without and with perf.activation_checkpointing (dropout on) on this rank: its
     losses, and whether each block handed to checkpointing was an FSDP unit."""
     import lmlab.models.base
 
@@ -217,7 +217,7 @@ def _checkpointing_main(rank: int, port: int, corpus: Path, root: Path) -> None:
         for on in (False, True):
             cfg = _fsdp_config(corpus, root / str(on))
             with open_dict(cfg):
-                cfg.task.activation_checkpointing, cfg.model.dropout = on, 0.1
+                cfg.perf.activation_checkpointing, cfg.model.dropout = on, 0.1
             losses[on] = _fit(cfg, root / str(on))["losses"]
         torch.save({"losses": losses, "units": units}, root / f"rank{rank}.pt")
         dist.barrier()
@@ -249,7 +249,7 @@ def test_fsdp_preset_builds_lightnings_strategy_with_block_policy_and_sharded_ch
     strategy = build(cfg.trainer.strategy, "trainer.strategy")
     assert type(strategy) is AtomicFSDPStrategy and isinstance(strategy, FSDPStrategy) and uses_fsdp(strategy)
     assert strategy._state_dict_type == "sharded" and strategy.kwargs["use_orig_params"] is True
-    assert strategy.kwargs["auto_wrap_policy"]._module_classes == set(BLOCKS)
+    assert isinstance(strategy.kwargs["auto_wrap_policy"], BlockWrapPolicy)
     assert strategy.sharding_strategy.name == "FULL_SHARD"
     assert not uses_fsdp("ddp") and uses_fsdp("fsdp") and not uses_fsdp(OmegaConf.create({"_target_": "x.DDPStrategy"}))
 

@@ -136,7 +136,9 @@ def test_muon_takes_hidden_matrices_and_leaves_embeddings_output_norms_and_biase
 
 FAMILIES = {
     "gpt": lambda: GPT(vocab_size=11, d_model=16, n_layer=2, n_head=2, block_size=8),
-    "gpt_moe": lambda: GPT(vocab_size=11, d_model=16, n_layer=2, n_head=2, block_size=8, n_experts=3, top_k=1),
+    "gpt_moe": lambda: GPT(
+        vocab_size=11, d_model=16, n_layer=2, n_head=2, block_size=8, moe={"n_experts": 3, "top_k": 1}
+    ),
     "transformer": lambda: TransformerLM(vocab_size=11, d_model=16, n_layer=2, n_head=2, block_size=8),
     "llama": lambda: Llama(vocab_size=11, d_model=16, n_layer=2, n_head=2, n_kv_head=1, block_size=8),
     "rnn": lambda: RecurrentLM(vocab_size=11, d_model=16, n_layer=2, cell="rnn"),
@@ -317,7 +319,7 @@ def test_the_speedrun_recipe_composes_its_levers_and_runs_shrunk_on_a_cpu(tmp_pa
         *tiny_overrides("gpt", small_corpus),
         "trainer=cpu",
         "trainer.precision=32-true",
-        "task.compile=false",
+        "perf.compile=false",
         "data.splits=[0.9,0.05,0.05]",
     ]
     metrics = train(compose_config(shrunk, tmp_path / "run"))

@@ -10,7 +10,7 @@ import pytest
 from lmlab.errors import ConfigError
 from lmlab.models import count_parameters
 from lmlab.run.build import build
-from lmlab.run.sizing import TOLERANCE, apply_target_params, match_params
+from lmlab.run.sizing import TOLERANCE, match_params, target_shape
 from tests.helpers import MODELS, compose_config
 
 
@@ -42,7 +42,7 @@ def test_a_large_vocabulary_is_reached_by_narrowing_the_heads():
 def test_a_target_below_what_the_vocabulary_costs_is_refused_naming_the_closest_count(tmp_path):
     cfg = compose_config(["model=gpt"], tmp_path)
     with pytest.raises(ConfigError) as refused:
-        apply_target_params(cfg.model, 6818, 3_000)
+        target_shape(cfg.model, 6818, 3_000)
     message = str(refused.value)
     assert "budget.target_params=3,000 is out of reach" in message and "the closest is" in message
     assert "\n" not in message

@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from lmlab.errors import ConfigError
 from lmlab.run import precision
-from lmlab.run.precision import resolve_precision, set_float32_matmul_precision
+from lmlab.run.precision import planned_precision, set_float32_matmul_precision
 from lmlab.run.train import train
 from tests.helpers import compose_config, tiny_overrides
 
@@ -19,15 +19,14 @@ from tests.helpers import compose_config, tiny_overrides
 def test_auto_precision_follows_the_hardware(monkeypatch, accelerator, native_bf16, expected):
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native_bf16)
     trainer = OmegaConf.create({"accelerator": accelerator, "precision": "auto"})
-    resolve_precision(trainer)
-    assert trainer.precision == expected
+    assert planned_precision(trainer) == expected
+    assert trainer.precision == "auto"  # the config is read, never written
 
 
 def test_an_explicit_precision_is_left_alone(monkeypatch):
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     trainer = OmegaConf.create({"accelerator": "cpu", "precision": "32-true"})
-    resolve_precision(trainer)
-    assert trainer.precision == "32-true"
+    assert planned_precision(trainer) == "32-true"
 
 
 def test_a_run_records_the_precision_it_trained_in(monkeypatch, tmp_path, small_corpus):

@@ -7,14 +7,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import pytorch_lightning as pl
 from omegaconf import open_dict
 
+from lmlab.data.eval_context import EvalProtocol
 from lmlab.errors import ConfigError
 from lmlab.models import count_parameters
-from lmlab.run.budgets import apply_byte_budget, byte_budget, validation_interval
+from lmlab.run.budgets import byte_budget, validation_interval
 from lmlab.run.build import build
-from lmlab.run.sizing import apply_target_params, match_width
+from lmlab.run.plan import resolve_run
+from lmlab.run.sizing import match_width, target_shape
 from tests.helpers import MODELS, compose_config
 
 VOCABS = {"char": 65, "bpe": 1024, "word": 6000}
@@ -40,53 +41,55 @@ def test_matched_width_lands_within_ten_percent_of_the_target(model, target, voc
 def test_the_reported_count_is_the_built_model_s_count(tmp_path):
     cfg = compose_config(["model=transformer", "budget.target_params=300000"], tmp_path)
     ratio = cfg.model.d_ff / cfg.model.d_model
-    assert apply_target_params(cfg.model, 1024, cfg.budget.target_params) == 300_000
-    model = build(cfg.model, "model", vocab_size=1024)
-    assert cfg.model.d_ff / cfg.model.d_model == pytest.approx(ratio, rel=0.02)  # the d_ff/d_model ratio is kept
+    settings = target_shape(cfg.model, 1024, cfg.budget.target_params)
+    model = build(cfg.model, "model", vocab_size=1024, **settings)
+    assert settings["d_ff"] / settings["d_model"] == pytest.approx(ratio, rel=0.02)  # the d_ff/d_model ratio is kept
     assert abs(count_parameters(model) / 300_000 - 1) < 0.10
     assert match_width(cfg.model, 1024, 300_000)[1] == count_parameters(model)
 
 
 def test_depth_and_other_settings_are_kept(tmp_path):
-    cfg = compose_config(["model=lstm", "model.n_layer=3"], tmp_path)
-    apply_target_params(cfg.model, 65, 500_000)
-    assert (cfg.model.n_layer, cfg.model.cell, cfg.model.dropout) == (3, "lstm", 0.2)
+    cfg = compose_config(["model=lstm", "model.n_layer=3", "budget.target_params=500000"], tmp_path)
+    plan = resolve_run(cfg, _datamodule(1.0, vocab_size=65))
+    assert (plan.model.n_layer, plan.model.cell, plan.model.dropout) == (3, "lstm", 0.2)
+    assert plan.model.d_model != cfg.model.d_model  # the plan's width; the config given is left as it is
 
 
 def test_without_a_target_the_width_is_untouched(tmp_path):
     cfg = compose_config(["model=gpt"], tmp_path)
-    assert apply_target_params(cfg.model, 65, None) is None
-    assert cfg.model.d_model == 128
+    assert target_shape(cfg.model, 65, None) == {}
+    assert resolve_run(cfg, _datamodule(1.0, vocab_size=65)).model.d_model == 128
 
 
 def test_a_non_positive_target_is_a_config_error(tmp_path):
     cfg = compose_config(["model=gru", "budget.target_params=0"], tmp_path)
     with pytest.raises(ConfigError, match="budget.target_params must be a positive"):
-        apply_target_params(cfg.model, 65, cfg.budget.target_params)
+        target_shape(cfg.model, 65, cfg.budget.target_params)
 
 
-def _datamodule(bytes_per_token: float):
-    return SimpleNamespace(batch_size=8, block_size=32, train_bytes_per_token=bytes_per_token)
+def _datamodule(bytes_per_token: float, vocab_size: int = 65):
+    """The prepared data as the plan reads it."""
+    tokenizer = SimpleNamespace(vocab_size=vocab_size)
+    return SimpleNamespace(
+        batch_size=8,
+        block_size=32,
+        train_bytes_per_token=bytes_per_token,
+        tokenizer=tokenizer,
+        eval_protocol=EvalProtocol("window"),
+    )
 
 
 @pytest.mark.parametrize("bytes_per_token", [1.0, 1.37, 3.9])
 def test_a_byte_budget_becomes_the_steps_that_read_it(tmp_path, bytes_per_token):
-    cfg = compose_config(["budget.max_bytes=100000", "trainer.accumulate_grad_batches=2"], tmp_path)
+    overrides = ["budget.max_bytes=100000", "trainer.accumulate_grad_batches=2", "trainer.accelerator=cpu"]
+    cfg = compose_config([*overrides, "trainer.devices=1", "trainer.val_check_interval=500"], tmp_path)
     max_bytes = byte_budget(cfg)
     assert max_bytes == 100_000
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=1500,
-        accumulate_grad_batches=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        val_check_interval=500,
-    )
-    steps = apply_byte_budget(trainer, cfg, _datamodule(bytes_per_token), max_bytes)
+    plan = resolve_run(cfg, _datamodule(bytes_per_token))
+    trainer = build(plan.trainer, "trainer", logger=False, callbacks=[])  # given its steps up front
+    steps = plan.trainer.max_steps
     per_step = 8 * 32 * 2 * bytes_per_token
-    assert trainer.max_steps == steps == cfg.trainer.max_steps
+    assert trainer.max_steps == steps != cfg.trainer.max_steps
     assert abs(steps * per_step - 100_000) <= per_step / 2  # nearest step: within half a batch of the budget
     assert 250 <= trainer.val_check_interval <= 500 or trainer.val_check_interval == steps
     assert steps % trainer.val_check_interval <= 2  # the score covers (nearly) the whole budget

@@ -10,20 +10,27 @@ from functools import partial
 import pytest
 import pytorch_lightning as pl
 import torch
+from hydra.errors import HydraException
 from rich.console import Console
 
 from lmlab.callbacks import SyncFreeProgressBar, TokenThroughput
+from lmlab.errors import ConfigError
 from lmlab.models import GPT
+from lmlab.perf import SHORT_CPU_CONTEXT, Perf, auto_attention, dynamo_settings
+from lmlab.run.build import build
 from lmlab.run.quiet import quiet_lightning
-from lmlab.task import SHORT_CPU_CONTEXT, LanguageModelTask, auto_attention
-from tests.helpers import train_losses
+from lmlab.task import LanguageModelTask
+from tests.helpers import compose_config, train_losses
 
 
 def _losses(compile: bool, loss_chunk_rows: int = 0) -> list[float]:
     torch.manual_seed(0)
     model = GPT(vocab_size=37, d_model=32, n_layer=2, n_head=2, block_size=16)
     task = LanguageModelTask(
-        model, optimizer=partial(torch.optim.AdamW, lr=1e-2), compile=compile, loss_chunk_rows=loss_chunk_rows
+        model,
+        optimizer=partial(torch.optim.AdamW, lr=1e-2),
+        loss_chunk_rows=loss_chunk_rows,
+        perf=Perf(compile=compile),
     )
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, 37, (4, 17), generator=g) for _ in range(3)]
@@ -152,14 +159,14 @@ def test_pinning_the_attention_kernel_keeps_the_loss():
     seq = torch.randint(0, 37, (4, 17), generator=torch.Generator().manual_seed(1))
     losses = {}
     for name in ("auto", "flash", "math"):
-        task = LanguageModelTask(model, optimizer=torch.optim.SGD, attention=name)
+        task = LanguageModelTask(model, optimizer=torch.optim.SGD, perf=Perf(attention=name))
         losses[name] = task._step_loss(seq[:, :-1], seq[:, 1:], training=True)[0].item()
     assert losses["math"] == pytest.approx(losses["flash"], rel=1e-5) == pytest.approx(losses["auto"], rel=1e-5)
-    with LanguageModelTask(model, optimizer=torch.optim.SGD, attention="math")._attention(seq):
+    with LanguageModelTask(model, optimizer=torch.optim.SGD, perf=Perf(attention="math"))._attention(seq):
         assert torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
     assert torch.backends.cuda.flash_sdp_enabled()  # restored on exit
-    with pytest.raises(ValueError, match="task.attention must be one of"):
-        LanguageModelTask(model, optimizer=torch.optim.SGD, attention="fast")
+    with pytest.raises(ValueError, match="perf.attention must be one of"):
+        Perf(attention="fast")
 
 
 @pytest.mark.parametrize(("length", "math_only"), [(64, True), (SHORT_CPU_CONTEXT, True), (256, False)])
@@ -171,24 +178,37 @@ def test_auto_attention_takes_the_math_kernel_for_short_contexts_on_a_cpu(length
 
 
 @pytest.mark.parametrize(("choice", "split"), [("split", True), ("whole", False)])
-def test_compile_ddp_sets_how_dynamo_compiles_a_distributed_step(choice, split):
-    """Dynamo's DDPOptimizer (split) cuts the compiled graph at gradient buckets; whole keeps one graph."""
-    model = GPT(vocab_size=37, d_model=16, n_layer=1, n_head=2, block_size=8)
-    task = LanguageModelTask(model, optimizer=torch.optim.SGD, compile=True, compile_ddp=choice, cuda_graphs=False)
-    task._trainer = type("Trainer", (), {"world_size": 1})()
-    before = torch._dynamo.config.optimize_ddp  # a module with its own attribute magic: restored by hand
-    try:
-        torch._dynamo.config.optimize_ddp = not split
-        task.on_fit_start()
-        assert torch._dynamo.config.optimize_ddp is (not split)  # one process: nothing to decide
-        task._trainer.world_size = 2
-        task.on_fit_start()
+def test_compile_ddp_sets_how_dynamo_compiles_a_distributed_fit(choice, split):
+    """Dynamo's DDPOptimizer (split) cuts the compiled graph at gradient buckets; whole keeps one graph.
+    Set for the fit only, then put back: no process-wide write outlives the run."""
+    before = torch._dynamo.config.optimize_ddp
+    perf = Perf(compile=True, compile_ddp=choice)
+    with dynamo_settings(perf, world_size=1):
+        assert torch._dynamo.config.optimize_ddp == before  # one process: nothing to decide
+    with dynamo_settings(perf, world_size=2):
         assert torch._dynamo.config.optimize_ddp is split
-    finally:
-        torch._dynamo.config.optimize_ddp = before
+    assert torch._dynamo.config.optimize_ddp == before
+    with dynamo_settings(Perf(compile=False, compile_ddp=choice), world_size=2):
+        assert torch._dynamo.config.optimize_ddp == before  # not compiled: Dynamo is not involved
 
 
 def test_compile_ddp_names_its_choices():
-    model = GPT(vocab_size=37, d_model=16, n_layer=1, n_head=2, block_size=8)
-    with pytest.raises(ValueError, match="task.compile_ddp must be split or whole"):
-        LanguageModelTask(model, optimizer=torch.optim.SGD, compile=True, compile_ddp="overlap")
+    with pytest.raises(ValueError, match="perf.compile_ddp must be split or whole"):
+        Perf(compile=True, compile_ddp="overlap")
+
+
+@pytest.mark.parametrize(
+    "old", ["compile", "compile_mode", "compile_ddp", "float8", "attention", "cuda_graphs", "activation_checkpointing"]
+)
+def test_the_speed_switches_moved_from_task_to_perf(tmp_path, old):
+    """task.KEY is refused when the config is composed, naming the key; perf.KEY is the switch now."""
+    with pytest.raises(HydraException, match=f"Could not override 'task.{old}'"):
+        compose_config([f"task.{old}=null"], tmp_path)
+    assert old in compose_config([], tmp_path).perf
+
+
+def test_a_bad_perf_value_is_one_line_naming_its_key(tmp_path):
+    cfg = compose_config(["perf.cuda_graphs=sometimes"], tmp_path)
+    with pytest.raises(ConfigError, match="invalid perf config: perf.cuda_graphs must be auto, true or false"):
+        build(cfg.perf, "perf")
+    assert build(compose_config(["perf.attention=math"], tmp_path).perf, "perf") == Perf(attention="math")

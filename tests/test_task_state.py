@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import copy
 from functools import partial
+from types import SimpleNamespace
 
+import pytest
 import pytorch_lightning as pl
 import torch
 
+from lmlab.callbacks import ExactResume
+from lmlab.errors import ConfigError
 from lmlab.models import RecurrentLM, detach_state
 from lmlab.task import LanguageModelTask
 
@@ -92,3 +96,31 @@ def test_evaluation_carries_the_state_across_batches():
     torch.testing.assert_close(torch.stack(per_batch).double(), torch.stack(carried).double(), rtol=1e-5, atol=0)
     # the check can tell the two apart: without the state, every batch after the first scores differently
     assert all((a - b).abs() > 1e-4 for a, b in zip(carried[1:], dropped[1:]))
+
+
+def test_exact_resume_restores_the_carried_state_and_the_random_stream():
+    """ExactResume keeps what Lightning does not: the state carried into the next batch and the RNG
+    that draws the next dropout masks, put back when training starts (after Lightning's own draws)."""
+    one_process = SimpleNamespace(world_size=1, global_rank=0)
+    task = LanguageModelTask(_model(), optimizer=torch.optim.SGD, stateful=True)
+    task.carried_state = _model().init_state(BATCH, "cpu")
+    task.carried_state = tuple(torch.randn_like(t) for t in task.carried_state)
+    checkpoint: dict = {}
+    torch.manual_seed(5)
+    ExactResume().on_save_checkpoint(one_process, task, checkpoint)
+    next_draws = torch.rand(4)
+
+    resumed, callback = LanguageModelTask(_model(), optimizer=torch.optim.SGD, stateful=True), ExactResume()
+    callback.on_load_checkpoint(one_process, resumed, checkpoint)
+    torch.manual_seed(0)  # Lightning's setup draws from the RNG before training starts
+    callback.on_train_start(one_process, resumed)
+    assert torch.equal(torch.rand(4), next_draws)
+    for restored, saved in zip(resumed.carried_state, task.carried_state):
+        assert torch.equal(restored, saved)
+
+
+def test_a_stateful_checkpoint_of_n_processes_names_the_devices_to_resume_with():
+    checkpoint = {"carried_state": None, "carried_state_by_rank": [None, None], "rng_states": None}
+    task = LanguageModelTask(_model(), optimizer=torch.optim.SGD, stateful=True)
+    with pytest.raises(ConfigError, match="saved by 2 processes: resume it with trainer.devices=2"):
+        ExactResume().on_load_checkpoint(SimpleNamespace(world_size=1, global_rank=0), task, checkpoint)

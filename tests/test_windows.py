@@ -120,9 +120,10 @@ def test_evaluation_shards_score_every_token_exactly_once_on_any_number_of_ranks
     ids = np.arange(1, 1 + 7 * 61 + 5)  # an odd number of windows, the last one partial
     shares = [EvalWindows(ids, 61, context_token=0, rank=r, world_size=world_size) for r in range(world_size)]
     assert len({len(share) for share in shares}) == 1  # padded to equal lengths: no rank waits for another
-    targets = torch.cat([share.y.flatten() for share in shares])
+    batches = [share.__getitems__(list(range(len(share)))) for share in shares]
+    targets = torch.cat([y.flatten() for _, y in batches])
     assert targets[targets != IGNORE_INDEX].tolist() == ids.tolist()
-    inputs = torch.cat([share.x.flatten() for share in shares])[: len(ids)]
+    inputs = torch.cat([x.flatten() for x, _ in batches])[: len(ids)]
     assert inputs.tolist() == [0, *ids[:-1].tolist()]  # each token predicted from the one before it
 
 

@@ -34,7 +34,7 @@ class Recorder(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch_idx == 0:
-            Recorder.starts[trainer.current_epoch] = (_copy(pl_module._train_state), len(Recorder.validations))
+            Recorder.starts[trainer.current_epoch] = (_copy(pl_module.carried_state), len(Recorder.validations))
 
 
 @pytest.fixture

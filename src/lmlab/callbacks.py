@@ -19,15 +19,18 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+from pytorch_lightning.utilities import move_data_to_device
 
 from lmlab.checkpoint import SECTION
 from lmlab.errors import ConfigError, DivergedError, RunInterrupted
 from lmlab.generate import SamplingConfig, sample_text
+from lmlab.lightning_compat import StepBoundEpochDescription
+from lmlab.models import state_from_data, state_to_data
 from lmlab.report.blocks import write_test_blocks
 from lmlab.run.distributed import full_weights, uses_fsdp
 
 
-class SyncFreeProgressBar(RichProgressBar):
+class SyncFreeProgressBar(StepBoundEpochDescription, RichProgressBar):
     """Lightning's rich progress bar, compact and cheap: loss, val bpb and tokens/s, on one 80-column line.
 
     Metrics logged with `prog_bar=True` are turned into Python floats by Lightning after every
@@ -75,11 +78,6 @@ class SyncFreeProgressBar(RichProgressBar):
             BatchesProcessedColumn(style=self.theme.batch_progress),
             TimeRemainingColumn(compact=True),
         ]
-
-    def _get_train_description(self, current_epoch: int) -> str:
-        """ "Epoch 2" when runs are bounded by steps (max_epochs=-1), not Lightning's "Epoch 2/-2"."""
-        description = super()._get_train_description(current_epoch)
-        return description.replace("/-2", "").rstrip() if self.trainer.max_epochs == -1 else description
 
 
 def _compact(value: float) -> str:
@@ -318,30 +316,6 @@ class ValidationCurve(pl.Callback):
             return tuple(next(csv.reader(f), ())) or None
 
 
-class ComparisonLayout(pl.Callback):
-    """TensorBoard's Custom Scalars tab: bits per byte, perplexity and throughput of every run in one view.
-
-    Each run writes the same layout at the start of training; TensorBoard merges the layouts of all
-    runs under `--logdir`, so a sweep directory shows one chart per metric with a line per run.
-    """
-
-    LAYOUT = {
-        "lmlab comparison": {
-            "val bits per byte": ["Multiline", [r"^val/bpb$"]],
-            "val perplexity": ["Multiline", [r"^val/ppl$"]],
-            "training throughput (tokens/s)": ["Multiline", [r"^train/tokens_per_s$"]],
-        }
-    }
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
-            return
-        for logger in trainer.loggers:
-            experiment = getattr(logger, "experiment", None)
-            if hasattr(experiment, "add_custom_scalars"):
-                experiment.add_custom_scalars(self.LAYOUT)
-
-
 class ValidationSample(pl.Callback):
     """After each validation during training, a short seeded sample from a fixed prompt, logged to
     TensorBoard's Text tab as `val/sample`: how the model writes is seen to improve step by step.
@@ -383,6 +357,51 @@ class SelfContainedCheckpoints(pl.Callback):
         checkpoint[SECTION] = {**self.record, "step": trainer.global_step, "tokens_seen": pl_module.tokens_seen}
 
 
+class ExactResume(pl.Callback):
+    """What Lightning does not restore on a resume, kept in every checkpoint: the recurrent state the
+    task carries into the next batch (`carried_state`, one per rank under DDP: each rank carries the
+    state of its own streams) and the RNG that draws the next dropout masks. train.py adds it to every run."""
+
+    def __init__(self) -> None:
+        self._resumed_rng: dict | None = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["carried_state"] = state_to_data(pl_module.carried_state)
+        if trainer.world_size > 1:
+            every = [None] * trainer.world_size
+            torch.distributed.all_gather_object(
+                every, move_data_to_device(state_to_data(pl_module.carried_state), "cpu")
+            )
+            checkpoint["carried_state_by_rank"] = every
+        checkpoint["rng_states"] = {
+            "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        pl_module.carried_state = state_from_data(checkpoint.get("carried_state"))
+        by_rank = checkpoint.get("carried_state_by_rank")
+        if by_rank is not None:
+            if len(by_rank) != trainer.world_size:
+                raise ConfigError(
+                    f"this stateful checkpoint was saved by {len(by_rank)} processes: "
+                    f"resume it with trainer.devices={len(by_rank)}"
+                )
+            pl_module.carried_state = state_from_data(by_rank[trainer.global_rank])
+        self._resumed_rng = checkpoint.get("rng_states")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Applied here, after Lightning's own setup has drawn from the RNG, so that the first
+        # resumed step sees the state the interrupted run's next step would have seen.
+        if self._resumed_rng is not None:
+            torch.set_rng_state(self._resumed_rng["cpu"])
+            if len(self._resumed_rng["cuda"]) == torch.cuda.device_count() > 0:
+                torch.cuda.set_rng_state_all(self._resumed_rng["cuda"])
+            self._resumed_rng = None
+        if pl_module.carried_state is not None:
+            pl_module.carried_state = move_data_to_device(pl_module.carried_state, pl_module.device)
+
+
 class SaveTestBlocks(pl.Callback):
     """After the test pass, the test split's nats per block of its text, in `<run dir>/test_blocks.npz`:
     what `lmlab.report.bootstrap` resamples to say whether two runs' test bits per byte really differ.
@@ -401,7 +420,7 @@ class SaveTestBlocks(pl.Callback):
         if not chunks:
             return
         datamodule = trainer.datamodule
-        nats = _gather_in_rank_order(trainer, in_text_order(chunks, datamodule.stateful))
+        nats = _gather_in_rank_order(trainer, in_text_order(chunks, datamodule.eval_streams))
         if trainer.is_global_zero:
             write_test_blocks(self.path, nats[nats >= 0].double().cpu().numpy(), datamodule)
 

@@ -12,16 +12,23 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from lmlab.checkpoint.resume import checkpoint_run_dir
-from lmlab.errors import LmlabError
+from lmlab.errors import USER_ERROR_EXIT, LmlabError
+from lmlab.models.registry import adamw_rates, family_names
 from lmlab.run.dirs import JOB_DIR_RESOLVER, RESOLVER, claimed_dir, job_dir_name
 from lmlab.run.info import REPO_ROOT
 
-USER_ERROR_EXIT = 2
-
 T = TypeVar("T")
+DEFAULT_ADAMW_LR = 4.0e-3  # a model config without a registry line
+
+
+def adamw_lr(family: str | None = None) -> DictConfig | float:
+    """The `lmlab_adamw_lr` resolver: a model family's default AdamW rate (conf/optimizer/adamw.yaml), or
+    without a name the table of every registered family's (conf/train.yaml's `adamw_lr`, which runs record)."""
+    rates = adamw_rates()
+    return OmegaConf.create(rates) if family is None else rates.get(family, DEFAULT_ADAMW_LR)
 
 
 def register_resolvers() -> None:
@@ -35,6 +42,10 @@ def register_resolvers() -> None:
         JOB_DIR_RESOLVER: job_dir_name,
         # a resumed run (ckpt_path=<run>/checkpoints/x.ckpt) writes on into <run>
         "lmlab_run_dir": checkpoint_run_dir,
+        # a model family's default AdamW rate, or the table of them (lmlab.models.registry)
+        "lmlab_adamw_lr": adamw_lr,
+        # every registered family, comma-separated: the sweeps over all architectures
+        "lmlab_families": lambda: ",".join(family_names()),
     }
     for name, resolver in resolvers.items():
         if not OmegaConf.has_resolver(name):

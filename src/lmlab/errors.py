@@ -1,5 +1,7 @@
 """Errors caused by user input: the entry points print them as one line and exit non-zero."""
 
+USER_ERROR_EXIT = 2  # the exit status of a run, or a sweep, ended by a user error
+
 
 class LmlabError(Exception):
     """A problem the user can fix; its message says what is wrong and how to fix it."""
@@ -30,3 +32,7 @@ class RunInterrupted(RunStopped):
     """Ctrl-C or SIGTERM: a resumable checkpoint was written before stopping."""
 
     status = "interrupted"
+
+
+class DiskFull(RunStopped):
+    """No space left on the device (or the quota is spent): the file being written was not replaced."""

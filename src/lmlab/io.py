@@ -2,10 +2,12 @@
 
 Results, configs, tokenizers, checkpoints and reports are written through here, and
 `safe_output_path` keeps names that come from configs inside the directory they are meant for.
+A full disk ends such a write in one line (`DiskFull`), the previous file intact.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -14,10 +16,23 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from lmlab.errors import ConfigError
+from lmlab.errors import ConfigError, DiskFull
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # the process's umask, read once (it can only be read by setting it)
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full device, a spent quota
+
+
+def shared_mode(mode: int = 0o777) -> int:
+    """`mode` as the umask allows it: what files and folders made the ordinary way get."""
+    return mode & ~_UMASK
+
+
+def disk_full(err: BaseException, target: str | Path, advice: str) -> DiskFull | None:
+    """The one-line error for `err` if it is a full disk while writing `target`, else None."""
+    if isinstance(err, OSError) and err.errno in NO_SPACE:
+        return DiskFull(f"no space left on the device writing {target}: {advice}")
+    return None
 
 
 @contextmanager
@@ -31,19 +46,22 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes owner-only files; results should read like any other
+        os.fchmod(fd, shared_mode(0o666))  # mkstemp makes owner-only files; results should read like any other
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        full = disk_full(err, path, "the previous file is kept; free some space, then run the same command again")
+        if full is not None:
+            raise full from None
         raise
-    _fsync_folder(path.parent)
+    fsync_folder(path.parent)
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
     """Make the rename itself survive a power cut, where the OS lets a folder be opened."""
     try:
         fd = os.open(folder, os.O_RDONLY)

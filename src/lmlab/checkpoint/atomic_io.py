@@ -14,14 +14,16 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning_fabric.utilities.types import _PATH
 
+from lmlab.checkpoint.format import HASH_KEY, SECTION, tensors_sha256
 from lmlab.io import atomic_open
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Saves each checkpoint to a temporary file beside its target, fsyncs it, then renames it.
 
-    A reader sees the previous checkpoint or the new one, never part of one. Remote paths
-    (s3://, gs://) keep Lightning's own upload, which is already all-or-nothing.
+    A reader sees the previous checkpoint or the new one, never part of one. The lmlab section gets
+    the hash of the tensors (lmlab.checkpoint.format.tensors_sha256), so a reader also notices bits
+    flipped later. Remote paths (s3://, gs://) keep Lightning's own upload, which is already all-or-nothing.
     Wired in by `plugins:` in conf/trainer/default.yaml.
     """
 
@@ -31,5 +33,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
+        if isinstance(checkpoint.get(SECTION), dict):
+            checkpoint = {**checkpoint, SECTION: {**checkpoint[SECTION], HASH_KEY: tensors_sha256(checkpoint)}}
         with atomic_open(path) as f:
             torch.save(checkpoint, f)

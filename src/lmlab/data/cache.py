@@ -3,12 +3,18 @@
 A cache entry is a folder holding the trained tokenizer, one binary array of ids per split and a
 `meta.json`. It is built in a temporary folder (ids appended piece by piece, never all in memory),
 synced and renamed into place, so an interrupted build never leaves an entry a later run would trust.
+
+An entry is checked whenever it is loaded (`load_entry`): meta.json complete, each ids file exactly
+its token count long, every id inside the vocabulary, the tokenizer readable. Files damaged after
+the fact (a power cut before the disk wrote them, a disk error, a stray edit) would otherwise give
+silently wrong bits per byte; such an entry is rebuilt with a notice (`cached_entry`), never used.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -22,9 +28,15 @@ from pathlib import Path
 import numpy as np
 
 from lmlab.data.corpus import SPLITS
+from lmlab.errors import ConfigError, DataError
+from lmlab.io import disk_full, fsync_folder, shared_mode
 from lmlab.tokenizers import Tokenizer, load_tokenizer
 
+log = logging.getLogger(__name__)
+
 CACHE_FORMAT = 2  # bumped whenever the ids a tokenizer gives for the same settings change (2: PTB <unk>)
+
+ID_CHECK_CHUNK = 1 << 24  # ids read at once when checking them against the vocabulary (64 MB of uint32)
 
 Pieces = Callable[[], Iterable[str]]  # a split's text, as pieces its tokenizer may encode one by one
 Advance = Callable[[str, int], None]  # progress: (phase, bytes done)
@@ -138,13 +150,18 @@ def build_entry(
     advance: Advance | None = None,
 ) -> None:
     """Train the tokenizer on the training split only (unless it arrives trained), encode every split
-    piece by piece into its ids file, and move the finished entry into place atomically."""
+    piece by piece into its ids file, and move the finished entry into place atomically.
+
+    Every file and the folder are fsynced before the rename, and the parent after it, so a power cut
+    leaves the whole entry or none. A full disk ends in one line (DiskFull), no entry left behind.
+    """
     if not tokenizer.is_trained:
         train_tokenizer(tokenizer, splits["train"](), advance)
     dtype = _id_dtype(tokenizer.vocab_size)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
+        os.chmod(tmp, shared_mode())  # mkdtemp makes owner-only folders; a cache may be shared between users
         meta = {
             "format": CACHE_FORMAT,
             "corpus_sha256": corpus_sha256,
@@ -162,32 +179,128 @@ def build_entry(
                 os.fsync(out.fileno())
             meta["bytes"][name], meta["tokens"][name], meta["unk_tokens"][name] = counts
         tokenizer.save(tmp / "tokenizer.json")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        with open(tmp / "meta.json", "w") as out:
+            out.write(json.dumps(meta, indent=2))
+            out.flush()
+            os.fsync(out.fileno())
+        fsync_folder(tmp)
         try:
             os.replace(tmp, folder)
         except OSError:  # another process finished the same entry first: keep theirs
             if not (folder / "meta.json").exists():
                 raise
+        fsync_folder(folder.parent)
+    except OSError as err:
+        full = disk_full(
+            err,
+            f"the token cache in {folder.parent}",
+            "free some space, or set paths.cache_dir (LMLAB_CACHE) to a disk with room",
+        )
+        if full is not None:
+            raise full from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+class DamagedEntry(DataError):
+    """A cache entry whose files do not hold what its meta.json says: rebuilt, never used."""
+
+
 def load_entry(folder: Path) -> TokenizedCorpus:
-    meta = json.loads((folder / "meta.json").read_text())
-    ids = {
-        name: np.memmap(folder / f"{name}.bin", dtype=meta["dtype"], mode="r")
-        if meta["tokens"][name]
-        else np.zeros(0, dtype=meta["dtype"])
-        for name in SPLITS
-    }
+    """The entry in `folder`, checked: a DamagedEntry (one line, naming what is wrong) if any part is off."""
+    meta = _read_meta(folder)
+    dtype = np.dtype(meta["dtype"])
+    ids = {}
+    for name in SPLITS:
+        path, tokens = folder / f"{name}.bin", meta["tokens"][name]
+        size = path.stat().st_size if path.is_file() else None
+        if size != tokens * dtype.itemsize:
+            found = "missing" if size is None else f"{size} bytes"
+            raise DamagedEntry(
+                f"token cache entry {folder} is damaged: {name}.bin is {found}, meta.json says "
+                f"{tokens} tokens x {dtype.itemsize} bytes"
+            )
+        ids[name] = np.memmap(path, dtype=dtype, mode="r") if tokens else np.zeros(0, dtype=dtype)
+        _check_ids(ids[name], meta["vocab_size"], folder, name)
+    if not (folder / "tokenizer.json").is_file():
+        raise DamagedEntry(f"token cache entry {folder} is damaged: its tokenizer.json is missing")
+    try:
+        tokenizer = load_tokenizer(folder / "tokenizer.json")
+    except ConfigError as err:
+        raise DamagedEntry(f"token cache entry {folder} is damaged: {err}") from None
+    if tokenizer.vocab_size != meta["vocab_size"]:
+        raise DamagedEntry(
+            f"token cache entry {folder} is damaged: its tokenizer has {tokenizer.vocab_size} ids, "
+            f"meta.json says {meta['vocab_size']}"
+        )
     return TokenizedCorpus(
-        tokenizer=load_tokenizer(folder / "tokenizer.json"),
+        tokenizer=tokenizer,
         ids=ids,
         split_bytes=meta["bytes"],
         unk_tokens=meta["unk_tokens"],
         corpus_sha256=meta["corpus_sha256"],
         path=folder,
     )
+
+
+def _read_meta(folder: Path) -> dict:
+    """meta.json, with every field the entry is read by present and of the right kind."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError) as err:
+        raise DamagedEntry(
+            f"token cache entry {folder} is damaged: meta.json cannot be read ({type(err).__name__})"
+        ) from None
+
+    def counts(key: str) -> bool:
+        table = meta.get(key)
+        return isinstance(table, dict) and all(
+            isinstance(table.get(name), int) and not isinstance(table.get(name), bool) and table[name] >= 0
+            for name in SPLITS
+        )
+
+    complete = (
+        isinstance(meta, dict)
+        and meta.get("format") == CACHE_FORMAT
+        and meta.get("dtype") in ("uint16", "uint32")
+        and isinstance(meta.get("vocab_size"), int)
+        and meta["vocab_size"] > 0
+        and isinstance(meta.get("corpus_sha256"), str)
+        and all(counts(key) for key in ("bytes", "tokens", "unk_tokens"))
+    )
+    if not complete:
+        raise DamagedEntry(f"token cache entry {folder} is damaged: meta.json is incomplete")
+    return meta
+
+
+def _check_ids(ids: np.ndarray, vocab_size: int, folder: Path, split: str) -> None:
+    """Every id must index the vocabulary (the embedding would fail, or read another token's row)."""
+    for start in range(0, len(ids), ID_CHECK_CHUNK):
+        largest = int(ids[start : start + ID_CHECK_CHUNK].max())
+        if largest >= vocab_size:
+            raise DamagedEntry(
+                f"token cache entry {folder} is damaged: {split}.bin holds id {largest}, beyond the vocabulary of {vocab_size}"
+            )
+
+
+def cached_entry(folder: Path, build: Callable[[], None]) -> tuple[TokenizedCorpus, bool]:
+    """The entry in `folder` and whether it was built now: loaded if it is whole, else (re)built.
+
+    A damaged entry is removed and built again, with a notice; one still damaged after its rebuild
+    is refused in one line. Callers hold the cache's lock, so no other process is building it.
+    """
+    if folder.exists():
+        try:
+            return load_entry(folder), False
+        except DamagedEntry as err:
+            log.warning("%s: rebuilding it", err)
+            shutil.rmtree(folder)
+    build()
+    try:
+        return load_entry(folder), True
+    except DamagedEntry as err:
+        raise DataError(f"{err}, right after it was built: check the disk, or set paths.cache_dir elsewhere") from None
 
 
 def tokenize_with_cache(
@@ -201,8 +314,5 @@ def tokenize_with_cache(
     folder = entry_folder(
         cache_dir, corpus_name, tokenizer, cache_key(corpus_sha256, splits, tokenizer_identity(tokenizer))
     )
-    if not (folder / "meta.json").exists():
-        build_entry(
-            folder, tokenizer, {name: (lambda part=part: [part]) for name, part in parts.items()}, corpus_sha256
-        )
-    return load_entry(folder)
+    pieces = {name: (lambda part=part: [part]) for name, part in parts.items()}
+    return cached_entry(folder, lambda: build_entry(folder, tokenizer, pieces, corpus_sha256))[0]

@@ -27,26 +27,6 @@ def not_utf8(path: Path | str, byte: int, offset: int) -> DataError:
     )
 
 
-def read_text_file(path: Path) -> str:
-    """Read one UTF-8 file, naming the byte offset of the first invalid byte if it is not UTF-8."""
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise not_utf8(path, raw[err.start], err.start) from None
-
-
-def read_local_corpus(path: str | Path, glob: str | None = None) -> str:
-    """Read a UTF-8 file, or every text file under a folder (sorted, joined by newlines), into memory."""
-    from lmlab.data.sources import local_files  # sources imports this module
-
-    files = local_files(path, glob)
-    text = "\n".join(read_text_file(f) for f in files)
-    if not text.strip():
-        raise DataError(f"corpus {path} is empty: give data.path a file with text in it")
-    return text
-
-
 def check_fractions(fractions: Sequence[float]) -> None:
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
         raise DataError(

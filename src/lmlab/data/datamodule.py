@@ -11,12 +11,14 @@ from torch.utils.data import DataLoader
 
 from lmlab.data.cache import TokenizedCorpus
 from lmlab.data.corpus import SPLITS
+from lmlab.data.eval_context import EvalProtocol
 from lmlab.data.hf_text import dataset_text
 from lmlab.data.prepare import prepare_corpus
 from lmlab.data.sampling import EpochSampler, ResumableDataLoader, WindowSampler, check_sampling_mode
 from lmlab.data.sources import CorpusSource, check_split_names, local_source
 from lmlab.data.windows import EvalWindows, StreamBatches, TrainWindows, already_batched, shard_rows
 from lmlab.errors import ConfigError, DataError
+from lmlab.lightning_compat import uses_distributed_sampler
 from lmlab.tokenizers import Tokenizer
 
 
@@ -55,6 +57,8 @@ class TextDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         cache_dir: str = ".cache/lmlab",
         seed: int = 0,
+        eval_context: str | None = None,
+        eval_stride: int | None = None,
     ) -> None:
         super().__init__()
         for key, value in (
@@ -77,6 +81,9 @@ class TextDataModule(pl.LightningDataModule):
         self.splits, self.stateful, self.sampling = None if splits is None else list(splits), stateful, sampling
         self.split_paths, self.glob = {"train": train, "val": val, "test": test}, glob
         self.num_workers, self.cache_dir, self.seed = num_workers, cache_dir, seed
+        # how validation and test score each token: eval.context as resolved for the model
+        # (lmlab.data.eval_context), by default as training reads the text
+        self.eval_protocol = EvalProtocol(eval_context or ("carry" if stateful else "window"), eval_stride)
         self.name = name or (Path(path).stem if path else Path(train).parent.name if train else "corpus")
         self.corpus: TokenizedCorpus | None = None
 
@@ -123,8 +130,7 @@ class TextDataModule(pl.LightningDataModule):
         trainer = self.trainer
         if trainer is None or trainer.world_size == 1:
             return 0, 1
-        # Lightning keeps this flag on its (private) accelerator connector; on, it would re-shard our shards.
-        if getattr(trainer._accelerator_connector, "use_distributed_sampler", False):
+        if uses_distributed_sampler(trainer):  # on, Lightning would re-shard lmlab's shards
             raise ConfigError(
                 "lmlab shards the data by rank itself, so Lightning's distributed sampler would score tokens "
                 "twice and break stateful streams: set trainer.use_distributed_sampler=false"
@@ -140,13 +146,21 @@ class TextDataModule(pl.LightningDataModule):
         rows = range(rank * self.batch_size, (rank + 1) * self.batch_size)
         return StreamBatches(ids, self.batch_size * world_size, self.block_size, rows=rows)
 
+    @property
+    def eval_streams(self) -> bool:
+        """Evaluation reads contiguous streams carrying the model's state (eval.context=carry)."""
+        return self.eval_protocol.carries_state
+
     def eval_set(self, split: str, rank: int = 0, world_size: int = 1) -> EvalWindows | StreamBatches:
-        """This rank's share of a full pass over `split`: windows, or some of `eval_batch_size` streams."""
+        """This rank's share of a full pass over `split`: windows (of `eval.stride` new targets when
+        sliding), or some of `eval_batch_size` streams that carry the model's state."""
         previous = self.corpus.ids[SPLITS[SPLITS.index(split) - 1]]
         context = int(previous[-1])
         ids = self.corpus.ids[split]
-        if not self.stateful:
-            return EvalWindows(ids, self.block_size, context_token=context, rank=rank, world_size=world_size)
+        if not self.eval_streams:
+            return EvalWindows(
+                ids, self.block_size, context, rank=rank, world_size=world_size, stride=self.eval_protocol.stride
+            )
         if self.eval_batch_size < world_size:
             raise ConfigError(
                 f"stateful evaluation reads data.eval_batch_size={self.eval_batch_size} streams in all, "
@@ -157,13 +171,13 @@ class TextDataModule(pl.LightningDataModule):
         return StreamBatches(ids, self.eval_batch_size, self.block_size, context_token=context, rows=rows)
 
     def _loader(self, dataset, *, batch_size: int | None, sampler: EpochSampler | None = None) -> DataLoader:
-        batched = isinstance(dataset, TrainWindows)
+        batched = isinstance(dataset, (TrainWindows, EvalWindows))  # these gather whole batches themselves
         # Each loader draws its workers' base seed from its own generator: drawn from the global RNG,
         # it would make the dropout masks depend on how many loaders were started, so a resumed run
         # (whose iterators start at other moments) would not repeat the interrupted one exactly.
         options = dict(
             batch_size=None if isinstance(dataset, StreamBatches) else batch_size,
-            drop_last=batched,
+            drop_last=isinstance(dataset, TrainWindows),
             collate_fn=already_batched if batched else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

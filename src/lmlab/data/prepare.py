@@ -28,8 +28,8 @@ from lmlab.data.cache import (
     TokenizedCorpus,
     build_entry,
     cache_key,
+    cached_entry,
     entry_folder,
-    load_entry,
     tokenizer_identity,
 )
 from lmlab.data.corpus import SPLITS, not_utf8
@@ -90,8 +90,12 @@ def corpus_sha256(source: CorpusSource, cache_dir: Path, advance: Advance | None
     hashes. Remembered under the files' path, size and modification time, so it is computed once."""
     identity = {name: text.identity() for name, text in source.texts.items()}
     memo = cache_dir / "corpus-hashes" / f"{hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]}.json"
-    if memo.exists():
-        return json.loads(memo.read_text())["sha256"]
+    try:
+        remembered = json.loads(memo.read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or cut short: computed again
+        remembered = None
+    if isinstance(remembered, str) and len(remembered) == 64:
+        return remembered
     digests = {}
     for name, text in source.texts.items():
         digest, blank = hashlib.sha256(), True
@@ -166,15 +170,18 @@ def prepare_corpus(
         sha = corpus_sha256(source, cache_dir, advance, chunk_bytes)
         fractions = None if source.predefined else list(source.fractions)
         folder = entry_folder(cache_dir, name, tokenizer, cache_key(sha, fractions, tokenizer_identity(tokenizer)))
-        if (folder / "meta.json").exists():
-            return load_entry(folder)
-        ranges = source.ranges()
-        totals["reading train split"] = ranges["train"][2] - ranges["train"][1]
-        totals["encoding"] = sum(end - start for _, start, end in ranges.values())
-        pieces = {split: partial(text_pieces, *where, chunk_bytes) for split, where in ranges.items()}
-        build_entry(folder, tokenizer, pieces, sha, advance)
-    seconds = time.perf_counter() - started
-    log.info(
-        "data: %s prepared for %s in %.1f s (%.1f MB/s)", name, tokenizer.name, seconds, source.size / 1e6 / seconds
-    )
-    return load_entry(folder)
+
+        def build() -> None:  # only when the entry is missing or damaged: reading the text is the slow part
+            ranges = source.ranges()
+            totals["reading train split"] = ranges["train"][2] - ranges["train"][1]
+            totals["encoding"] = sum(end - start for _, start, end in ranges.values())
+            pieces = {split: partial(text_pieces, *where, chunk_bytes) for split, where in ranges.items()}
+            build_entry(folder, tokenizer, pieces, sha, advance)
+
+        corpus, built = cached_entry(folder, build)
+    if built:
+        seconds = time.perf_counter() - started
+        log.info(
+            "data: %s prepared for %s in %.1f s (%.1f MB/s)", name, tokenizer.name, seconds, source.size / 1e6 / seconds
+        )
+    return corpus

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmlab.data.corpus import DEFAULT_FRACTIONS, SPLITS, byte_cuts, check_fractions
+from lmlab.data.corpus import DEFAULT_FRACTIONS, SPLITS, byte_cuts, check_fractions, not_utf8
 from lmlab.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,24 @@ def local_files(path: str | Path, glob: str | None = None, key: str = "data.path
     if glob:
         raise ConfigError(f"data.glob={glob!r} narrows a folder, but {key}={path} is a file: drop data.glob")
     return [path]
+
+
+def read_text_file(path: Path) -> str:
+    """Read one UTF-8 file, naming the byte offset of the first invalid byte if it is not UTF-8."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise not_utf8(path, raw[err.start], err.start) from None
+
+
+def read_local_corpus(path: str | Path, glob: str | None = None) -> str:
+    """Read a UTF-8 file, or every text file under a folder (sorted, joined by newlines), into memory."""
+    files = local_files(path, glob)
+    text = "\n".join(read_text_file(f) for f in files)
+    if not text.strip():
+        raise DataError(f"corpus {path} is empty: give data.path a file with text in it")
+    return text
 
 
 def split_of(path: Path) -> str | None:

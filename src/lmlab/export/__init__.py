@@ -1,4 +1,4 @@
-"""Export trained lmlab models to Hugging Face transformers (GPT -> GPT2LMHeadModel, Llama -> LlamaForCausalLM)."""
+"""Export trained lmlab models to Hugging Face transformers (GPT -> GPT2LMHeadModel, Llama -> LlamaForCausalLM, Mamba -> MambaForCausalLM)."""
 
 from __future__ import annotations
 

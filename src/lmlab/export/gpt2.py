@@ -23,8 +23,8 @@ _GELU = {"none": "gelu", "tanh": "gelu_new"}
 def _check(model: GPT) -> None:
     if not all(isinstance(block.mlp, MLP) for block in model.blocks):
         raise ConfigError(
-            "a GPT with mixture-of-experts layers (model.n_experts > 0) has no GPT2LMHeadModel equivalent: "
-            "export a dense GPT (model.n_experts=0)"
+            "a GPT with mixture-of-experts layers (model.moe.n_experts > 0) has no GPT2LMHeadModel equivalent: "
+            "export a dense GPT (model.moe.n_experts=0)"
         )
     if model.beyond_gpt2:
         raise ConfigError(

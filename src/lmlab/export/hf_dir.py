@@ -19,7 +19,9 @@ from torch import Tensor
 from lmlab.errors import ConfigError
 from lmlab.export.gpt2 import gpt2_config, gpt2_weights
 from lmlab.export.llama import llama_config, llama_weights
+from lmlab.export.mamba import mamba_config, mamba_weights
 from lmlab.models import GPT, LanguageModel, Llama
+from lmlab.models.mamba import Mamba
 from lmlab.tokenizers import Tokenizer
 
 
@@ -37,6 +39,7 @@ class Exporter:
 EXPORTERS: dict[type[LanguageModel], Exporter] = {
     GPT: Exporter("gpt", "GPT2LMHeadModel", "GPT2Config", gpt2_config, gpt2_weights),
     Llama: Exporter("llama", "LlamaForCausalLM", "LlamaConfig", llama_config, llama_weights),
+    Mamba: Exporter("mamba", "MambaForCausalLM", "MambaConfig", mamba_config, mamba_weights),
 }
 
 
@@ -47,7 +50,7 @@ def exporter_for(model: LanguageModel) -> Exporter:
         choices = ", ".join(f"{e.model_name} (as {e.hf_model})" for e in EXPORTERS.values())
         raise ConfigError(
             f"a {type(model).__name__} model cannot be exported to transformers: only {choices} can; "
-            "train one of those (model=gpt or model=llama) to export it"
+            "train one of those (model=gpt, llama or mamba) to export it"
         )
     return exporter
 

@@ -20,8 +20,8 @@ from lmlab.models.llama import Llama
 def _check(model: Llama) -> None:
     if not all(isinstance(block.mlp, SwiGLU) for block in model.blocks):
         raise ConfigError(
-            "a Llama with mixture-of-experts layers (model.n_experts > 0) has no LlamaForCausalLM equivalent: "
-            "export a dense Llama (model.n_experts=0)"
+            "a Llama with mixture-of-experts layers (model.moe.n_experts > 0) has no LlamaForCausalLM equivalent: "
+            "export a dense Llama (model.moe.n_experts=0)"
         )
     head_dim = model.blocks[0].attn.head_dim
     if head_dim % 2:

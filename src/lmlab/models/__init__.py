@@ -6,7 +6,10 @@ from lmlab.models.jamba import Jamba
 from lmlab.models.llama import Llama
 from lmlab.models.lstm_attn import LSTMAttentionLM
 from lmlab.models.mamba import Mamba
+from lmlab.models.mamba2 import Mamba2
+from lmlab.models.moe_config import MoEConfig
 from lmlab.models.recurrent import RecurrentLM
+from lmlab.models.registry import Family, families, family, family_names, register_family, unregister_family
 from lmlab.models.state import (
     HybridCache,
     KVCache,
@@ -22,6 +25,7 @@ from lmlab.models.transformer import TransformerLM
 
 __all__ = [
     "GPT",
+    "Family",
     "HybridCache",
     "Jamba",
     "KVCache",
@@ -29,14 +33,21 @@ __all__ = [
     "LanguageModel",
     "Llama",
     "Mamba",
+    "Mamba2",
     "MemoryState",
+    "MoEConfig",
     "RecurrentLM",
     "SSMCache",
     "State",
     "TransformerLM",
     "count_parameters",
     "detach_state",
+    "families",
+    "family",
+    "family_names",
+    "register_family",
     "select_state",
     "state_from_data",
     "state_to_data",
+    "unregister_family",
 ]

@@ -14,14 +14,6 @@ from lmlab.models.rope import apply_rope
 from lmlab.models.state import KVCache
 
 
-def causal_mask(n_new: int, n_cached: int, device: torch.device) -> Tensor:
-    """Boolean mask [n_new, n_cached + n_new]: new token i sees every cached token and the new
-    tokens up to itself. SDPA's is_causal aligns its mask top-left, which is only right when
-    there is no cache (queries and keys start at the same position); this one is aligned
-    bottom-right."""
-    return torch.ones(n_new, n_cached + n_new, dtype=torch.bool, device=device).tril(diagonal=n_cached)
-
-
 def positions(idx: Tensor, cache: KVCache | None, context_length: int, remedy: str | None = None) -> Tensor:
     """Positions of the new tokens (they start after the cached ones), checked against the
     context length, since position embeddings and the cache end there."""
@@ -36,16 +28,12 @@ def positions(idx: Tensor, cache: KVCache | None, context_length: int, remedy: s
 
 def attend(q: Tensor, k: Tensor, v: Tensor, cache: KVCache | None, layer: int, dropout: float) -> Tensor:
     """Causal attention of q [B, H, T, hd] over the cached keys plus k, v [B, H_kv, T, hd] (stored
-    in the cache first). H_kv < H shares each key/value head among H / H_kv query heads (GQA)."""
+    in the cache first). H_kv < H shares each key/value head among H / H_kv query heads (GQA).
+    The cache says which keys each query sees (KVCache.mask)."""
     mask, is_causal = None, True
     if cache is not None:
-        n_cached = cache.length
         k, v = cache.update(layer, k, v)
-        if cache.step_at is not None:  # a graphed step: every cache position, those not written yet masked
-            mask, is_causal = cache.visible(), False
-        elif n_cached > 0:  # queries are the last T of the keys: is_causal would misalign
-            is_causal = False
-            mask = causal_mask(q.size(2), n_cached, q.device) if q.size(2) > 1 else None  # one token sees all
+        mask, is_causal = cache.mask(q.size(2), q.device)
     grouped = {"enable_gqa": True} if k.size(1) != q.size(1) else {}
     # flash / memory-efficient kernels where available
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, **grouped)
@@ -133,7 +121,7 @@ class AttentionLM(LanguageModel):
     feeds them and advances the cache once all layers have stored the new tokens.
     """
 
-    has_repeated_blocks = True
+    supports_static_cache = True
 
     def __init__(
         self,

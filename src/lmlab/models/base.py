@@ -26,8 +26,20 @@ class LanguageModel(nn.Module, ABC):
 
     vocab_size: int
     context_length: int | None  # most tokens one sequence may hold; None means unbounded
-    has_repeated_blocks: ClassVar[bool] = False  # a stack of like blocks, each called through call_block
-    activation_checkpointing: bool = False  # set by the task (task.activation_checkpointing); not a weight
+    activation_checkpointing: bool = False  # set by lmlab.perf (perf.activation_checkpointing); not a weight
+
+    # Capabilities, declared by each family on its class and read by generic code, which never asks
+    # which family it drives (Hugging Face's `_no_split_modules` and friends):
+    # the repeated layer(s) of the stack, each called through call_block: FSDP's units of sharding and
+    # what activation checkpointing recomputes; () for a model that is not a stack of like blocks
+    block_types: ClassVar[tuple[type[nn.Module], ...]] = ()
+    # its state has a fixed size and can be carried across a whole split: forward(idx) with no state
+    # returns the state after idx, a recurrent or state-space summary of all it has read, to continue
+    # from (truncated BPTT, data.stateful); False where the state is a KV cache that grows with the text
+    carries_state: ClassVar[bool] = False
+    # the state is a KVCache read only through attend(), so a fixed-shape cache (generate/graphed.py)
+    # can stand in for it and a one-token step can be replayed as a CUDA graph
+    supports_static_cache: ClassVar[bool] = False
 
     @abstractmethod
     def forward(self, idx: Tensor, state: State | None = None) -> tuple[Tensor, State | None]:
@@ -46,9 +58,11 @@ class LanguageModel(nn.Module, ABC):
         return block(*args)
 
     def has_data_dependent_shapes(self) -> bool:
-        """True when a forward's tensor shapes depend on the token values (mixture-of-experts routing
-        picks how many tokens each expert gets), which rules out replaying it as a CUDA graph."""
-        return any(isinstance(m, MoE) for m in self.modules())
+        """True when a forward's tensor shapes depend on the token values, which rules out replaying it
+        as a CUDA graph. A layer class declares it (`data_dependent_shapes = True`: mixture-of-experts
+        routing picks how many tokens each expert gets); whether a model has such a layer depends on
+        its settings (model.moe.n_experts), so this asks the built model."""
+        return any(getattr(type(m), "data_dependent_shapes", False) for m in self.modules())
 
     def aux_loss(self) -> Tensor | None:
         """The weighted load-balancing loss of the last forward's mixture-of-experts layers (their

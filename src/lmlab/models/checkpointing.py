@@ -1,9 +1,9 @@
-"""Activation checkpointing of one block (task.activation_checkpointing): only the block's inputs are
+"""Activation checkpointing of one block (perf.activation_checkpointing): only the block's inputs are
 kept for the backward pass, which runs the block's forward a second time to get the rest.
 
 The second run must save the very tensors the first one would have. torch restores the RNG state
 (dropout draws the same masks) and autocast; the attention kernels are restored here, since
-`task.attention` pins them around the forward only and the second run comes in the backward pass.
+`perf.attention` pins them around the forward only and the second run comes in the backward pass.
 """
 
 from __future__ import annotations

@@ -6,13 +6,16 @@ number): `qk_norm`, `relu_squared`, `zero_init_projections`, `logit_softcap` and
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmlab.models.attention import AttentionLM, CausalSelfAttention, attend, positions
 from lmlab.models.base import padded_vocab_size
-from lmlab.models.moe import check_moe, mlp_or_moe
+from lmlab.models.moe_config import MoEConfig
 from lmlab.models.state import KVCache
 
 
@@ -74,8 +77,9 @@ class GPT(AttentionLM):
     """Token + learned position embeddings, pre-norm blocks, final LayerNorm, tied lm_head.
 
     bias=False drops the biases of linear layers and LayerNorms: a little faster, no worse.
-    n_experts > 0 replaces the MLP of every `moe_every`-th block by `n_experts` MLPs, each token
-    routed to `top_k` of them (moe.py); aux_loss() then returns their load-balancing loss.
+    `moe` (MoEConfig, or its mapping) with n_experts > 0 replaces the MLP of every `moe_every`-th block
+    by `n_experts` MLPs, each token routed to `top_k` of them (moe.py); aux_loss() then returns their
+    load-balancing loss. The defaults are conf/model/gpt.yaml's.
 
     The speedrun's options: `qk_norm` RMS-normalises queries and keys; `relu_squared` uses relu^2
     in the MLP; `zero_init_projections` starts the projections that write into the residual stream
@@ -84,20 +88,19 @@ class GPT(AttentionLM):
     `tie_weights=false` gives the output layer its own matrix.
     """
 
+    block_types = (Block,)
+
     def __init__(
         self,
         vocab_size: int,
-        d_model: int = 384,
-        n_layer: int = 6,
-        n_head: int = 6,
+        d_model: int = 128,
+        n_layer: int = 3,
+        n_head: int = 4,
         dropout: float = 0.0,
-        block_size: int = 256,
+        block_size: int = 64,
         bias: bool = False,
         pad_vocab_to: int = 1,
-        n_experts: int = 0,
-        top_k: int = 2,
-        moe_every: int = 1,
-        aux_loss_weight: float = 0.01,
+        moe: MoEConfig | Mapping[str, Any] = MoEConfig(),
         qk_norm: bool = False,
         relu_squared: bool = False,
         zero_init_projections: bool = False,
@@ -105,7 +108,8 @@ class GPT(AttentionLM):
         tie_weights: bool = True,
     ) -> None:
         super().__init__(vocab_size, d_model, n_layer, n_head, dropout, block_size, pad_vocab_to)
-        check_moe(n_experts, top_k, moe_every, n_layer, aux_loss_weight)
+        moe = MoEConfig.of(moe)
+        moe.check(n_layer)
         if logit_softcap is not None and not logit_softcap > 0:
             raise ValueError(
                 f"logit_softcap must be > 0 or null (got {logit_softcap}): set model.logit_softcap to e.g. 30, "
@@ -120,15 +124,7 @@ class GPT(AttentionLM):
         ]
 
         def mlp(layer: int) -> nn.Module:
-            return mlp_or_moe(
-                layer,
-                lambda: MLP(d_model, dropout, bias, relu_squared),
-                d_model,
-                n_experts,
-                top_k,
-                moe_every,
-                aux_loss_weight,
-            )
+            return moe.feed_forward(layer, lambda: MLP(d_model, dropout, bias, relu_squared), d_model)
 
         n_rows = padded_vocab_size(vocab_size, pad_vocab_to)
         self.wte = nn.Embedding(n_rows, d_model)

@@ -9,13 +9,14 @@ order the tokens, as in the paper.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lmlab.models.attention import GroupedQueryAttention, check_attention, check_kv_heads, positions
-from lmlab.models.base import LanguageModel, check_period, padded_vocab_size
+from lmlab.models.base import LanguageModel, check_choice, check_period, padded_vocab_size
 from lmlab.models.ffn import SwiGLU, swiglu_hidden
 from lmlab.models.mamba import (
     MambaMixer,
@@ -25,8 +26,11 @@ from lmlab.models.mamba import (
     layer_states,
     stack_states,
 )
-from lmlab.models.moe import check_moe, mlp_or_moe
-from lmlab.models.state import HybridCache, KVCache
+from lmlab.models.mamba2 import Mamba2Mixer, check_mamba2, empty_mamba2_cache
+from lmlab.models.moe_config import MoEConfig
+from lmlab.models.state import HybridCache, KVCache, SSMCache
+
+SSM_LAYERS = ("mamba", "mamba2")
 
 
 class JambaLayer(nn.Module):
@@ -60,41 +64,46 @@ class JambaLayer(nn.Module):
 class Jamba(LanguageModel):
     """Layer i is attention when i % attn_every == attn_offset (Jamba: 1 in 8, offset 4), Mamba
     otherwise; n_experts > 0 makes every `moe_every`-th feed-forward a mixture of experts.
+    `ssm` picks the state-space layer: `mamba` (Mamba-1, the paper's) or `mamba2` (mamba2.py, with
+    `ssm_n_head` heads, n_head when None, `n_groups` and `chunk_size`; `dt_rank`, `scan`, `kernels`
+    and `recompute_scan` are Mamba-1's).
 
     Its context is `block_size` (the attention layers' KV cache). Like the attention models it
     returns a state only when given one (init_state: a HybridCache of the attention layers' KV cache
-    and the Mamba layers' SSMCache), so generation carries both.
+    and the Mamba layers' SSMCache), so generation carries both. The defaults are
+    conf/model/jamba.yaml's, a small stack; the paper's pattern is attn_every=8, attn_offset=4.
     """
 
-    has_repeated_blocks = True
+    block_types = (JambaLayer,)
 
     def __init__(
         self,
         vocab_size: int,
-        d_model: int = 384,
-        n_layer: int = 8,
-        n_head: int = 6,
-        n_kv_head: int | None = None,
-        attn_every: int = 8,
-        attn_offset: int = 4,
+        d_model: int = 128,
+        n_layer: int = 4,
+        n_head: int = 4,
+        n_kv_head: int | None = 2,
+        attn_every: int = 4,
+        attn_offset: int = 2,
         d_state: int = 16,
         d_conv: int = 4,
         expand: int = 2,
         dt_rank: int | None = None,
         d_ff: int | None = None,
         multiple_of: int = 32,
-        n_experts: int = 0,
-        top_k: int = 2,
-        moe_every: int = 2,
-        aux_loss_weight: float = 0.01,
+        moe: MoEConfig | Mapping[str, Any] = MoEConfig(n_experts=4, moe_every=2),
         dropout: float = 0.0,
-        block_size: int = 256,
+        block_size: int = 64,
         tie_weights: bool = True,
         norm_eps: float = 1e-5,
         scan: str = "auto",
         kernels: str = "auto",
         recompute_scan: bool = True,
         pad_vocab_to: int = 1,
+        ssm: str = "mamba",
+        ssm_n_head: int | None = None,
+        n_groups: int = 1,
+        chunk_size: int = 64,
     ) -> None:
         super().__init__()
         n_kv_head = n_head if n_kv_head is None else n_kv_head
@@ -116,8 +125,13 @@ class Jamba(LanguageModel):
                 f"attn_offset must be in [0, attn_every) (got attn_offset={attn_offset}, attn_every={attn_every}): "
                 f"set model.attn_offset between 0 and model.attn_every - 1"
             )
+        check_choice("ssm", ssm, SSM_LAYERS)
+        ssm_n_head = n_head if ssm_n_head is None else ssm_n_head
         check_mamba(d_state, d_conv, expand, dt_rank, scan, kernels)
-        check_moe(n_experts, top_k, moe_every, n_layer, aux_loss_weight)
+        if ssm == "mamba2":
+            check_mamba2(d_model, d_state, d_conv, expand, ssm_n_head, n_groups, chunk_size, "ssm_n_head")
+        moe = MoEConfig.of(moe)
+        moe.check(n_layer)
         self.vocab_size, self.context_length = vocab_size, block_size
         self.d_model, self.n_layer, self.n_head, self.n_kv_head = d_model, n_layer, n_head, n_kv_head
         d_ff = swiglu_hidden(d_model, multiple_of) if d_ff is None else d_ff
@@ -125,12 +139,12 @@ class Jamba(LanguageModel):
         def mixer(layer: int) -> nn.Module:
             if layer % attn_every == attn_offset:
                 return GroupedQueryAttention(d_model, n_head, n_kv_head, dropout)
+            if ssm == "mamba2":
+                return Mamba2Mixer(d_model, d_state, d_conv, expand, ssm_n_head, n_groups, chunk_size, norm_eps)
             return MambaMixer(d_model, d_state, d_conv, expand, dt_rank, scan, kernels, recompute_scan)
 
         def mlp(layer: int) -> nn.Module:
-            return mlp_or_moe(
-                layer, lambda: SwiGLU(d_model, d_ff, dropout), d_model, n_experts, top_k, moe_every, aux_loss_weight
-            )
+            return moe.feed_forward(layer, lambda: SwiGLU(d_model, d_ff, dropout), d_model)
 
         n_rows = padded_vocab_size(vocab_size, pad_vocab_to)
         self.wte = nn.Embedding(n_rows, d_model)
@@ -166,12 +180,20 @@ class Jamba(LanguageModel):
         kv = KVCache(
             n_attention, batch_size, self.n_kv_head, self.d_model // self.n_head, self.context_length, device, dtype
         )
+        return HybridCache(kv, self._empty_ssm_states(batch_size, device, dtype))
+
+    def _empty_ssm_states(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> SSMCache:
         mixers = [layer.mixer for layer in self.layers if not layer.is_attention]
-        return HybridCache(kv, empty_ssm_cache(mixers, batch_size, device, dtype))
+        if mixers and isinstance(mixers[0], Mamba2Mixer):
+            return empty_mamba2_cache(mixers, batch_size, device, dtype)
+        return empty_ssm_cache(mixers, batch_size, device, dtype)
 
     def mixing_flops(self, seq_len: int | None) -> int:
         """Attention layers: 4 x d_model FLOPs per key over seq_len keys (nanoGPT's convention);
-        Mamba layers: their scan."""
-        return sum(
-            4 * self.d_model * seq_len if layer.is_attention else layer.mixer.mixing_flops() for layer in self.layers
-        )
+        Mamba layers: their scan (Mamba-2's depends on the chunk length, hence on seq_len)."""
+        return sum(self._layer_mixing_flops(layer.mixer, seq_len) for layer in self.layers)
+
+    def _layer_mixing_flops(self, mixer: nn.Module, seq_len: int | None) -> int:
+        if isinstance(mixer, GroupedQueryAttention):
+            return 4 * self.d_model * seq_len
+        return mixer.mixing_flops(seq_len) if isinstance(mixer, Mamba2Mixer) else mixer.mixing_flops()

@@ -31,16 +31,19 @@ class LSTMAttentionLM(LanguageModel):
 
     The state (MemoryState) is the LSTM's (h, c) plus the keys and values of the last `window`
     positions, so truncated BPTT and generation continue exactly where the last call stopped.
-    Dropout is on the non-recurrent connections only, as in RecurrentLM.
+    Dropout is on the non-recurrent connections only, as in RecurrentLM. The defaults are
+    conf/model/lstm_attn.yaml's.
     """
+
+    carries_state = True
 
     def __init__(
         self,
         vocab_size: int,
-        d_model: int = 256,
+        d_model: int = 128,
         n_layer: int = 2,
         n_head: int = 1,
-        window: int = 64,
+        window: int = 32,
         dropout: float = 0.2,
         tie_weights: bool = True,
         pad_vocab_to: int = 1,

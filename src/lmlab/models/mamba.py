@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 import torch.nn.functional as F
@@ -18,10 +18,11 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lmlab.models.base import LanguageModel, check_choice, check_dropout, check_sizes, padded_vocab_size
+from lmlab.models.kernels import triton_runs_on, triton_selective_scan
 from lmlab.models.scan import SCANS, selective_scan
 from lmlab.models.state import SSMCache
 
-KERNELS = ("auto", "torch", "cuda")
+KERNELS = ("auto", "torch", "triton", "cuda")
 
 
 @functools.cache
@@ -43,6 +44,32 @@ def check_mamba(d_state: int, d_conv: int, expand: int, dt_rank: int | None, sca
             "kernels=cuda needs the mamba-ssm package, which does not import here: "
             "pip install mamba-ssm on a CUDA machine, or set model.kernels=auto"
         )
+    if kernels == "triton" and triton_selective_scan() is None:
+        raise ValueError(
+            "kernels=triton needs the triton package, which does not import here: "
+            "pip install triton (PyTorch's CUDA wheels bring it), or set model.kernels=auto"
+        )
+
+
+def fused_scans(kernels: str) -> dict[str, Callable]:
+    """The fused scans that import here, by name (`cuda`: mamba-ssm, `triton`), looked up when a layer
+    is built rather than in forward(), which torch.compile traces."""
+    if kernels == "torch":
+        return {}
+    found = {"cuda": cuda_selective_scan(), "triton": triton_selective_scan()}
+    return {name: fn for name, fn in found.items() if fn is not None}
+
+
+def scan_kernel(kernels: str, device: torch.device, fresh_state: bool, available: Collection[str]) -> str:
+    """Which scan runs: `cuda` (mamba-ssm's kernel: CUDA inputs from a fresh state), `triton` (the
+    fused Triton kernel: CUDA inputs, or CPU ones under Triton's interpreter) or `torch`. `auto`
+    prefers mamba-ssm where it is installed, then Triton, on a GPU only."""
+    on_gpu = device.type == "cuda"
+    if kernels in ("auto", "cuda") and on_gpu and fresh_state and "cuda" in available:
+        return "cuda"
+    if "triton" in available and ((kernels == "triton" and triton_runs_on(device)) or (kernels == "auto" and on_gpu)):
+        return "triton"
+    return "torch"
 
 
 class MambaMixer(nn.Module):
@@ -70,6 +97,7 @@ class MambaMixer(nn.Module):
         self.d_inner, self.d_state, self.d_conv = expand * d_model, d_state, d_conv
         self.dt_rank = math.ceil(d_model / 16) if dt_rank is None else dt_rank
         self.scan, self.kernels, self.recompute_scan = scan, kernels, recompute_scan
+        self.fused_scans = fused_scans(kernels)
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
         self.conv = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner)  # padded by hand: causal
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
@@ -105,11 +133,25 @@ class MambaMixer(nn.Module):
         u = F.silu(F.conv1d(u, self.conv.weight, self.conv.bias, groups=self.d_inner)).transpose(1, 2)
 
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.softplus(self.dt_proj(dt))
         A = -torch.exp(self.A_log.float())
-        kernel = cuda_selective_scan() if self.kernels != "torch" and x.is_cuda and ssm_state is None else None
-        if kernel is not None:  # the fused kernel takes [B, channels, T] and starts from a zero state
-            y, h = kernel(
+        kernel = scan_kernel(self.kernels, x.device, ssm_state is None, self.fused_scans)
+        if kernel == "triton":  # dt_proj's bias and the softplus are applied inside the kernel
+            y, h = self.fused_scans["triton"](
+                u,
+                F.linear(dt, self.dt_proj.weight),
+                A,
+                B,
+                C,
+                self.D,
+                z,
+                self.dt_proj.bias,
+                ssm_state,
+                delta_softplus=True,
+            )
+            return self.out_proj(y), new_conv_state, h
+        dt = F.softplus(self.dt_proj(dt))
+        if kernel == "cuda":  # mamba-ssm's kernel takes [B, channels, T] and starts from a zero state
+            y, h = self.fused_scans["cuda"](
                 u.transpose(1, 2).contiguous(),
                 dt.transpose(1, 2).contiguous(),
                 A,
@@ -160,18 +202,19 @@ class Mamba(LanguageModel):
 
     Like RecurrentLM it always returns its state, so truncated BPTT (data.stateful) and generation
     carry it. `scan` picks the pure-PyTorch scan (`auto`: parallel on a GPU, sequential on a CPU,
-    where it is faster; both compute the same recurrence); `kernels=auto` uses mamba-ssm's CUDA scan
-    when it is installed and the input is on a GPU (from a fresh state), `torch` never, `cuda`
-    insists on it.
+    where it is faster; both compute the same recurrence); `kernels` a fused one for GPU inputs
+    (scan_kernel): `auto` mamba-ssm's CUDA scan when it is installed (from a fresh state), else the
+    Triton scan; `triton` or `cuda` insist on one; `torch` never. The defaults are conf/model/mamba.yaml's.
     """
 
-    has_repeated_blocks = True
+    block_types = (MambaBlock,)
+    carries_state = True
 
     def __init__(
         self,
         vocab_size: int,
-        d_model: int = 384,
-        n_layer: int = 6,
+        d_model: int = 128,
+        n_layer: int = 3,
         d_state: int = 16,
         d_conv: int = 4,
         expand: int = 2,

@@ -22,8 +22,11 @@ class RecurrentLM(LanguageModel):
     last layer -> output), never on the hidden-to-hidden path, as in Zaremba et al. (2014).
     `init_range=None` draws the embedding and output weights from U(-0.1, 0.1) and leaves the cells
     at PyTorch's U(-1/sqrt(d), 1/sqrt(d)); a number r draws every parameter from U(-r, r), the
-    paper's recipe (0.05 for the medium model).
+    paper's recipe (0.05 for the medium model). `cell` picks the family (rnn, gru, lstm); the other
+    defaults are those of their conf/model/*.yaml.
     """
+
+    carries_state = True
 
     def __init__(
         self,

@@ -16,6 +16,12 @@ import torch
 from torch import Tensor
 
 
+def causal_mask(n_new: int, n_cached: int, device: torch.device) -> Tensor:
+    """Boolean mask [n_new, n_cached + n_new]: new token i sees every cached token and the new
+    tokens up to itself."""
+    return torch.ones(n_new, n_cached + n_new, dtype=torch.bool, device=device).tril(diagonal=n_cached)
+
+
 class KVCache:
     """Keys and values of the tokens seen so far, for every attention layer, preallocated (as in litgpt).
 
@@ -39,15 +45,12 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # tokens cached so far
-        # A one-element device tensor while a CUDA-graphed decoder replays one-token steps: the step
-        # writes and reads where it says, with every shape fixed (generate/graphed.py); None otherwise.
-        self.step_at: Tensor | None = None
 
     @classmethod
     def holding(cls, k: Tensor, v: Tensor, length: int) -> KVCache:
         """A cache over existing buffers (a saved state read back), `length` of their positions filled."""
         cache = cls.__new__(cls)
-        cache.k, cache.v, cache.length, cache.step_at = k, v, length, None
+        cache.k, cache.v, cache.length = k, v, length
         return cache
 
     @property
@@ -56,28 +59,23 @@ class KVCache:
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store the new tokens' k, v [B, H, T, head_dim] at positions length..length+T-1 and
-        return the keys and values of every token so far, [B, H, length+T, head_dim].
-
-        Under `step_at` (one token at that position) it returns all `max_length` positions instead;
-        `visible` masks those not written yet."""
-        if self.step_at is not None:
-            self.k[layer].index_copy_(2, self.step_at, k.to(self.k.dtype))
-            self.v[layer].index_copy_(2, self.step_at, v.to(self.v.dtype))
-            return self.k[layer], self.v[layer]
+        return the keys and values of every token so far, [B, H, length+T, head_dim]."""
         end = self.length + k.size(2)
         self.k[layer, :, :, self.length : end] = k
         self.v[layer, :, :, self.length : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def mask(self, n_new: int, device: torch.device) -> tuple[Tensor | None, bool]:
+        """(attn_mask, is_causal) for `n_new` queries over the keys `update` returned. SDPA's is_causal
+        aligns its mask top-left, which is only right while nothing is cached; after that the queries
+        are the last n_new keys and the mask is aligned bottom-right (one new token sees them all)."""
+        if self.length == 0:
+            return None, True
+        return (causal_mask(n_new, self.length, device) if n_new > 1 else None), False
+
     def new_positions(self, n_new: int, device: torch.device) -> Tensor:
         """Positions of `n_new` tokens fed next: they follow the cached ones."""
-        if self.step_at is not None:
-            return self.step_at
         return torch.arange(self.length, self.length + n_new, device=device)
-
-    def visible(self) -> Tensor:
-        """Under `step_at`: which of the `max_length` positions the new token attends to, [1, max_length]."""
-        return (torch.arange(self.max_length, device=self.k.device) <= self.step_at)[None]
 
     def index_select(self, index: Tensor) -> KVCache:
         """A new cache holding batch rows `index` (repeats allowed), the same length."""

@@ -59,18 +59,21 @@ class PostNormBlock(nn.Module):
 class TransformerLM(AttentionLM):
     """Vaswani et al.'s decoder stack with causal self-attention; context_length = block_size.
 
-    No final LayerNorm: in a post-norm stack the last block already ends with one.
+    No final LayerNorm: in a post-norm stack the last block already ends with one. The defaults are
+    conf/model/transformer.yaml's.
     """
+
+    block_types = (PostNormBlock,)
 
     def __init__(
         self,
         vocab_size: int,
-        d_model: int = 256,
-        n_layer: int = 4,
+        d_model: int = 128,
+        n_layer: int = 3,
         n_head: int = 4,
-        d_ff: int = 1024,
+        d_ff: int = 512,
         dropout: float = 0.1,
-        block_size: int = 256,
+        block_size: int = 64,
         tie_weights: bool = True,
         pad_vocab_to: int = 1,
     ) -> None:

@@ -7,7 +7,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from lmlab.errors import ConfigError
 from lmlab.io import atomic_write_text
+from lmlab.report.fit_plots import fit_figure
+from lmlab.report.fit_report import FitAnalysis, FitRequest, analyse
+from lmlab.report.fit_text import FIGURE, fit_markdown
 from lmlab.report.plots import bpb_by_model, compute_frontier, has_flops, learning_curves, save_figure
 from lmlab.report.runs import Run, find_runs, repeated
 from lmlab.report.significance import significance_rows
@@ -37,8 +41,9 @@ class Report:
     files: list[Path]
 
 
-def markdown_report(runs: list[Run], title: str = "Comparison") -> str:
-    """comparison.md: how to read it, the mean ± std table when seeds repeat, the run table and the plots."""
+def markdown_report(runs: list[Run], title: str = "Comparison", fit_section: str = "") -> str:
+    """comparison.md: how to read it, the mean ± std table when seeds repeat, the run table, the
+    scaling-law fits when asked for (`fit_section`) and the plots."""
     completed = sum(run.completed for run in runs)
     parts = [
         f"# {title}",
@@ -73,6 +78,7 @@ def markdown_report(runs: list[Run], title: str = "Comparison") -> str:
         "",
         runs_table(runs),
         "",
+        *([fit_section] if fit_section else []),
         "## Plots",
         "",
         "![learning curves](learning_curves.png)",
@@ -125,13 +131,35 @@ def _significance_text(choices: list[Choice], rows: list[dict]) -> str:
     return f"{note}\n\n{markdown_table(shown, SIGNIFICANCE_COLUMNS)}"
 
 
-def write_report(paths: Iterable[str | Path], out_dir: str | Path) -> Report:
+def check_one_protocol(runs: Iterable[Run]) -> None:
+    """Refuse to rank completed runs scored under different eval.context protocols (a run that does
+    not record its protocol predates eval.context and is taken as comparable)."""
+    protocols: dict[str, int] = {}
+    for run in runs:
+        if run.completed and "eval_context" in run.metrics:
+            protocols[str(run.metrics["eval_context"])] = protocols.get(str(run.metrics["eval_context"]), 0) + 1
+    if len(protocols) > 1:
+        counts = ", ".join(f"{name}: {n} runs" for name, n in sorted(protocols.items()))
+        raise ConfigError(
+            f"these runs were scored with different eval.context protocols ({counts}), which give different bits "
+            "per byte: compare runs scored alike, or pass --mixed-eval to rank them anyway"
+        )
+
+
+def write_report(
+    paths: Iterable[str | Path], out_dir: str | Path, mixed_eval: bool = False, fit: FitRequest | None = None
+) -> Report:
     """comparison.csv, comparison.md, learning_curves.png and bpb_by_model.png (and, for repeats,
-    comparison_by_configuration.csv; for runs that record training FLOPs, compute_frontier.png) in
-    `out_dir`, from the runs under `paths`."""
+    comparison_by_configuration.csv; for runs that record training FLOPs, compute_frontier.png; for
+    `fit`, the scaling-law section and fit.png) in `out_dir`, from the runs under `paths`. Runs scored
+    with different eval.context protocols are refused unless `mixed_eval`: their bits per byte
+    measure different things."""
     paths = [Path(p) for p in paths]
     runs = find_runs(paths)
+    if not mixed_eval:
+        check_one_protocol(runs)
     out = Path(out_dir)
+    analysis, fit_section = _fit(runs, fit)
     files = {"comparison.csv": csv_text(run_rows(runs), list(RUN_COLUMNS))}
     if repeated(runs):
         columns = [
@@ -144,7 +172,7 @@ def write_report(paths: Iterable[str | Path], out_dir: str | Path) -> Report:
         ]
         files["comparison_by_configuration.csv"] = csv_text(group_rows(runs), columns)
     title = "Comparison of " + ", ".join(p.name or str(p) for p in paths)
-    files["comparison.md"] = markdown_report(runs, title)
+    files["comparison.md"] = markdown_report(runs, title, fit_section)
     written = []
     for name, text in files.items():
         atomic_write_text(out / name, text)
@@ -155,4 +183,31 @@ def write_report(paths: Iterable[str | Path], out_dir: str | Path) -> Report:
     for name, draw in figures.items():
         save_figure(draw(runs), out / name)
         written.append(out / name)
+    if analysis is not None:
+        save_figure(fit_figure(analysis), out / FIGURE)
+        written.append(out / FIGURE)
     return Report(runs=runs, markdown=files["comparison.md"], files=written)
+
+
+def _fit(runs: list[Run], fit: FitRequest | None) -> tuple[FitAnalysis | None, str]:
+    """The fits and their section. Asked for explicitly, a refusal ends the command in one line; at
+    the end of a sweep (`only_if_spanning`) it only replaces the section, so the comparison is still written."""
+    if fit is None:
+        return None, ""
+    try:
+        analysis = analyse(runs, fit)
+    except ConfigError as err:
+        if not fit.only_if_spanning:
+            raise
+        return None, f"## Scaling-law fits\n\nNot fitted: {err}\n"
+    return analysis, "" if analysis is None else fit_markdown(analysis)
+
+
+def write_fit(runs: list[Run], out_dir: str | Path, fit: FitRequest) -> Report:
+    """fit.md and fit.png alone, for runs known only from a comparison.csv (no run directories)."""
+    analysis = analyse(runs, fit)
+    out = Path(out_dir)
+    markdown = fit_markdown(analysis, heading="#")
+    atomic_write_text(out / "fit.md", markdown)
+    save_figure(fit_figure(analysis), out / FIGURE)
+    return Report(runs=runs, markdown=markdown, files=[out / "fit.md", out / FIGURE])

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from lmlab.io import atomic_write_bytes
 from lmlab.report.runs import Run, read_curve
-from lmlab.report.tables import MODEL_ORDER, TOKENIZER_ORDER
+from lmlab.report.tables import TOKENIZER_ORDER, model_order
 from lmlab.report.tuning import choose_learning_rates, tuned
 
 LINESTYLES = ("-", "--", ":", "-.")
@@ -42,7 +42,7 @@ def learning_curves(runs: Iterable[Run]) -> Figure:
     else:
         drawn_runs = [(run, _shorten(run.label or run.name)) for run in sorted(runs, key=lambda r: r.name)]
         title = "Learning curves"
-    colors = {model: f"C{i % 10}" for i, model in enumerate(_ordered((r.model for r in runs), MODEL_ORDER))}
+    colors = {model: f"C{i % 10}" for i, model in enumerate(_ordered((r.model for r in runs), model_order()))}
     dashes = {
         tok: LINESTYLES[i % len(LINESTYLES)]
         for i, tok in enumerate(_ordered((r.tokenizer for r in runs), TOKENIZER_ORDER))
@@ -88,7 +88,7 @@ def bpb_by_model(runs: Iterable[Run], metric: str = "test/bpb") -> Figure:
             best[pair] = (choice.mean(metric), choice.std(metric))
             if choice.optimistic:
                 optimistic.add(pair)
-    models = _ordered((m for m, _ in best), MODEL_ORDER)
+    models = _ordered((m for m, _ in best), model_order())
     tokenizers = _ordered((t for _, t in best), TOKENIZER_ORDER)
     fig = Figure(figsize=(max(6.0, 1.6 * len(models) + 2), 4.5), layout="constrained")
     ax = fig.subplots()
@@ -153,7 +153,7 @@ def compute_frontier(runs: Iterable[Run]) -> Figure:
 
     Optimistic runs (scored with <unk>) are drawn dotted and left out of the frontiers."""
     runs = list(runs)
-    colors = {model: f"C{i % 10}" for i, model in enumerate(_ordered((r.model for r in runs), MODEL_ORDER))}
+    colors = {model: f"C{i % 10}" for i, model in enumerate(_ordered((r.model for r in runs), model_order()))}
     fig = Figure(figsize=(10, 5.5), layout="constrained")
     ax = fig.subplots()
     points: dict[str, list[tuple[float, float]]] = {}
@@ -165,7 +165,7 @@ def compute_frontier(runs: Iterable[Run]) -> Figure:
         ax.plot(xs, ys, color=colors[run.model], alpha=0.3, linewidth=0.8, linestyle=":" if run.optimistic else "-")
         if not run.optimistic:
             points.setdefault(run.model, []).extend(zip(xs, ys))
-    for model in _ordered(points, MODEL_ORDER):
+    for model in _ordered(points, model_order()):
         envelope = frontier(points[model])
         ax.step(*zip(*envelope), where="post", color=colors[model], linewidth=2.2, label=model)
     ax.set_xscale("log")

@@ -16,9 +16,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab.cli import USER_ERROR_EXIT
-from lmlab.errors import ConfigError, LmlabError
+from lmlab.errors import USER_ERROR_EXIT, ConfigError, LmlabError
 from lmlab.report import runs_table, write_report
+from lmlab.report.fit_report import FitRequest
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,9 @@ def check_grids(config: DictConfig) -> None:
 
 
 class ComparisonReport(Callback):
-    """comparison.csv/.md and the plots (lmlab.report.comparison) in the sweep directory, and the table on the console."""
+    """comparison.csv/.md and the plots (lmlab.report.comparison) in the sweep directory, and the table on the console.
+
+    A sweep that runs some family at several sizes or budgets also gets the scaling-law fits."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
@@ -60,7 +62,7 @@ class ComparisonReport(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
-            report = write_report([sweep_dir], sweep_dir)
+            report = write_report([sweep_dir], sweep_dir, fit=FitRequest(only_if_spanning=True))
         except LmlabError as err:
             log.warning(f"no comparison report: {err}")
             return

@@ -18,8 +18,17 @@ from typing import Any
 
 from lmlab.report.runs import Run, configurations
 
-MODEL_ORDER = ("rnn", "gru", "lstm", "lstm_attn", "transformer", "gpt", "llama", "mamba", "jamba")
 TOKENIZER_ORDER = ("char", "word", "bpe")
+
+
+def model_order() -> tuple[str, ...]:
+    """Model families in the registry's display order. Imported when asked: the registry brings the
+    models, and torch, which reading a sweep's results does not otherwise need."""
+    from lmlab.models.registry import family_names
+
+    return tuple(family_names())
+
+
 SCORES = ("val/loss", "val/ppl", "val/bpb", "test/loss", "test/ppl", "test/bpb")
 METRIC_COLUMNS = (  # read from metrics.json
     "params",
@@ -30,18 +39,45 @@ METRIC_COLUMNS = (  # read from metrics.json
     "cpu_time_s",
     "torch_threads",
     *SCORES,
+    "test_full/bpb",
     "test/unk_rate",
     "best_step",
+    "eval_context",
 )
-RUN_COLUMNS = ("run", "model", "tokenizer", "seed", "lr", *METRIC_COLUMNS, "scoring", "status", "error", "path")
+# bytes_per_token: the training text's UTF-8 bytes per token, how much text one prediction covers
+RUN_COLUMNS = (
+    "run",
+    "model",
+    "tokenizer",
+    "seed",
+    "lr",
+    "bytes_per_token",
+    *METRIC_COLUMNS,
+    "scoring",
+    "status",
+    "error",
+    "path",
+)
 # shown in the Markdown table only where some run has one
-OPTIONAL = ("lr", "train_flops", "cpu_time_s", "torch_threads", "test/unk_rate", "scoring", "error")
+OPTIONAL = (
+    "lr",
+    "bytes_per_token",
+    "train_flops",
+    "cpu_time_s",
+    "torch_threads",
+    "test_full/bpb",
+    "test/unk_rate",
+    "eval_context",
+    "scoring",
+    "error",
+)
 AVERAGED = ("params", "bytes_seen", "wall_time_s", *SCORES)
 OPTIMISTIC = "optimistic"  # the scoring column of a run scored with <unk> tokens
 HEADERS = {
     "params": "parameters",
     "tokens_seen": "tokens seen",
     "bytes_seen": "bytes seen",
+    "bytes_per_token": "bytes/token",
     "train_flops": "training FLOPs",
     "wall_time_s": "wall time (s)",
     "cpu_time_s": "CPU time (s)",
@@ -52,6 +88,8 @@ HEADERS = {
     "test/loss": "test loss",
     "test/ppl": "test ppl",
     "test/bpb": "test bpb",
+    "test_full/bpb": "test bpb, full context",
+    "eval_context": "scored with",
     "test/unk_rate": "test unk rate",
     "best_step": "best step",
     "runs": "completed runs",
@@ -62,10 +100,18 @@ HEADERS = {
     "edge": "edge of grid",
 }
 # Decimals by metric name, whatever the split: "val/bpb" and "test/bpb" are both "bpb".
-METRIC_DECIMALS = {"loss": 4, "bpb": 4, "ppl": 2, "unk_rate": 4, "wall_time_s": 1, "cpu_time_s": 1}
+METRIC_DECIMALS = {
+    "bytes_per_token": 2,
+    "loss": 4,
+    "bpb": 4,
+    "ppl": 2,
+    "unk_rate": 4,
+    "wall_time_s": 1,
+    "cpu_time_s": 1,
+}
 METRIC_NAMES = {"loss": "loss (nats/token)", "ppl": "perplexity", "bpb": "bits per byte", "unk_rate": "unk rate"}
 COUNTS = ("params", "tokens_seen", "bytes_seen", "tokens", "bytes", "steps")
-NUMERIC = {"seed", "lr", "seeds", "rank", *METRIC_COLUMNS}
+NUMERIC = {"seed", "lr", "seeds", "rank", "bytes_per_token", *METRIC_COLUMNS} - {"eval_context"}
 
 
 def _rank(test_bpb: float, name: str, optimistic: bool = False) -> tuple:
@@ -83,6 +129,7 @@ def run_rows(runs: Iterable[Run]) -> list[dict[str, Any]]:
             "tokenizer": run.tokenizer,
             "seed": run.seed,
             "lr": run.lr,
+            "bytes_per_token": run.score("bytes_seen") / run.score("tokens_seen") if run.score("tokens_seen") else None,
             **{key: run.metrics.get(key) for key in METRIC_COLUMNS},
             "scoring": OPTIMISTIC if run.optimistic else "",
             "status": run.status,
@@ -155,7 +202,12 @@ def markdown_table(rows: list[dict[str, Any]], columns: Iterable[str]) -> str:
 def runs_table(runs: Iterable[Run]) -> str:
     """The per-run table in Markdown (unk rate and error columns only where some run has one)."""
     rows = run_rows(runs)
-    columns = [c for c in RUN_COLUMNS[:-1] if c not in OPTIONAL or any(row[c] for row in rows)]
+    varies = len({row["eval_context"] for row in rows}) > 1  # the protocol earns a column only where it varies
+    columns = [
+        c
+        for c in RUN_COLUMNS[:-1]
+        if (c not in OPTIONAL or any(row[c] for row in rows)) and (c != "eval_context" or varies)
+    ]
     return markdown_table(rows, columns)
 
 

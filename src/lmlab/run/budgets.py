@@ -21,6 +21,9 @@ with tokens per step = batch_size x block_size x accumulate_grad_batches x devic
 one tokenizer (scaling studies); across tokenizers `budget.max_bytes` keeps the text equal instead,
 so the two budgets are exclusive.
 
+Both are settled in the run's plan (lmlab.run.plan.resolve_run) before the Trainer is built: it
+gets its max_steps and validation interval up front, and config.yaml records them.
+
 Wall-clock budgets use Lightning's own `trainer.max_time`. The learning-rate schedule still decays
 over a step count, so a time-bounded run must also name one (`trainer.max_steps` or
 `budget.max_bytes`): the run then stops at whichever limit comes first. A run cut short by time
@@ -32,12 +35,9 @@ from __future__ import annotations
 
 import logging
 
-import pytorch_lightning as pl
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from lmlab.data import TextDataModule
 from lmlab.errors import ConfigError
-from lmlab.models import LanguageModel
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +71,9 @@ def flops_budget(cfg: DictConfig) -> float | None:
     return float(max_flops)
 
 
-def tokens_per_step(datamodule: TextDataModule, trainer: pl.Trainer) -> int:
+def tokens_per_step(batch_size: int, block_size: int, accumulate_grad_batches: int, world_size: int) -> int:
     """Training tokens one optimizer step reads, over all devices."""
-    return datamodule.batch_size * datamodule.block_size * trainer.accumulate_grad_batches * trainer.world_size
-
-
-def bytes_per_step(datamodule: TextDataModule, trainer: pl.Trainer) -> float:
-    """Bytes of training text one optimizer step reads, over all devices."""
-    return tokens_per_step(datamodule, trainer) * datamodule.train_bytes_per_token
+    return batch_size * block_size * accumulate_grad_batches * world_size
 
 
 def validation_interval(steps: int, interval: int) -> int:
@@ -88,51 +83,27 @@ def validation_interval(steps: int, interval: int) -> int:
     return min(range(interval, (interval - 1) // 2, -1), key=lambda k: steps % k)  # ties: the longest
 
 
-def apply_byte_budget(trainer: pl.Trainer, cfg: DictConfig, datamodule: TextDataModule, max_bytes: int) -> int:
-    """Set the trainer's max_steps to read `max_bytes` of training text; returns the steps.
-
-    The config gets the same max_steps and validation interval, so config.yaml and the dashboards
-    show what ran.
-    """
-    steps = max(1, round(max_bytes / bytes_per_step(datamodule, trainer)))
-    _set_steps(trainer, cfg, steps)
-    log.info(
-        f"budget.max_bytes={max_bytes:,}: {steps:,} steps of "
-        f"{bytes_per_step(datamodule, trainer):,.0f} bytes at {datamodule.train_bytes_per_token:.3f} bytes/token"
-    )
+def steps_for_bytes(max_bytes: int, bytes_per_step: float) -> int:
+    """The optimizer steps that read `max_bytes` of training text (the nearest step, at least one)."""
+    steps = max(1, round(max_bytes / bytes_per_step))
+    log.info(f"budget.max_bytes={max_bytes:,}: {steps:,} steps of {bytes_per_step:,.0f} bytes")
     return steps
 
 
-def _set_steps(trainer: pl.Trainer, cfg: DictConfig, steps: int) -> None:
-    """max_steps on the trainer and in the config, and the validation interval nudged to end on the last step.
-
-    The config gets the same values, so config.yaml and the dashboards show what ran.
-    """
-    trainer.fit_loop.epoch_loop.max_steps = steps
-    with open_dict(cfg.trainer):
-        cfg.trainer.max_steps = steps
-        if isinstance(trainer.val_check_interval, int):
-            trainer.val_check_interval = validation_interval(steps, trainer.val_check_interval)
-            cfg.trainer.val_check_interval = trainer.val_check_interval
-
-
-def apply_flops_budget(
-    trainer: pl.Trainer, cfg: DictConfig, datamodule: TextDataModule, model: LanguageModel, max_flops: float
-) -> int:
-    """Set the trainer's max_steps to spend `max_flops` training FLOPs (nearest step); returns the steps.
+def steps_for_flops(max_flops: float, flops_per_token: int, tokens: int) -> int:
+    """The optimizer steps whose training FLOPs come nearest to `max_flops`, at `tokens` per step.
 
     A budget below one step's FLOPs is refused rather than rounded up to a step it does not pay for.
     """
-    per_token = model.flops_per_token(datamodule.block_size)
-    tokens = tokens_per_step(datamodule, trainer)
-    per_step = per_token * tokens
+    per_step = flops_per_token * tokens
     if max_flops < per_step:
         raise ConfigError(
             f"budget.max_flops={max_flops:.3g} is less than one training step of this run ({per_step:.3g} FLOPs: "
-            f"{per_token:,} per token x {tokens:,} tokens per step): raise budget.max_flops to at least "
+            f"{flops_per_token:,} per token x {tokens:,} tokens per step): raise budget.max_flops to at least "
             f"{per_step:.3g}, or shrink the model or the batch"
         )
     steps = round(max_flops / per_step)
-    _set_steps(trainer, cfg, steps)
-    log.info(f"budget.max_flops={max_flops:.3g}: {steps:,} steps of {per_step:.3g} FLOPs ({per_token:,} per token)")
+    log.info(
+        f"budget.max_flops={max_flops:.3g}: {steps:,} steps of {per_step:.3g} FLOPs ({flops_per_token:,} per token)"
+    )
     return steps

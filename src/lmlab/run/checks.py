@@ -31,6 +31,26 @@ def check_training_length(trainer_cfg: Any) -> None:
         )
 
 
+SEED_RANGE = (0, 2**32 - 1)  # what numpy's and torch's generators accept
+
+
+def check_run_settings(cfg: Any) -> None:
+    """Settings that would otherwise fail deep inside a library with a traceback, or be taken silently."""
+    seed = cfg.get("seed")
+    if not (isinstance(seed, int) and not isinstance(seed, bool) and SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+        raise ConfigError(f"seed={seed} must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}: e.g. seed=1337")
+    max_time = cfg.trainer.get("max_time")
+    if max_time is not None and not isinstance(max_time, (str, Mapping)):
+        raise ConfigError(
+            f"trainer.max_time={max_time} is not a duration: give DD:HH:MM:SS (e.g. 00:01:30:00), "
+            "a mapping such as {hours: 1}, or null for no limit"
+        )
+    scheduler = cfg.task.get("scheduler") or {}
+    warmup = scheduler.get("warmup_steps", 0) if isinstance(scheduler, Mapping) else 0
+    if not (isinstance(warmup, int) and not isinstance(warmup, bool) and warmup >= 0):
+        raise ConfigError(f"task.scheduler.warmup_steps={warmup} must be a whole number >= 0 (0: no warmup)")
+
+
 def check_context_fits(model: LanguageModel, block_size: int) -> None:
     """The training windows must fit the model's positional table, or the first step would fail."""
     if model.context_length is not None and block_size > model.context_length:

@@ -7,17 +7,29 @@ claims the name just before Hydra runs: it creates the directory with an atomic 
 which names the default directories in conf/, then answers with the claimed name. The resolver has
 no side effect of its own, because OmegaConf also evaluates values while merging configs (an
 experiment recipe replacing the sweep directory, for one), and that must not create directories.
+
+A directory given by hand (`hydra.run.dir=`) or resumed can still be named by two processes at once
+(two seeds started on one directory, a SLURM requeue while the old job still runs). `RunDirLock`
+holds an exclusive `flock` on `<run>/.lock` for the run's lifetime, so the second writer is refused
+in one line naming the holder, instead of both mixing their checkpoints and curves.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import os
 import re
+import socket
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from lmlab.errors import ConfigError
+from lmlab.run.labels import varying_overrides
+from lmlab.run.sweep_resume import unfinished_sweep
 
 RESOLVER = "lmlab_fresh_dir"
 JOB_DIR_RESOLVER = "lmlab_job_dir"
@@ -62,6 +74,15 @@ class ClaimFreshDirs(Callback):
         _claim(config.hydra.run, resuming=bool(config.get("ckpt_path")))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """A sweep started by the same command that did not finish is continued in its own directory
+        (lmlab.run.sweep_resume); otherwise the sweep gets a fresh one."""
+        if RESOLVER in str(OmegaConf.to_container(config.hydra.sweep, resolve=False)["dir"]):
+            default = str(config.hydra.sweep.dir)
+            earlier = unfinished_sweep(Path(default).parent, config)
+            if earlier is not None:
+                print(f"continuing the unfinished sweep {earlier}")
+                _claimed[default] = str(earlier)
+                return
         _claim(config.hydra.sweep, resuming=False)
 
 
@@ -73,13 +94,19 @@ def _claim(node: DictConfig, resuming: bool) -> None:
         claim_fresh_dir(folder)
 
 
-def job_dir_name(overrides: str, job_number: int | str) -> str:
+def job_dir_name(overrides: str, job_number: int | str, _root_: DictConfig | None = None) -> str:
     """A sweep job's folder name: its overrides (`model=gpt,tokenizer=bpe`) when they make a short, safe
     name; otherwise the readable start of them with characters that are not safe in a name replaced,
     the job number and a hash of the full overrides, so that names stay unique and under MAX_JOB_DIR.
 
+    As the `lmlab_job_dir` resolver (`_root_`: the job's config), only the overrides of the keys the
+    sweep varies name the folder (lmlab.run.labels), so that TensorBoard's run names, like the
+    report's `run` column, leave out the settings every run shares.
     The full overrides stay in the job's `.hydra/overrides.yaml` and `config.yaml`.
     """
+    hydra = OmegaConf.select(_root_, "hydra") if _root_ is not None else None
+    varying = varying_overrides(hydra) if hydra is not None else None
+    overrides = overrides if varying is None else varying
     if not overrides:
         return f"job{job_number}"
     safe = UNSAFE.sub("_", overrides)
@@ -88,3 +115,58 @@ def job_dir_name(overrides: str, job_number: int | str) -> str:
     digest = hashlib.sha256(overrides.encode()).hexdigest()[:8]
     tail = f"-job{job_number}-{digest}"
     return safe[: MAX_JOB_DIR - len(tail)].rstrip("_,") + tail
+
+
+LOCK_FILE = ".lock"
+
+
+def launch_rank() -> int:
+    """This process's global rank as its launcher set it (0 alone): only rank 0 of a run holds the lock,
+    the other ranks of a DDP or FSDP job write into the same directory with it."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return int(os.environ.get("NODE_RANK", "0") or 0) + int(os.environ.get("LOCAL_RANK", "0") or 0)
+
+
+class RunDirLock:
+    """An exclusive lock on a run directory, held from `acquire` until the `with` block ends.
+
+    `flock` is released by the kernel when the process dies, however it dies, so a killed run never
+    leaves a stale lock; `.lock` holds the holder's PID and host for the refusal message.
+    """
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self, run_dir: Path) -> None:
+        """Create `run_dir` and lock it; a ConfigError naming the holder if another process has it."""
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if launch_rank() != 0 or self.held:
+            return
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").split() or ["?", "?"]
+            os.close(fd)
+            pid, host = (holder + ["?"])[:2]
+            raise ConfigError(
+                f"{run_dir} is in use by another run (PID {pid} on {host}): wait for it to end, or give this "
+                "run its own directory (leave hydra.run.dir unset)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+
+    def __enter__(self) -> RunDirLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor releases the flock
+            self._fd = None

@@ -20,50 +20,48 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from lmlab.checkpoint.format import is_sharded
 from lmlab.errors import ConfigError
+from lmlab.lightning_compat import KeepFSDPRootAcrossStages, SameStreamDDPSetup, saves_sharded
 from lmlab.models import LanguageModel
-from lmlab.models.gpt import Block
-from lmlab.models.jamba import JambaLayer
-from lmlab.models.llama import LlamaBlock
-from lmlab.models.mamba import MambaBlock
-from lmlab.models.transformer import PostNormBlock
 
-# The repeated layer of each family: FSDP's unit of sharding (and of activation checkpointing).
-BLOCKS: tuple[type[nn.Module], ...] = (Block, LlamaBlock, PostNormBlock, JambaLayer, MambaBlock)
 SLURM_LAUNCHER = "SlurmLauncher"
 LOCAL_LAUNCHER = "LocalLauncher"
 
 
-def block_wrap_policy() -> Any:
-    """FSDP's auto-wrap policy for lmlab models: one FSDP unit per transformer block (conf/trainer/fsdp.yaml).
+class BlockWrapPolicy(ModuleWrapPolicy):
+    """One FSDP unit per block of the model being wrapped: the classes its `block_types` declares.
 
     Per-block units keep only one block's full weights in memory at a time and let the next block's
     all-gather overlap this block's compute; the embeddings and head (tied in GPT) share the root unit.
-    """
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-    return ModuleWrapPolicy(set(BLOCKS))
-
-
-class SameStreamDDPStrategy(DDPStrategy):
-    """Lightning's DDPStrategy with DDP built on the stream that then trains (conf/trainer/ddp.yaml).
-
-    Lightning 2.6 wraps the model in DDP inside a fresh side stream (for capturing a whole DDP
-    iteration as one CUDA graph, which lmlab never does: its graphed step is single-GPU). DDP keeps
-    each parameter's gradient-accumulation node, and that node stays on the side stream, so from torch
-    2.10 on every backward hands every gradient across streams (torch warns "The AccumulateGrad node's
-    stream does not match") and pays a synchronisation for it, in each micro-batch. Lightning has
-    since made the same change (Lightning-AI/pytorch-lightning#21746).
+    The classes are read from the model when FSDP wraps it, so any family, registered or not, is
+    sharded by its own blocks and this module names none.
     """
 
-    def _setup_model(self, model: nn.Module) -> DistributedDataParallel:
-        return DistributedDataParallel(module=model, device_ids=self.determine_ddp_device_ids(), **self._ddp_kwargs)
+    def __init__(self) -> None:
+        super().__init__(())
+
+    def _run_policy(
+        self, root_module: nn.Module, ignored_modules: set[nn.Module], root_kwargs: dict[str, Any]
+    ) -> dict[nn.Module, dict[str, Any]]:
+        blocks = {block for m in root_module.modules() if isinstance(m, LanguageModel) for block in m.block_types}
+        self._module_classes, self._module_classes_str = blocks, str(blocks)
+        return super()._run_policy(root_module, ignored_modules, root_kwargs)
 
 
-class AtomicFSDPStrategy(FSDPStrategy):
+def block_wrap_policy() -> BlockWrapPolicy:
+    """FSDP's auto-wrap policy for lmlab models (conf/trainer/fsdp.yaml)."""
+    return BlockWrapPolicy()
+
+
+class SameStreamDDPStrategy(SameStreamDDPSetup, DDPStrategy):
+    """Lightning's DDPStrategy with DDP built on the stream that then trains (conf/trainer/ddp.yaml;
+    lmlab.lightning_compat.SameStreamDDPSetup says why)."""
+
+
+class AtomicFSDPStrategy(KeepFSDPRootAcrossStages, FSDPStrategy):
     """Lightning's FSDPStrategy with whole checkpoints and evaluation after training (conf/trainer/fsdp.yaml).
 
     Checkpoints: Lightning writes a sharded checkpoint's files into the existing folder one by one, so
@@ -72,38 +70,12 @@ class AtomicFSDPStrategy(FSDPStrategy):
     swaps it in once all shards and `meta.pt` are on disk (two renames, the old folder deleted after):
     a reader finds the old checkpoint or the new one, never a mixture.
 
-    Evaluation after fit (`train.py` scores val/test with the same Trainer): Lightning reconnects the
-    bare LightningModule for each stage and, finding its blocks already wrapped, leaves the root
-    unwrapped, so the embeddings and head, still sharded, are called as they are. Here the model keeps
-    its FSDP root from stage to stage, on its device (the teardown's move to CPU would strand it).
+    Evaluation after fit (`train.py` scores val/test with the same Trainer): the model keeps its FSDP
+    root from stage to stage (lmlab.lightning_compat.KeepFSDPRootAcrossStages).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._wrapped: nn.Module | None = None  # the FSDP root, once the first stage has wrapped the model
-
-    def connect(self, model: pl.LightningModule) -> None:
-        super().connect(model)
-        if self._wrapped is not None and self._wrapped.module is model:
-            self.model = self._wrapped
-
-    def _setup_model(self, model: nn.Module) -> nn.Module:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        if isinstance(model, FSDP):  # wrapped by an earlier stage of this Trainer
-            return model
-        self._wrapped = super()._setup_model(model)
-        return self._wrapped
-
-    def teardown(self) -> None:
-        module, self._lightning_module = self._lightning_module, None  # not moved to CPU: the next stage goes on
-        try:
-            super().teardown()
-        finally:
-            self._lightning_module = module
-
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        if self._state_dict_type != "sharded":
+        if not saves_sharded(self):
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         path = Path(self.broadcast(str(filepath)))
         staging, old = path.with_name(path.name + ".saving"), path.with_name(path.name + ".old")

@@ -14,14 +14,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from torch.utils.data import DataLoader
 
 from lmlab.checkpoint import load_checkpoint, resolve_device
-from lmlab.data.corpus import read_local_corpus
-from lmlab.data.windows import EvalWindows, StreamBatches
+from lmlab.data.eval_context import EvalProtocol, resolve_eval_protocol
+from lmlab.data.sources import read_local_corpus
+from lmlab.data.windows import EvalWindows, StreamBatches, already_batched
 from lmlab.errors import ConfigError
 from lmlab.generate import START_TEXT
 from lmlab.io import atomic_write_json
@@ -50,9 +52,12 @@ def score_text(
     block_size: int,
     batch_size: int,
     stateful: bool = False,
+    stride: int | None = None,
     context_token: int | None = None,
 ) -> Scores:
-    """Score every token of `text`; `context_token` is what its first token is predicted from."""
+    """Score every token of `text`; `context_token` is what its first token is predicted from.
+    `stateful`: `batch_size` streams, each carrying its state; else windows of `block_size` whose
+    last `stride` targets are scored (default: all of them, the non-overlapping pass)."""
     ids = tokenizer.encode(text)
     if len(ids) == 0:
         raise ConfigError("the text to evaluate has no tokens: give data.path a file with text in it")
@@ -62,21 +67,10 @@ def score_text(
             f"set data.block_size to {model.context_length} or less"
         )
     context = int(tokenizer.encode(START_TEXT)[0]) if context_token is None else context_token
-    windows = (
-        StreamBatches(ids, batch_size, block_size, context_token=context)
-        if stateful
-        else EvalWindows(ids, block_size, context_token=context)
+    total = total_nats(
+        model, ids, context, block_size=block_size, batch_size=batch_size, stateful=stateful, stride=stride
     )
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    nats, state = torch.zeros((), dtype=torch.float64, device=device), None
-    for x, y in DataLoader(windows, batch_size=None if stateful else batch_size):
-        logits, new_state = model(x.to(device), state)
-        state = new_state if stateful else None
-        nats += token_nats(logits, y.to(device)).double()
-    model.train(was_training)
-    n_bytes, total = len(text.encode("utf-8")), float(nats)
+    n_bytes = len(text.encode("utf-8"))
     unk = None if tokenizer.unk_id is None else int((ids == tokenizer.unk_id).sum()) / len(ids)
     return Scores(
         loss=total / len(ids),
@@ -86,6 +80,41 @@ def score_text(
         bytes=n_bytes,
         unk_rate=unk,
     )
+
+
+@torch.no_grad()
+def total_nats(
+    model: LanguageModel,
+    ids: np.ndarray,
+    context_token: int,
+    *,
+    block_size: int,
+    batch_size: int,
+    stateful: bool = False,
+    stride: int | None = None,
+) -> float:
+    """The summed nats of every token of `ids`, each scored once: in `batch_size` streams carrying
+    the state (`stateful`), else in windows of `block_size` scoring their last `stride` targets."""
+    windows = (
+        StreamBatches(ids, batch_size, block_size, context_token=context_token)
+        if stateful
+        else EvalWindows(ids, block_size, context_token=context_token, stride=stride)
+    )
+    loader = (
+        DataLoader(windows, batch_size=None)
+        if stateful
+        else DataLoader(windows, batch_size=batch_size, collate_fn=already_batched)
+    )
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nats, state = torch.zeros((), dtype=torch.float64, device=device), None
+    for x, y in loader:
+        logits, new_state = model(x.to(device), state)
+        state = new_state if stateful else None
+        nats += token_nats(logits, y.to(device)).double()
+    model.train(was_training)
+    return float(nats)
 
 
 def default_output(ckpt: str | Path, data_path: str | Path) -> Path:
@@ -111,13 +140,15 @@ def evaluate_from_config(cfg: DictConfig) -> dict[str, Any]:
         if value < 1:
             raise ConfigError(f"data.{key} must be >= 1 (got {value})")
     text = read_local_corpus(cfg.data.path)
+    protocol = checkpoint_protocol(cfg, loaded.model, trained, block_size)
     scores = score_text(
         loaded.model,
         loaded.tokenizer,
         text,
         block_size=block_size,
         batch_size=batch_size,
-        stateful=bool(trained["stateful"]),
+        stateful=protocol.carries_state,
+        stride=protocol.stride,
     )
     result = {
         "checkpoint": str(cfg.ckpt),
@@ -126,13 +157,23 @@ def evaluate_from_config(cfg: DictConfig) -> dict[str, Any]:
         "model": loaded.config["names"]["model"],
         "tokenizer": loaded.tokenizer.name,
         "block_size": block_size,
-        "stateful": bool(trained["stateful"]),
+        "stateful": protocol.carries_state,
+        "eval_context": protocol.label,
         **asdict(scores),
     }
     output = Path(cfg.output) if cfg.get("output") else default_output(cfg.ckpt, cfg.data.path)
     atomic_write_json(output, result)
     _print_table(result, output, Console())
     return result
+
+
+def checkpoint_protocol(cfg: DictConfig, model: LanguageModel, trained: dict, block_size: int) -> EvalProtocol:
+    """`eval.context` as asked, or by default the protocol the run itself was scored with."""
+    asked = cfg.get("eval") or {}
+    context = asked.get("context") or trained.get("eval_context") or ("carry" if trained["stateful"] else "window")
+    context = context.split("/")[0]  # a recorded `sliding/64` names its stride too
+    stride = asked.get("stride") or trained.get("eval_stride")
+    return resolve_eval_protocol(context, stride, block_size, type(model).carries_state)
 
 
 def _print_table(result: dict[str, Any], output: Path, console: Console) -> None:

@@ -9,7 +9,7 @@ Without those instructions bf16 is emulated and slower, so fp32 stays. On a GPU,
 from __future__ import annotations
 
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from lmlab.errors import ConfigError
 
@@ -23,15 +23,14 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
-def resolve_precision(trainer_cfg: DictConfig) -> None:
-    """Replace `precision: auto` by the precision this machine trains best in, so that config.yaml and
-    the dashboards record what ran."""
+def planned_precision(trainer_cfg: DictConfig) -> str:
+    """The precision the run trains in: `trainer.precision`, with `auto` replaced by the one this machine
+    trains best in, so that config.yaml and the dashboards record what ran (lmlab.run.plan)."""
     if str(trainer_cfg.get("precision")) != AUTO:
-        return
+        return trainer_cfg.get("precision")
     accelerator = str(trainer_cfg.get("accelerator", AUTO))
     on_cpu = accelerator == "cpu" or (accelerator == AUTO and not torch.cuda.is_available())
-    with open_dict(trainer_cfg):
-        trainer_cfg.precision = "bf16-mixed" if on_cpu and cpu_has_native_bf16() else "32-true"
+    return "bf16-mixed" if on_cpu and cpu_has_native_bf16() else "32-true"
 
 
 def set_float32_matmul_precision(value: str) -> None:

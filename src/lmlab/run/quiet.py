@@ -25,7 +25,7 @@ LIBRARY_DEPRECATIONS = (r".*`isinstance\(treespec, LeafSpec\)` is deprecated", r
 # torchmetrics SumMetrics, which already all-reduce, so the advice does not apply.
 ADVICE = (r".*It is recommended to use `self\.log\(.*sync_dist=True\)`",)
 # torch.compile notes once that a checkpoint carries a context_fn and warns of in-place ops: lmlab's own
-# (task.activation_checkpointing), which recomputes every op when compiled, so nothing is cached to mutate.
+# (perf.activation_checkpointing), which recomputes every op when compiled, so nothing is cached to mutate.
 TORCH_NOTES = ("torch._higher_order_ops.wrap",)
 
 

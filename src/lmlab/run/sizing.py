@@ -8,7 +8,7 @@ heads (finer width steps) and then other depths are tried; if nothing comes with
 refused, naming the closest count the architecture can reach.
 
 The vocabulary (and so the embedding's share) is only known once the tokenizer is trained, which is
-why this runs right before the model is built. Counting builds the model on PyTorch's meta device:
+why the run's plan (lmlab.run.plan) settles the shape after the data is prepared, before the model is built. Counting builds the model on PyTorch's meta device:
 exact, free of memory, and without a second copy of each architecture's parameter formula.
 """
 
@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from lmlab.errors import ConfigError
 from lmlab.models import count_parameters
@@ -123,22 +123,18 @@ def match_params(model_cfg: DictConfig, vocab_size: int, target: int) -> Match:
     )
 
 
-def apply_target_params(model_cfg: DictConfig, vocab_size: int, target: int | None) -> int | None:
-    """If `target` (budget.target_params) is set, write the matched shape into the model config.
-
-    Returns the target, or None when the run is not parameter-matched.
-    """
+def target_shape(model_cfg: DictConfig, vocab_size: int, target: int | None) -> dict[str, int]:
+    """The model settings (d_model, and d_ff, depth or heads where needed) that match `target`
+    (budget.target_params) parameters; none when the run is not parameter-matched."""
     if target is None:
-        return None
+        return {}
     if int(target) < 1:
         raise ConfigError(f"budget.target_params must be a positive number of parameters (got {target})")
     if model_cfg.get("d_model") is None:
         raise ConfigError("budget.target_params needs a model with a d_model width: remove budget.target_params")
     match = match_params(model_cfg, vocab_size, int(target))
-    with open_dict(model_cfg):
-        model_cfg.update(match.settings)
     shown = ", ".join(f"{key}={value}" for key, value in match.settings.items())
     log.info(
         f"budget.target_params={int(target):,}: {shown} gives {match.params:,} parameters ({match.off(target):+.1%})"
     )
-    return int(target)
+    return match.settings

@@ -19,7 +19,7 @@ import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.trainers import Trainer
 
-from lmlab.errors import DataError
+from lmlab.errors import ConfigError, DataError
 from lmlab.io import atomic_write_text
 
 # Version 2 added the word tokenizer's open vocabulary (settings unk, split, eos_per_line);
@@ -83,6 +83,35 @@ def safe_pieces(texts: Iterable[str], size: int = CHUNK_CHARS) -> Iterator[str]:
         retry_at = size if len(buffer) < size else 2 * len(buffer)
     if buffer:
         yield buffer
+
+
+def encode_in_chunks(hf: HFTokenizer, text: str) -> np.ndarray:
+    """The ids of `text` under `hf`, its safely cut chunks encoded on all cores (Rust threads; no GIL,
+    no processes)."""
+    chunks, ids = list(split_chunks(text)), []
+    for start in range(0, len(chunks), ENCODE_BATCH):
+        encodings = hf.encode_batch(chunks[start : start + ENCODE_BATCH], add_special_tokens=False)
+        ids += [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+    return np.concatenate(ids)
+
+
+def read_document(text: str, source: str) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
+    """(format, name, settings, state) of a saved tokenizer's JSON text, or a one-line ConfigError.
+
+    Only ever parses `text`: a string from a checkpoint is never taken for a path, so a damaged
+    checkpoint cannot make lmlab open a FIFO or /dev/zero.
+    """
+    try:
+        document = json.loads(text)
+    except ValueError:
+        raise ConfigError(f"{source} is not an lmlab tokenizer: it is not JSON") from None
+    if not isinstance(document, dict) or document.get("format") not in (FORMAT, FORMAT_V1):
+        raise ConfigError(f"{source} is not an lmlab tokenizer (expected format {FORMAT!r})")
+    settings, state = document.get("config"), document.get("state")
+    if not (isinstance(settings, dict) and isinstance(settings.get("name"), str) and isinstance(state, dict)):
+        raise ConfigError(f"{source} is a damaged lmlab tokenizer: its 'config' (with a 'name') or 'state' is missing")
+    settings = dict(settings)
+    return document["format"], settings.pop("name"), settings, state
 
 
 class Tokenizer(ABC):
@@ -232,12 +261,7 @@ class HFBackedTokenizer(Tokenizer):
         return self._hf.get_vocab_size()
 
     def _encode(self, text: str) -> np.ndarray:
-        # encode_batch runs the chunks on all cores (Rust threads; no GIL, no processes).
-        chunks, ids = list(split_chunks(text)), []
-        for start in range(0, len(chunks), ENCODE_BATCH):
-            encodings = self._hf.encode_batch(chunks[start : start + ENCODE_BATCH], add_special_tokens=False)
-            ids += [np.asarray(e.ids, dtype=np.int32) for e in encodings]
-        return np.concatenate(ids)
+        return encode_in_chunks(self._hf, text)
 
     def hf_tokenizer(self) -> HFTokenizer:
         self._require_trained()
