@@ -18,6 +18,7 @@ from lmlab.optim import (
     warmup_constant,
     warmup_cosine,
     warmup_linear,
+    warmup_stable_decay,
 )
 from lmlab.run.train import train
 from tests.helpers import SHAKESPEARE, compose_config
@@ -109,6 +110,43 @@ def test_the_step_schedules_are_unchanged():
         rates = epoch_rates(scheduler, optimizer, 201)  # the rate each of steps 0..200 trains at
         assert {step: rates[step] for step in at} == pytest.approx(at), factory.__name__
     assert schedule_arguments(step_decay, 110) == {} and schedule_arguments(plateau, 110) == {}
+
+
+# 10 steps, 2 of warmup, the last 40% (4 steps: 6..9) decaying; each row: the rate steps 0..9 train at
+WSD_TABLE = {
+    "linear": [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25],
+    "cosine": [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.8535533905932737, 0.5, 0.14644660940672627],
+    "1-sqrt": [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.2928932188134524, 0.1339745962155614],
+}
+
+
+@pytest.mark.parametrize("shape", WSD_TABLE)
+def test_warmup_stable_decay_follows_the_hand_written_table(shape):
+    optimizer = sgd()
+    scheduler = warmup_stable_decay(
+        optimizer, **schedule_arguments(warmup_stable_decay, 10), warmup_steps=2, decay_fraction=0.4, decay_shape=shape
+    )
+    assert epoch_rates(scheduler, optimizer, 10) == pytest.approx(WSD_TABLE[shape], abs=1e-12)
+
+
+def test_warmup_stable_decay_ends_at_its_floor_and_decays_the_whole_run_at_fraction_1():
+    optimizer = sgd(2.0)
+    scheduler = warmup_stable_decay(optimizer, 4, warmup_steps=0, decay_fraction=1.0, min_lr_ratio=0.5)
+    assert epoch_rates(scheduler, optimizer, 6) == pytest.approx([2.0, 1.75, 1.5, 1.25, 1.0, 1.0])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"decay_fraction": 0.0}, r"task.scheduler.decay_fraction=0.0 must be in \(0, 1\]"),
+        ({"decay_fraction": 1.5}, r"task.scheduler.decay_fraction=1.5 must be in \(0, 1\]"),
+        ({"decay_shape": "exp"}, "task.scheduler.decay_shape='exp' is not one of linear, cosine, 1-sqrt"),
+    ],
+)
+def test_warmup_stable_decay_refuses_bad_settings_in_one_line(kwargs, message):
+    with pytest.raises(ConfigError, match=message) as raised:
+        warmup_stable_decay(sgd(), 100, **kwargs)
+    assert "\n" not in str(raised.value)
 
 
 def test_plateau_takes_each_validation_once_and_divides_when_it_does_not_improve():

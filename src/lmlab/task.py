@@ -19,7 +19,8 @@ from lmlab.graphed_step import GraphCaptureError, GraphedTrainingStep
 from lmlab.lightning_compat import first_validation_step, uses_loss_scaler
 from lmlab.metrics import split_scores, token_nats
 from lmlab.models import LanguageModel, count_parameters, detach_state
-from lmlab.optim import ValidationPlateau, decayed_parameters, lightning_scheduler, parameter_groups, schedule_arguments
+from lmlab.optim import ValidationPlateau, build_optimizer, decayed_parameters, lightning_scheduler, schedule_arguments
+from lmlab.optim.schedule_free import EvalWeights
 from lmlab.perf import Perf, fast_loss, pinned_attention, training_graph
 
 
@@ -233,7 +234,7 @@ class LanguageModelTask(pl.LightningModule):
             and not uses_loss_scaler(self.trainer)
         ):
             extra["fused"] = True  # one kernel for the whole update (not with fp16's loss scaler)
-        optimizer = factory(parameter_groups(self.model, self.weight_decay, self._decayed), **extra)
+        optimizer = build_optimizer(factory, self.model, self.weight_decay, self._decayed, self.device, **extra)
         if self.scheduler_factory is None:
             return optimizer
         total_steps = int(self.trainer.estimated_stepping_batches)
@@ -242,6 +243,10 @@ class LanguageModelTask(pl.LightningModule):
             first_validation_step(self.trainer, total_steps) if isinstance(scheduler, ValidationPlateau) else None
         )
         return {"optimizer": optimizer, "lr_scheduler": lightning_scheduler(scheduler, validates_by_step=validates)}
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """Schedule-free optimizers: averaged weights for evaluation and checkpoints (lmlab.optim.schedule_free)."""
+        return [EvalWeights()]
 
     def on_validation_end(self) -> None:
         """Tell a plateau schedule that a fresh val/bpb is logged (lmlab.optim.ValidationPlateau)."""

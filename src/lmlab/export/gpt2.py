@@ -26,6 +26,11 @@ def _check(model: GPT) -> None:
             "a GPT with mixture-of-experts layers (model.moe.n_experts > 0) has no GPT2LMHeadModel equivalent: "
             "export a dense GPT (model.moe.n_experts=0)"
         )
+    if model.beyond_gpt2:
+        raise ConfigError(
+            f"a GPT with {', '.join(f'model.{name}' for name in model.beyond_gpt2)} computes what GPT2LMHeadModel "
+            "cannot: export a GPT trained without them"
+        )
 
 
 def gpt2_config(model: GPT) -> dict[str, Any]:
@@ -39,7 +44,7 @@ def gpt2_config(model: GPT) -> dict[str, Any]:
         "n_layer": model.n_layer,
         "n_head": model.n_head,
         "n_inner": block.mlp.fc.out_features,
-        "activation_function": _GELU[block.mlp.gelu.approximate],
+        "activation_function": _GELU[block.mlp.activation.approximate],
         "layer_norm_epsilon": block.ln1.eps,
         "resid_pdrop": block.attn.resid_dropout.p,
         "embd_pdrop": model.drop.p,

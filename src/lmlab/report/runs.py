@@ -154,8 +154,9 @@ def _learning_rate(config: dict[str, Any]) -> float | None:
 
 def _without_learning_rate(config: dict[str, Any]) -> dict[str, Any]:
     """The config with its learning rate blanked, so the runs of one learning-rate grid share a key.
-    The table of default rates (`adamw_lr`) goes too: it acts only through the rate itself."""
-    config = {key: value for key, value in config.items() if key != "adamw_lr"}
+    The table of default rates (`adamw_lr`) goes too, and so does an experiment's table of rates per
+    optimizer with the point of it a run picks (`lr_grid`): they act only through the rate itself."""
+    config = {key: value for key, value in config.items() if key not in ("adamw_lr", "lr_grid")}
     node = _optimizer_node(config)
     blanked = {**node, "lr": None}
     if isinstance((config.get("task") or {}).get("optimizer"), dict):

@@ -68,7 +68,7 @@ def _setting(run: Run) -> str:
     A group can gather runs from several sweeps (a grid split over GPUs, or extended later), so the
     sweep's name that prefixes a merged label ("sweep/model=gru") names none of them and is dropped.
     """
-    dropped = ("model=", "tokenizer=", "task.optimizer.lr=", "seed=")
+    dropped = ("model=", "tokenizer=", "task.optimizer.lr=", "lr_grid.point=", "seed=")
     parts = (_without_sweep(p) for p in (run.label or run.name).split(","))
     return ",".join(p for p in parts if p and not p.startswith(dropped))
 

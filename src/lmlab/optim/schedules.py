@@ -1,11 +1,8 @@
-"""Optimizer parameter groups and learning-rate schedules.
+"""Learning-rate schedules.
 
-Schedules come in three kinds: per optimizer step (warmup + cosine/linear/constant, which need the
-run's `total_steps`), per epoch (step decay) and per validation (plateau). `lightning_scheduler`
-tells Lightning which is which.
-
-Weight decay shrinks weight matrices towards zero; applied to biases, norm gains or embeddings it
-only hurts (GPT-2/nanoGPT practice), so those go in an undecayed group.
+They come in three kinds: per optimizer step (warmup + cosine/linear/constant/warmup-stable-decay,
+which need the run's `total_steps`), per epoch (step decay) and per validation (plateau).
+`lightning_scheduler` tells Lightning which is which.
 """
 
 from __future__ import annotations
@@ -17,37 +14,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 
 from lmlab.errors import ConfigError
-
-
-def decayed_parameters(model: nn.Module) -> set[int]:
-    """The ids of the parameters weight decay applies to: weight matrices, not biases, norms, embeddings or
-    matrices a model marks `_no_weight_decay` (Mamba's A_log: decay rates).
-
-    Decided on the model as built: FSDP (use_orig_params) later turns each parameter into a 1-D shard
-    of itself, the same object with another shape, so its dimensions no longer tell a matrix.
-    """
-    embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
-    return {
-        id(p)
-        for p in model.parameters()
-        if p.dim() >= 2 and id(p) not in embeddings and not getattr(p, "_no_weight_decay", False)
-    }
-
-
-def parameter_groups(model: nn.Module, weight_decay: float, decayed: set[int] | None = None) -> list[dict]:
-    """Split trainable parameters into decayed matrices (`decayed`, by default found now) and everything else."""
-    decayed = decayed_parameters(model) if decayed is None else decayed
-    decay, no_decay, seen = [], [], set()
-    for p in model.parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (decay if id(p) in decayed else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _warmup(step: int, warmup_steps: int) -> float:
@@ -89,6 +58,52 @@ def warmup_linear(
 def warmup_constant(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 100) -> LambdaLR:
     """Linear warmup, then the peak learning rate throughout."""
     return LambdaLR(optimizer, lambda step: _warmup(step, warmup_steps))
+
+
+DECAY_SHAPES: dict[str, Callable[[float], float]] = {
+    "linear": lambda progress: 1 - progress,
+    "cosine": lambda progress: 0.5 * (1 + math.cos(math.pi * progress)),
+    "1-sqrt": lambda progress: 1 - math.sqrt(progress),
+}
+
+
+def warmup_stable_decay(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_steps: int = 100,
+    decay_fraction: float = 0.2,
+    decay_shape: str = "linear",
+    min_lr_ratio: float = 0.0,
+) -> LambdaLR:
+    """Linear warmup, the peak rate for most of the run, then a short decay over its last
+    `decay_fraction` of steps to `min_lr_ratio` x the peak (Hägele et al. 2024, "Scaling Laws and
+    Compute-Optimal Training Beyond Fixed Training Durations").
+
+    Unlike cosine, the rate does not depend on the run's length until the decay starts, so one long
+    stable phase can be branched into decays at several lengths. `decay_shape` is linear, cosine or
+    1-sqrt (1 - sqrt(progress): drops fast, then flattens; the paper's best).
+    """
+    if not 0 < decay_fraction <= 1:
+        raise ConfigError(
+            f"task.scheduler.decay_fraction={decay_fraction} must be in (0, 1] (the share of the run's steps "
+            "spent decaying): e.g. task.scheduler.decay_fraction=0.2"
+        )
+    if decay_shape not in DECAY_SHAPES:
+        raise ConfigError(
+            f"task.scheduler.decay_shape={decay_shape!r} is not one of {', '.join(DECAY_SHAPES)}: "
+            "e.g. task.scheduler.decay_shape=1-sqrt"
+        )
+    shape = DECAY_SHAPES[decay_shape]
+    decay_steps = max(1, round(decay_fraction * total_steps))
+    decay_start = total_steps - decay_steps
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return _warmup(step, warmup_steps)
+        progress = min(1.0, max(0.0, (step - decay_start) / decay_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * shape(progress)
+
+    return LambdaLR(optimizer, factor)
 
 
 class EpochStepDecay(LambdaLR):
