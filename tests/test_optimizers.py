@@ -307,7 +307,7 @@ def test_the_speedrun_recipe_composes_its_levers_and_runs_shrunk_on_a_cpu(tmp_pa
     cfg = compose_config(["experiment=shakespeare_char_speedrun"], tmp_path / "composed")
     assert cfg.task.optimizer._target_ == "lmlab.optim.MuonWithAdamW"
     assert cfg.task.scheduler._target_ == "lmlab.optim.warmup_stable_decay"
-    assert cfg.task.scheduler.decay_shape == "1-sqrt" and cfg.trainer.max_steps == 2500
+    assert cfg.task.scheduler.decay_shape == "1-sqrt" and cfg.trainer.max_steps == 1250
     options = ("qk_norm", "relu_squared", "zero_init_projections")
     assert all(cfg.model[key] is True for key in options) and cfg.model.tie_weights is False
     full = GPT(
