@@ -31,7 +31,8 @@ the corpus without being memory the process holds. `RssAnon` in /proc/self/statu
 anonymous pages (heap, arrays, tensors, thread stacks), the memory that cannot be given back; Linux
 keeps no high-water mark of it, so a daemon thread in each child reads it every 20 ms and keeps the
 largest value (read once more when the figure is taken), over the whole process: imports, every
-step, the end. A peak shorter than 20 ms can slip between samples.
+step, the end. A peak shorter than 20 ms, or one inside a call that holds the GIL and frees its
+memory before returning, can slip between samples.
 """
 
 from __future__ import annotations
