@@ -257,7 +257,7 @@ def test_train_py_refuses_a_recurrent_model_in_one_line(tmp_path, small_corpus):
     *_, line = [line for line in result.stderr.splitlines() if line.strip()]
     assert line == (
         "error: perf.activation_checkpointing=true needs a model made of repeated blocks "
-        "(transformer, gpt, llama, mamba, jamba); RecurrentLM has none: set perf.activation_checkpointing=false"
+        "(transformer, gpt, llama, mamba, mamba2, jamba); RecurrentLM has none: set perf.activation_checkpointing=false"
     )
     assert not (run / "checkpoints").exists()
 
