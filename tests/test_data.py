@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -145,3 +148,27 @@ def test_hugging_face_dataset_errors_are_one_line(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="could not load Hugging Face dataset") as err:
         HFDataModule(CharTokenizer(), str(tmp_path / "no-such-dataset"), cache_dir=str(tmp_path / "c")).corpus_source()
     assert "\n" not in str(err.value)
+
+
+def test_a_cache_entry_is_read_through_once_and_again_after_a_write(tmp_path, small_corpus, monkeypatch):
+    """Every id is checked against the vocabulary the first time; later starts trust the files' stamps
+    (a 4 GB corpus took 23 s to read through at every start) until a file is written to."""
+    from lmlab.data import cache
+
+    first = TextDataModule(CharTokenizer(), str(small_corpus), cache_dir=str(tmp_path), block_size=16)
+    first.prepare_data()
+    folder = first.corpus.path
+    for name in ("train", "val", "test"):  # older than the settling time, as any cache after a while
+        os.utime(folder / f"{name}.bin", ns=(time.time_ns() - 10**10, time.time_ns() - 10**10))
+    cache.load_entry(folder)  # reads them through and stamps them
+    read = []
+    monkeypatch.setattr(cache, "_check_ids", lambda ids, *args: read.append(len(ids)))
+    cache.load_entry(folder)
+    assert read == []  # trusted: not read again
+    val = np.memmap(folder / "val.bin", dtype=first.corpus.ids["val"].dtype, mode="r+")
+    val[0] = 60_000 % np.iinfo(val.dtype).max
+    val.flush()
+    del val
+    monkeypatch.undo()
+    with pytest.raises(cache.DamagedEntry, match="val.bin holds id"):
+        cache.load_entry(folder)

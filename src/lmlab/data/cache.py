@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +30,7 @@ import numpy as np
 
 from lmlab.data.corpus import SPLITS
 from lmlab.errors import ConfigError, DataError
-from lmlab.io import disk_full, fsync_folder, shared_mode
+from lmlab.io import atomic_write_text, disk_full, fsync_folder, shared_mode
 from lmlab.tokenizers import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = 2  # bumped whenever the ids a tokenizer gives for the same settings change (2: PTB <unk>)
 
 ID_CHECK_CHUNK = 1 << 24  # ids read at once when checking them against the vocabulary (64 MB of uint32)
+IDS_CHECKED = "ids_checked.json"  # each .bin's size and mtime when its ids were last read through
+STAMP_SETTLE_NS = 2_000_000_000  # a file written this recently is not stamped: it is read through again
 
 Pieces = Callable[[], Iterable[str]]  # a split's text, as pieces its tokenizer may encode one by one
 Advance = Callable[[str, int], None]  # progress: (phase, bytes done)
@@ -212,6 +215,7 @@ def load_entry(folder: Path) -> TokenizedCorpus:
     meta = _read_meta(folder)
     dtype = np.dtype(meta["dtype"])
     ids = {}
+    checked = _ids_checked(folder)
     for name in SPLITS:
         path, tokens = folder / f"{name}.bin", meta["tokens"][name]
         size = path.stat().st_size if path.is_file() else None
@@ -222,7 +226,9 @@ def load_entry(folder: Path) -> TokenizedCorpus:
                 f"{tokens} tokens x {dtype.itemsize} bytes"
             )
         ids[name] = np.memmap(path, dtype=dtype, mode="r") if tokens else np.zeros(0, dtype=dtype)
-        _check_ids(ids[name], meta["vocab_size"], folder, name)
+        if checked.get(name) != _file_stamp(path):
+            _check_ids(ids[name], meta["vocab_size"], folder, name)
+    _record_ids_checked(folder)
     if not (folder / "tokenizer.json").is_file():
         raise DamagedEntry(f"token cache entry {folder} is damaged: its tokenizer.json is missing")
     try:
@@ -282,6 +288,41 @@ def _check_ids(ids: np.ndarray, vocab_size: int, folder: Path, split: str) -> No
             raise DamagedEntry(
                 f"token cache entry {folder} is damaged: {split}.bin holds id {largest}, beyond the vocabulary of {vocab_size}"
             )
+
+
+def _file_stamp(path: Path) -> list[int] | None:
+    """What changes when a file is written to: its size and modification time."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _ids_checked(folder: Path) -> dict[str, list[int]]:
+    """The stamps of the .bin files whose every id was checked, so that a 4 GB corpus is read through
+    once, not at each start (23 s there); a file written to since gets a new stamp and is read again."""
+    try:
+        stamps = json.loads((folder / IDS_CHECKED).read_text())
+    except (OSError, ValueError):
+        return {}
+    return stamps if isinstance(stamps, dict) else {}
+
+
+def _record_ids_checked(folder: Path) -> None:
+    """Stamps for the files just read through, except those written in the last seconds: a write
+    within the file system's timestamp tick would not change the stamp, so those are read again."""
+    settled = time.time_ns() - STAMP_SETTLE_NS
+    stamps = {
+        name: stamp
+        for name in SPLITS
+        if (stamp := _file_stamp(folder / f"{name}.bin")) is not None and stamp[1] < settled
+    }
+    if stamps != _ids_checked(folder):
+        try:
+            atomic_write_text(folder / IDS_CHECKED, json.dumps(stamps))
+        except OSError:  # a cache shared read-only: the next start reads the ids again
+            pass
 
 
 def cached_entry(folder: Path, build: Callable[[], None]) -> tuple[TokenizedCorpus, bool]:
