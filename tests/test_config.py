@@ -18,7 +18,11 @@ from tests.helpers import CONF, REPO, compose_config
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and any(p.glob("*.yaml")))
 RECIPES = {"experiment", "hparams_search"}  # `# @package _global_` recipes, composed in tests/test_sweep.py
-SETTINGS = {"budget", "sample"}  # plain settings read by the run (lmlab.run.budgets, lmlab.generate.SamplingConfig)
+SETTINGS = {
+    "budget",
+    "sample",
+    "sweep",
+}  # plain settings read by the run (lmlab.run.budgets, lmlab.generate.SamplingConfig) and the sweeper
 PACKAGES = {"optimizer": "task.optimizer", "scheduler": "task.scheduler"}  # where a group's choice lands
 OPTIONS = [
     (group, option.stem)

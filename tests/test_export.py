@@ -164,7 +164,10 @@ def write_checkpoint(path: Path, model: LanguageModel, model_config: dict, token
                 "format_version": FORMAT_VERSION,
                 "model": {**model_config, "vocab_size": tokenizer.vocab_size},
                 "tokenizer": tokenizer.to_json(),
-                "config": {},
+                "config": {
+                    "names": {"model": model_config["_target_"].rsplit(".", 1)[-1], "tokenizer": tokenizer.name},
+                    "data": {"block_size": 24, "batch_size": 2, "stateful": False},
+                },
                 "step": 7,
             },
         },
