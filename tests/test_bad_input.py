@@ -92,7 +92,7 @@ SETTING_CASES = {
     "stateful data for an attention model": (
         ["data.stateful=true"],
         ConfigError,
-        "eval.context=carry carries the model's state across the whole split",
+        "data.stateful=true needs a recurrent model",
     ),
     "an LR monitor without a logger": (
         ["~logger"],
@@ -131,7 +131,7 @@ def test_bad_input_raises_its_one_line_error_before_training(tmp_path, small_cor
     [
         (["model=resnet"], "Could not find 'model/resnet'"),
         (["tokenizer=sentencepiece"], "Could not find 'tokenizer/sentencepiece'"),
-        (["optimizer=lion"], "Could not find 'optimizer/lion'"),
+        (["optimizer=adafactor"], "Could not find 'optimizer/adafactor'"),
         (["model.n_layr=2"], "Could not override 'model.n_layr'"),
     ],
 )

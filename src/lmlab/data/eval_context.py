@@ -40,8 +40,8 @@ def resolve_eval_protocol(
     """`eval.context` and `eval.stride` checked against the model; `full` becomes `carry` for a model
     whose fixed-size state can run over a whole split, else `sliding`; unset, it is `carry` for a
     stateful run (data.stateful) and `window` otherwise, as evaluation always was."""
-    if context is None:
-        context = "carry" if stateful else "window"
+    if context is None:  # a stateful run of an attention model is refused by its own check, later
+        context = "carry" if stateful and carries_state else "window"
     if context not in EVAL_CONTEXTS:
         raise ConfigError(f"eval.context must be one of {', '.join(EVAL_CONTEXTS)} (got {context!r})")
     if context == "full":
