@@ -17,6 +17,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from lmlab.checkpoint.format import load_checkpoint
@@ -75,7 +76,8 @@ def test_a_family_registered_in_a_test_trains_matches_sizes_and_generates(bigram
     assert (tmp_path / "run" / "sample.txt").read_text().strip()
 
     loaded = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")  # the registry vouches for the class
-    assert type(loaded.model) is Bigram and loaded.model.d_model == cfg.model.d_model
+    planned = OmegaConf.load(tmp_path / "run" / "config.yaml")  # the run's plan: the matched width
+    assert type(loaded.model) is Bigram and loaded.model.d_model == planned.model.d_model != cfg.model.d_model
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         generate = compose(

@@ -33,6 +33,7 @@ from lmlab.checkpoint import run_record
 from lmlab.checkpoint.format import checkpoint_step, is_sharded, load_checkpoint, model_weights, read_checkpoint
 from lmlab.errors import ConfigError
 from lmlab.models import GPT, Jamba, Llama, LSTMAttentionLM, Mamba, RecurrentLM, TransformerLM
+from lmlab.perf import apply_perf
 from lmlab.run.build import build
 from lmlab.run.distributed import (
     AtomicFSDPStrategy,
@@ -125,6 +126,7 @@ def _fit(cfg: DictConfig, run_dir: Path, stop_at: int | None = None, ckpt_path: 
     data = build(cfg.data, "data", tokenizer=tokenizer, seed=cfg.seed)
     data.prepare_data()
     model = build(cfg.model, "model", vocab_size=data.tokenizer.vocab_size)
+    apply_perf(model, build(cfg.perf, "perf"))  # as train() does: activation checkpointing, FP8
     recorder, texts = LossRecorder(stop_at), TextLogger()
     callbacks = [
         build(cfg.callbacks.model_checkpoint, "callbacks.model_checkpoint"),

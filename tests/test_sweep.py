@@ -164,8 +164,9 @@ def test_comparison_recipes_tune_every_model_and_tokenizer_fairly(recipe):
         "gpt",
         "llama",
         "mamba",
+        "mamba2",
         "jamba",
-    ]
+    ]  # every registered family
     assert params.tokenizer.split(",") == ["char", "word", "bpe"]
     grid = [float(lr) for lr in params["task.optimizer.lr"].split(",")]
     ratios = [b / a for a, b in zip(grid, grid[1:])]

@@ -149,12 +149,15 @@ def test_a_killed_optuna_search_rerun_finishes_its_study(tmp_path, small_corpus)
         small_corpus, tmp_path, ["hparams_search=optuna"], "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=1"
     )
     sweep = tmp_path / "sweep"
-    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while "completed" not in statuses(sweep).values() and time.monotonic() < deadline and first.poll() is None:
-        time.sleep(0.2)
-    os.kill(first.pid, signal.SIGKILL)
-    first.wait()
+    log = tmp_path / "first.log"
+    with log.open("w") as stderr:
+        first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.monotonic() + 300
+        while "completed" not in statuses(sweep).values() and time.monotonic() < deadline and first.poll() is None:
+            time.sleep(0.2)
+        assert first.poll() is None, log.read_text()[-3000:]  # still searching when it is killed
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
     rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     study = optuna.load_study(study_name="lmlab", storage=f"sqlite:///{sweep}/optuna.db")

@@ -10,6 +10,7 @@ and it resumes from its last checkpoint.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
@@ -23,6 +24,7 @@ class ResumableOptunaSweeper(OptunaSweeper):
         from optuna.trial import TrialState
 
         impl = self.sweeper
+        Path(str(impl.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)  # sqlite makes no folders
         if impl.storage:
             try:
                 study = optuna.load_study(study_name=impl.study_name, storage=impl.storage)
