@@ -75,21 +75,26 @@ class ClaimFreshDirs(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """A sweep started by the same command that did not finish is continued in its own directory
-        (lmlab.run.sweep_resume); otherwise the sweep gets a fresh one."""
+        (lmlab.run.sweep_resume); otherwise the sweep gets a fresh one. Either way its multirun.yaml
+        is written now, as the grid sweeper does (Optuna's writes none), so a rerun can find it."""
         if RESOLVER in str(OmegaConf.to_container(config.hydra.sweep, resolve=False)["dir"]):
             default = str(config.hydra.sweep.dir)
             earlier = unfinished_sweep(Path(default).parent, config)
             if earlier is not None:
                 print(f"continuing the unfinished sweep {earlier}")
                 _claimed[default] = str(earlier)
-                return
         _claim(config.hydra.sweep, resuming=False)
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(config, sweep_dir / "multirun.yaml")
 
 
 def _claim(node: DictConfig, resuming: bool) -> None:
     if RESOLVER not in str(OmegaConf.to_container(node, resolve=False)["dir"]):
         return
     folder = str(node.dir)
+    if folder in _claimed.values():  # a sweep being continued: its directory is taken already
+        return
     if not (resuming and Path(folder).is_dir()):
         claim_fresh_dir(folder)
 
