@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, pre_tokenizers
 from tokenizers.models import Unigram
 from tokenizers.trainers import Trainer, UnigramTrainer
 
-from lmlab.errors import ConfigError
-from lmlab.tokenizers.base import HFBackedTokenizer
-from lmlab.tokenizers.bpe import END_OF_TEXT, MIN_VOCAB_SIZE
+from lmlab.tokenizers.bpe import END_OF_TEXT, BPETokenizer
 
 
-class UnigramTokenizer(HFBackedTokenizer):
+class UnigramTokenizer(BPETokenizer):
     """Pieces chosen by a unigram language model (Kudo 2018), as SentencePiece's default model does,
     up to `vocab_size` ids.
 
@@ -29,19 +24,8 @@ class UnigramTokenizer(HFBackedTokenizer):
 
     name = "unigram"
 
-    def __init__(self, vocab_size: int = 1024) -> None:
-        super().__init__()
-        if vocab_size < MIN_VOCAB_SIZE:
-            raise ConfigError(
-                f"tokenizer.vocab_size={vocab_size} is smaller than the byte-level alphabet "
-                f"({MIN_VOCAB_SIZE}): set tokenizer.vocab_size to {MIN_VOCAB_SIZE} or more"
-            )
-        self._vocab_size = vocab_size
-
-    def config(self) -> dict[str, Any]:
-        return {"name": self.name, "vocab_size": self._vocab_size}
-
     def _new_hf(self) -> HFTokenizer:
+        """Byte-level BPE's pre-tokenizer and decoder around a unigram model: only the model differs."""
         hf = HFTokenizer(Unigram())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()
@@ -54,19 +38,3 @@ class UnigramTokenizer(HFBackedTokenizer):
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-
-    @property
-    def unk_id(self) -> None:
-        return None
-
-    def _decode(self, ids: list[int]) -> str:
-        return self._hf.decode(ids, skip_special_tokens=False)
-
-    def unknown_symbols(self, text: str) -> list[str]:
-        return []
-
-    def count_unknown(self, text: str, ids: np.ndarray | None = None) -> int:
-        return 0
-
-    def special_tokens(self) -> dict[str, str]:
-        return {"eos_token": END_OF_TEXT}
