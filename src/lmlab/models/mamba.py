@@ -253,12 +253,7 @@ class Mamba(LanguageModel):
             self.lm_head.weight = self.wte.weight
 
     def forward(self, idx: Tensor, state: SSMCache | None = None) -> tuple[Tensor, SSMCache]:
-        x, conv, ssm = self.drop(self.wte(idx)), [], []
-        for layer, block in enumerate(self.blocks):
-            x, c, s = self.call_block(block, x, *layer_states(state, layer))
-            conv.append(c)
-            ssm.append(s)
-        return self._unpad(self.lm_head(self.norm(x))), stack_states(conv, ssm)
+        return run_ssm_stack(self, idx, state)
 
     def init_state(self, batch_size: int, device: torch.device | str) -> SSMCache:
         return empty_ssm_cache([b.mixer for b in self.blocks], batch_size, device, self.wte.weight.dtype)
@@ -288,3 +283,14 @@ def init_residual_stack(model: nn.Module, n_layer: int) -> None:
         for name, weight in model.named_parameters():
             if name.split(".")[-2:] in (["proj", "weight"], ["out_proj", "weight"]):
                 weight /= math.sqrt(n_layer)
+
+
+def run_ssm_stack(model: LanguageModel, idx: Tensor, state: SSMCache | None) -> tuple[Tensor, SSMCache]:
+    """The forward of a stack of MambaBlocks (Mamba and Mamba-2 differ only in their mixers): each
+    layer reads its own (conv, ssm) state and returns the next one."""
+    x, conv, ssm = model.drop(model.wte(idx)), [], []
+    for layer, block in enumerate(model.blocks):
+        x, c, s = model.call_block(block, x, *layer_states(state, layer))
+        conv.append(c)
+        ssm.append(s)
+    return model._unpad(model.lm_head(model.norm(x))), stack_states(conv, ssm)

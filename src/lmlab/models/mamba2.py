@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmlab.models.base import LanguageModel, check_dropout, check_sizes, padded_vocab_size
-from lmlab.models.mamba import MambaBlock, init_residual_stack, layer_states, stack_states
+from lmlab.models.mamba import MambaBlock, init_residual_stack, run_ssm_stack, stack_states
 from lmlab.models.ssd import ssd_chunked, ssd_step
 from lmlab.models.state import SSMCache
 
@@ -224,12 +224,7 @@ class Mamba2(LanguageModel):
             self.lm_head.weight = self.wte.weight
 
     def forward(self, idx: Tensor, state: SSMCache | None = None) -> tuple[Tensor, SSMCache]:
-        x, conv, ssm = self.drop(self.wte(idx)), [], []
-        for layer, block in enumerate(self.blocks):
-            x, c, s = self.call_block(block, x, *layer_states(state, layer))
-            conv.append(c)
-            ssm.append(s)
-        return self._unpad(self.lm_head(self.norm(x))), stack_states(conv, ssm)
+        return run_ssm_stack(self, idx, state)
 
     def init_state(self, batch_size: int, device: torch.device | str) -> SSMCache:
         return empty_mamba2_cache([b.mixer for b in self.blocks], batch_size, device, self.wte.weight.dtype)
