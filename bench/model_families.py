@@ -45,9 +45,9 @@ SMOKE = dict(
 FAMILIES = {
     "gpt": lambda d, v, ctx: GPT(v, d_model=d, n_layer=12, n_head=d // 64, block_size=ctx),
     "llama": lambda d, v, ctx: Llama(v, d_model=d, n_layer=12, n_head=d // 64, n_kv_head=d // 128, block_size=ctx),
-    "mamba": lambda d, v, ctx: Mamba(v, d_model=d, n_layer=24),
-    "mamba2": lambda d, v, ctx: Mamba2(v, d_model=d, n_layer=24, n_head=2 * d // 64),
-    "jamba": lambda d, v, ctx, capacity_factor=None: Jamba(
+    "mamba": lambda d, v, ctx, kernels="auto": Mamba(v, d_model=d, n_layer=24, kernels=kernels),
+    "mamba2": lambda d, v, ctx, kernels="auto": Mamba2(v, d_model=d, n_layer=24, n_head=2 * d // 64, kernels=kernels),
+    "jamba": lambda d, v, ctx, capacity_factor=None, kernels="auto": Jamba(
         v,
         d_model=d,
         n_layer=8,
@@ -57,8 +57,10 @@ FAMILIES = {
         attn_offset=4,
         moe=MoEConfig(n_experts=8, top_k=2, moe_every=2, capacity_factor=capacity_factor),
         block_size=ctx,
+        kernels=kernels,
     ),
 }
+SSM_FAMILIES = ("mamba", "mamba2", "jamba")
 
 
 def sized(family: str, target: float, vocab: int, context: int) -> tuple[int, int]:
@@ -156,6 +158,8 @@ def main() -> None:
     parser.add_argument(
         "--peak-tflops", type=float, default=None, help="the card's peak for MFU (default: known cards)"
     )
+    parser.add_argument("--kernels", default="auto", help="model.kernels of mamba, mamba2 and jamba (torch: none)")
+    parser.add_argument("--name", default=None, help="results file: bench/results/NAME.json")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: " + str(SMOKE))
     args = parser.parse_args()
     if args.smoke:
@@ -170,6 +174,7 @@ def main() -> None:
         d_model, params = sized(family, args.target_params, args.vocab, context)
         torch.manual_seed(0)
         extra = {"capacity_factor": args.capacity_factor} if family == "jamba" else {}
+        extra |= {"kernels": args.kernels} if family in SSM_FAMILIES else {}
         model = FAMILIES[family](d_model, args.vocab, context, **extra).to(device)
         row = {"family": family, "d_model": d_model, "params": params, "active params": model.matmul_parameters()}
         row["train GFLOP/token"] = model.flops_per_token(args.seq_len) / 1e9
@@ -195,9 +200,13 @@ def main() -> None:
     print(table(rows, list(dict.fromkeys(k for r in rows for k in r))))
     settings = {k: getattr(args, k) for k in ("target_params", "vocab", "batch", "seq_len", "steps", "contexts")}
     settings |= {"dtype": args.dtype, "compile": args.compile, "gen_tokens": args.gen_tokens, "threads": args.threads}
-    settings |= {"capacity_factor": args.capacity_factor, "peak_tflops": None if peak is None else peak / 1e12}
+    settings |= {
+        "capacity_factor": args.capacity_factor,
+        "kernels": args.kernels,
+        "peak_tflops": None if peak is None else peak / 1e12,
+    }
     suffix = "_compiled" if args.compile else ""
-    name = "model_families_smoke" if args.smoke else f"model_families_{device.type}{suffix}"
+    name = args.name or ("model_families_smoke" if args.smoke else f"model_families_{device.type}{suffix}")
     path = write_results(name, {"settings": settings, "rows": rows})
     print(f"wrote {path}")
 

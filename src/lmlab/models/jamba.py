@@ -65,8 +65,8 @@ class Jamba(LanguageModel):
     """Layer i is attention when i % attn_every == attn_offset (Jamba: 1 in 8, offset 4), Mamba
     otherwise; n_experts > 0 makes every `moe_every`-th feed-forward a mixture of experts.
     `ssm` picks the state-space layer: `mamba` (Mamba-1, the paper's) or `mamba2` (mamba2.py, with
-    `ssm_n_head` heads, n_head when None, `n_groups` and `chunk_size`; `dt_rank`, `scan`, `kernels`
-    and `recompute_scan` are Mamba-1's).
+    `ssm_n_head` heads, n_head when None, `n_groups` and `chunk_size`; `dt_rank`, `scan` and
+    `recompute_scan` are Mamba-1's; `kernels` takes either layer's choices).
 
     Its context is `block_size` (the attention layers' KV cache). Like the attention models it
     returns a state only when given one (init_state: a HybridCache of the attention layers' KV cache
@@ -127,9 +127,9 @@ class Jamba(LanguageModel):
             )
         check_choice("ssm", ssm, SSM_LAYERS)
         ssm_n_head = n_head if ssm_n_head is None else ssm_n_head
-        check_mamba(d_state, d_conv, expand, dt_rank, scan, kernels)
+        check_mamba(d_state, d_conv, expand, dt_rank, scan, kernels if ssm == "mamba" else "auto")
         if ssm == "mamba2":
-            check_mamba2(d_model, d_state, d_conv, expand, ssm_n_head, n_groups, chunk_size, "ssm_n_head")
+            check_mamba2(d_model, d_state, d_conv, expand, ssm_n_head, n_groups, chunk_size, "ssm_n_head", kernels)
         moe = MoEConfig.of(moe)
         moe.check(n_layer)
         self.vocab_size, self.context_length = vocab_size, block_size
@@ -140,7 +140,9 @@ class Jamba(LanguageModel):
             if layer % attn_every == attn_offset:
                 return GroupedQueryAttention(d_model, n_head, n_kv_head, dropout)
             if ssm == "mamba2":
-                return Mamba2Mixer(d_model, d_state, d_conv, expand, ssm_n_head, n_groups, chunk_size, norm_eps)
+                return Mamba2Mixer(
+                    d_model, d_state, d_conv, expand, ssm_n_head, n_groups, chunk_size, norm_eps, kernels=kernels
+                )
             return MambaMixer(d_model, d_state, d_conv, expand, dt_rank, scan, kernels, recompute_scan)
 
         def mlp(layer: int) -> nn.Module:

@@ -17,10 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmlab.models.base import LanguageModel, check_dropout, check_sizes, padded_vocab_size
+from lmlab.models.base import LanguageModel, check_choice, check_dropout, check_sizes, padded_vocab_size
+from lmlab.models.kernels import fla_refusal, fla_ssd
 from lmlab.models.mamba import MambaBlock, init_residual_stack, run_ssm_stack, stack_states
 from lmlab.models.ssd import ssd_chunked, ssd_step
 from lmlab.models.state import SSMCache
+
+# fla: flash-linear-attention's fused SSD for CUDA inputs (the optional fla-core wheel); torch: the
+# pure-PyTorch SSD. auto is torch until fla is measured to win on a GPU (docs/perf.md)
+KERNELS = ("auto", "fla", "torch")
 
 
 def check_mamba2(
@@ -32,6 +37,7 @@ def check_mamba2(
     n_groups: int,
     chunk_size: int,
     head_key: str = "n_head",
+    kernels: str = "auto",
 ) -> None:
     """The head split, the B/C groups and the chunk length must fit together; one line naming the key
     (`head_key`: the SSM's head count is Jamba's `ssm_n_head`, as its `n_head` counts attention heads)."""
@@ -51,6 +57,16 @@ def check_mamba2(
         )
     if chunk_size & (chunk_size - 1) != 0:
         raise ValueError(f"chunk_size must be a power of two (got {chunk_size}): set model.chunk_size to e.g. 64")
+    check_choice("kernels", kernels, KERNELS)
+    if kernels == "fla" and fla_ssd() is None:
+        raise ValueError(
+            "kernels=fla needs flash-linear-attention's kernels, which do not import here: "
+            "pip install fla-core (a wheel, Triton only), or set model.kernels=torch"
+        )
+    if kernels == "fla" and (reason := fla_refusal()) is not None:
+        raise ValueError(
+            f"kernels=fla cannot train here: {reason}; pip install 'triton>=3.7.1' or set model.kernels=torch"
+        )
 
 
 class GatedRMSNorm(nn.Module):
@@ -89,8 +105,11 @@ class Mamba2Mixer(nn.Module):
         norm_eps: float = 1e-5,
         dt_min: float = 1e-3,
         dt_max: float = 0.1,
+        kernels: str = "auto",
     ) -> None:
         super().__init__()
+        # looked up when built, not in forward(), which torch.compile traces
+        self.fused_ssd = fla_ssd() if kernels == "fla" else None
         self.d_inner, self.d_state, self.d_conv = expand * d_model, d_state, d_conv
         self.n_heads, self.n_groups, self.chunk_size = n_head, n_groups, chunk_size
         self.head_dim = self.d_inner // n_head
@@ -138,6 +157,8 @@ class Mamba2Mixer(nn.Module):
         if length == 1:
             y, ssm_state = ssd_step(inputs[:, 0], decay[:, 0], b[:, 0], c[:, 0], ssm_state)
             y = y[:, None]
+        elif self.fused_ssd is not None and x.is_cuda:
+            y, ssm_state = self.fused_ssd(inputs, decay, b, c, ssm_state)
         else:
             y, ssm_state = ssd_chunked(inputs, decay, b, c, self.chunk_size, ssm_state)
         y = y + u.float() * self.D.float()[:, None]
@@ -175,7 +196,8 @@ class Mamba2(LanguageModel):
     (data.stateful) and generation carry it. `n_head` splits d_inner = expand x d_model into heads,
     each with its own decay (the paper fixes head_dim = 64 and derives the count; lmlab's families
     name heads by count, so widths stay multiples of it); `n_groups` groups of heads share B and C;
-    `chunk_size` (a power of two) is the length of the matmul blocks of the SSD. The defaults are
+    `chunk_size` (a power of two) is the length of the matmul blocks of the SSD; `kernels` picks
+    flash-linear-attention's fused SSD on a GPU (kernels/fla_ssd.py). The defaults are
     conf/model/mamba2.yaml's.
     """
 
@@ -197,10 +219,11 @@ class Mamba2(LanguageModel):
         tie_weights: bool = True,
         norm_eps: float = 1e-5,
         pad_vocab_to: int = 1,
+        kernels: str = "auto",
     ) -> None:
         super().__init__()
         check_sizes(vocab_size=vocab_size, d_model=d_model, n_layer=n_layer, pad_vocab_to=pad_vocab_to)
-        check_mamba2(d_model, d_state, d_conv, expand, n_head, n_groups, chunk_size)
+        check_mamba2(d_model, d_state, d_conv, expand, n_head, n_groups, chunk_size, kernels=kernels)
         check_dropout(dropout)
         self.vocab_size, self.context_length = vocab_size, None
         self.d_model, self.n_layer, self.n_head = d_model, n_layer, n_head
@@ -211,7 +234,7 @@ class Mamba2(LanguageModel):
         self.blocks = nn.ModuleList(
             MambaBlock(
                 d_model,
-                Mamba2Mixer(d_model, d_state, d_conv, expand, n_head, n_groups, chunk_size, norm_eps),
+                Mamba2Mixer(d_model, d_state, d_conv, expand, n_head, n_groups, chunk_size, norm_eps, kernels=kernels),
                 dropout,
                 norm_eps,
             )
