@@ -32,6 +32,7 @@ from lmlab.callbacks import NonFiniteLossGuard, SelfContainedCheckpoints, Valida
 from lmlab.checkpoint import run_record
 from lmlab.checkpoint.format import checkpoint_step, is_sharded, load_checkpoint, model_weights, read_checkpoint
 from lmlab.errors import ConfigError
+from lmlab.fsdp import uses_fsdp
 from lmlab.models import GPT, Jamba, Llama, LSTMAttentionLM, Mamba, RecurrentLM, TransformerLM
 from lmlab.perf import apply_perf
 from lmlab.run.build import build
@@ -41,7 +42,6 @@ from lmlab.run.distributed import (
     block_wrap_policy,
     check_distributed,
     check_fsdp_model,
-    uses_fsdp,
 )
 from tests.helpers import SHAKESPEARE, compose_config, tiny_overrides
 

@@ -1,5 +1,5 @@
 """No import circles in src/lmlab: each module's imports, read from its source (those inside functions
-too, which is how a circle hides), form a graph without cycles."""
+too, which is how a circle hides), form a graph without cycles, and so do its packages' imports."""
 
 from __future__ import annotations
 
@@ -46,6 +46,18 @@ def import_graph(src: Path = SRC) -> dict[str, set[str]]:
     return {name: imported(path, name, set(paths)) - {name} for name, path in paths.items()}
 
 
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """`graph` with each module collapsed to its top-level package (lmlab.run.plan -> lmlab.run)."""
+
+    def package(name: str) -> str:
+        return ".".join(name.split(".")[:2])
+
+    packages: dict[str, set[str]] = {package(name): set() for name in graph}
+    for name, targets in graph.items():
+        packages[package(name)] |= {package(target) for target in targets} - {package(name)}
+    return packages
+
+
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """Each import circle once, as the path that closes it (a depth-first search's back edges)."""
     found, state = [], {}  # state: 1 on the current path, 2 finished
@@ -70,6 +82,13 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_src_lmlab_has_no_import_circle() -> None:
     graph = import_graph()
     assert len(graph) > 50 and "lmlab.models.registry" in graph["lmlab.cli"]  # the walk sees the package
+    assert cycles(graph) == [], "\n".join(" -> ".join(cycle) for cycle in cycles(graph))
+
+
+def test_src_lmlab_packages_import_each_other_without_circles() -> None:
+    """Packages form layers: a package's modules never import a package that imports it back."""
+    graph = package_graph(import_graph())
+    assert "lmlab.run" in graph["lmlab.cli"] and "lmlab.models" in graph["lmlab.run"]
     assert cycles(graph) == [], "\n".join(" -> ".join(cycle) for cycle in cycles(graph))
 
 

@@ -23,11 +23,11 @@ from pytorch_lightning.utilities import move_data_to_device
 
 from lmlab.checkpoint import SECTION
 from lmlab.errors import ConfigError, DivergedError, RunInterrupted
+from lmlab.fsdp import full_weights, uses_fsdp
 from lmlab.generate import SamplingConfig, sample_text
 from lmlab.lightning_compat import StepBoundEpochDescription
 from lmlab.models import state_from_data, state_to_data
 from lmlab.report.blocks import write_test_blocks
-from lmlab.run.distributed import full_weights, uses_fsdp
 
 
 class SyncFreeProgressBar(StepBoundEpochDescription, RichProgressBar):
@@ -323,7 +323,7 @@ class ValidationSample(pl.Callback):
     The same prompt and seed each time, so successive samples differ only by what the model learnt.
     Sampling uses its own generator, so it never changes the training run's random stream.
     Under FSDP each rank holds a shard of the weights and gathering them is collective, so every rank
-    samples with the full weights (lmlab.run.distributed.full_weights) and global rank 0 logs.
+    samples with the full weights (lmlab.fsdp.full_weights) and global rank 0 logs.
     """
 
     def __init__(self, sample: Any, max_new_tokens: int = 120) -> None:

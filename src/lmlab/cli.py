@@ -17,8 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from lmlab.checkpoint.resume import checkpoint_run_dir
 from lmlab.errors import USER_ERROR_EXIT, LmlabError
 from lmlab.models.registry import adamw_rates, family_names
+from lmlab.repo import REPO_ROOT
 from lmlab.run.dirs import JOB_DIR_RESOLVER, RESOLVER, claimed_dir, job_dir_name
-from lmlab.run.info import REPO_ROOT
 
 T = TypeVar("T")
 DEFAULT_ADAMW_LR = 4.0e-3  # a model config without a registry line

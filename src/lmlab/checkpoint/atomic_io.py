@@ -7,15 +7,15 @@ so a kill or power cut mid-save can leave a truncated `last.ckpt` that a resume 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning_fabric.utilities.cloud_io import _is_local_file_protocol
-from lightning_fabric.utilities.types import _PATH
 
 from lmlab.checkpoint.format import HASH_KEY, SECTION, tensors_sha256
 from lmlab.io import atomic_open
+from lmlab.lightning_compat import is_local_path
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -27,8 +27,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Wired in by `plugins:` in conf/trainer/default.yaml.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
-        if not _is_local_file_protocol(path):
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
+        if not is_local_path(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         if storage_options is not None:

@@ -50,6 +50,7 @@ from lmlab.checkpoint.format import (
 )
 from lmlab.errors import ConfigError
 from lmlab.models import LanguageModel
+from lmlab.repo import REPO_ROOT
 from lmlab.tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -249,8 +250,6 @@ def _hydra_initialized() -> Iterator[None]:
     sources = HydraConfig.get().runtime.config_sources if HydraConfig.initialized() else []
     folder = next((s.path for s in sources if s.provider == "main" and s.schema == "file"), None)
     if folder is None:
-        from lmlab.run.info import REPO_ROOT
-
         folder = str(REPO_ROOT / "conf")
     with initialize_config_dir(config_dir=folder, version_base="1.3"):
         yield

@@ -1,5 +1,6 @@
-"""Several processes, sharded weights and cluster jobs: the FSDP wrap policy, full weights for sampling,
-and the checks that stop a distributed setup which could not work before it is launched or trained.
+"""Several processes, sharded weights and cluster jobs: the DDP and FSDP strategies, the FSDP wrap policy,
+and the checks that stop a distributed setup which could not work before it is launched or trained
+(full weights for sampling are lmlab.fsdp's: the callbacks need them too).
 
 FSDP shards every transformer block on its own (its weights are gathered just before the block runs
 and freed after), the embeddings and the head stay in the root unit. A SLURM job started through
@@ -11,12 +12,9 @@ from SLURM, so the launcher's `nodes` and `tasks_per_node` must be the Trainer's
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 from torch import nn
@@ -24,6 +22,7 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from lmlab.checkpoint.format import is_sharded
 from lmlab.errors import ConfigError
+from lmlab.fsdp import uses_fsdp
 from lmlab.lightning_compat import KeepFSDPRootAcrossStages, SameStreamDDPSetup, saves_sharded
 from lmlab.models import LanguageModel
 
@@ -94,38 +93,6 @@ class AtomicFSDPStrategy(KeepFSDPRootAcrossStages, FSDPStrategy):
             shutil.rmtree(old, ignore_errors=True)
         self.barrier()
         return None
-
-
-def uses_fsdp(strategy: Any) -> bool:
-    """Whether `trainer.strategy` (a Lightning name like `fsdp`, or a node with a `_target_`) is FSDP."""
-    if isinstance(strategy, str):
-        return strategy.lower().startswith("fsdp")
-    target = strategy.get("_target_", "") if isinstance(strategy, (DictConfig, dict)) else type(strategy).__name__
-    return str(target).endswith("FSDPStrategy")
-
-
-@contextmanager
-def full_weights(trainer: pl.Trainer) -> Iterator[None]:
-    """Inside: the LightningModule's model holds its full weights on every rank, so it can be called
-    directly (sampling, generation) rather than through the FSDP wrapper; outside FSDP, nothing happens.
-
-    Gathering is collective and so are the calls of the wrapped blocks inside, so every rank must
-    enter and make the same number of model calls (lmlab's sampling always makes exactly
-    `max_new_tokens` of them). `writeback=False`: what happens inside never changes the weights.
-    """
-    model = trainer.strategy.model
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    if isinstance(model, FSDP):
-        # the blocks stay wrapped and cast their inputs to the mixed-precision dtype, while the gathered
-        # weights are full precision: calls run under the trainer's precision context (autocast), as in training
-        with (
-            FSDP.summon_full_params(model, writeback=False, recurse=True),
-            trainer.strategy.precision_plugin.forward_context(),
-        ):
-            yield
-    else:
-        yield
 
 
 def check_distributed(cfg: DictConfig, model: LanguageModel) -> None:

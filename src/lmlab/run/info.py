@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[3]  # the checkout whose commit a run records
+from lmlab.repo import REPO_ROOT
 
 # distribution name -> module: the version recorded is that of the code actually imported
 PACKAGES = {

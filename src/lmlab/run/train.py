@@ -27,6 +27,7 @@ from lmlab.checkpoint.resume import continue_unfinished_run, start_from_checkpoi
 from lmlab.data import TextDataModule
 from lmlab.data.eval_context import EvalProtocol, resolve_eval_protocol
 from lmlab.errors import ConfigError, LmlabError, RunInterrupted, RunStopped
+from lmlab.fsdp import full_weights
 from lmlab.generate import SamplingConfig, sample_text
 from lmlab.io import atomic_write_json, atomic_write_text
 from lmlab.metrics import bits_per_byte
@@ -47,7 +48,7 @@ from lmlab.run.checks import (
 )
 from lmlab.run.dashboards import log_final, log_run_info
 from lmlab.run.dirs import RunDirLock
-from lmlab.run.distributed import check_distributed, full_weights
+from lmlab.run.distributed import check_distributed
 from lmlab.run.evaluate import total_nats
 from lmlab.run.loggers import build_loggers
 from lmlab.run.plan import resolve_run
