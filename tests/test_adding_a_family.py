@@ -46,10 +46,11 @@ class Bigram(LanguageModel):
         return None
 
 
-BIGRAM_YAML = f"""# A bigram model: the next token from the current one.
+BIGRAM_YAML = f"""# A bigram model: the next token from the current one. Keys: d_model, n_layer.
+defaults:
+  - /schema/model/bigram@_here_
+  - _self_
 _target_: {__name__}.Bigram
-d_model: 16
-n_layer: 1
 """
 TARGET_PARAMS = 3000
 

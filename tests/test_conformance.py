@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -332,8 +333,8 @@ def test_every_model_yaml_is_a_registered_family_and_back() -> None:
 
 
 @pytest.mark.parametrize("name", yaml_names())
-def test_the_yaml_lists_every_constructor_argument_at_its_default(name: str, tmp_path: Path) -> None:
-    """conf/model/NAME.yaml holds each constructor argument (but vocab_size, known once the tokenizer is
+def test_the_model_node_holds_every_constructor_argument_at_its_default(name: str, tmp_path: Path) -> None:
+    """model=NAME composes to each constructor argument (but vocab_size, known once the tokenizer is
     trained) at the class's default, or at the family's own setting (RecurrentLM's cell), and no other key."""
     f = family(name)
     settings = OmegaConf.to_container(compose_config([f"model={name}"], tmp_path).model, resolve=True)
@@ -347,6 +348,34 @@ def test_the_yaml_lists_every_constructor_argument_at_its_default(name: str, tmp
         assert value == default, f"model.{key}: yaml {value!r}, {f.model.__name__} default {default!r}"
     model = instantiate({"_target_": f"{f.model.__module__}.{f.model.__name__}", **settings}, vocab_size=VOCAB)
     assert model(tokens(1, 8))[0].shape == (1, 8, VOCAB)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.n_layr=2", "Key 'n_layr' not in 'GPTConfig'"),
+        ("model.n_layer=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
+        ("model.logit_softcap=soft", "Value 'soft' of type 'str' could not be converted to Float"),
+        ("model.moe.n_expert=4", "Key 'n_expert' not in 'MoEConfig'"),
+    ],
+)
+def test_the_schema_refuses_unknown_keys_and_wrong_types_when_composed(override, message, tmp_path) -> None:
+    with pytest.raises(ConfigCompositionException) as caught:
+        compose_config(["model=gpt", override], tmp_path)
+    assert override.split("=")[0] in str(caught.value) and message in str(caught.value.__cause__)
+
+
+def test_schema_values_reach_the_model_nested_ones_included(tmp_path) -> None:
+    cfg = compose_config(["model=jamba", "model.moe.n_experts=3", "model.dt_rank=null"], tmp_path)
+    assert cfg.model.moe == {
+        "n_experts": 3,
+        "top_k": 2,
+        "moe_every": 2,
+        "aux_loss_weight": 0.01,
+        "capacity_factor": None,
+    }
+    model = build_model({**OmegaConf.to_container(cfg.model, resolve=True), "vocab_size": VOCAB})
+    assert [len(m.experts) for m in model.modules() if isinstance(m, MoE)] == [3, 3]
 
 
 def test_a_checkpoint_from_before_model_moe_still_builds_its_model() -> None:

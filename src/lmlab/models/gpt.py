@@ -79,7 +79,7 @@ class GPT(AttentionLM):
     bias=False drops the biases of linear layers and LayerNorms: a little faster, no worse.
     `moe` (MoEConfig, or its mapping) with n_experts > 0 replaces the MLP of every `moe_every`-th block
     by `n_experts` MLPs, each token routed to `top_k` of them (moe.py); aux_loss() then returns their
-    load-balancing loss. The defaults are conf/model/gpt.yaml's.
+    load-balancing loss. These defaults are model=gpt's.
 
     The speedrun's options: `qk_norm` RMS-normalises queries and keys; `relu_squared` uses relu^2
     in the MLP; `zero_init_projections` starts the projections that write into the residual stream

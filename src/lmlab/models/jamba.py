@@ -70,8 +70,8 @@ class Jamba(LanguageModel):
 
     Its context is `block_size` (the attention layers' KV cache). Like the attention models it
     returns a state only when given one (init_state: a HybridCache of the attention layers' KV cache
-    and the Mamba layers' SSMCache), so generation carries both. The defaults are
-    conf/model/jamba.yaml's, a small stack; the paper's pattern is attn_every=8, attn_offset=4.
+    and the Mamba layers' SSMCache), so generation carries both. These defaults are
+    model=jamba's, a small stack; the paper's pattern is attn_every=8, attn_offset=4.
     """
 
     block_types = (JambaLayer,)

@@ -59,7 +59,7 @@ class Llama(AttentionLM):
     as RoPE does not extrapolate past trained positions. `d_ff=None` takes ~8/3 d_model rounded up
     to `multiple_of`. `n_kv_head` < n_head shares key/value heads (GQA); None means n_head.
     `moe` with n_experts > 0 makes every `moe_every`-th feed-forward a mixture of SwiGLU experts
-    (moe.py). The defaults are conf/model/llama.yaml's.
+    (moe.py). These defaults are model=llama's.
     """
 
     block_types = (LlamaBlock,)

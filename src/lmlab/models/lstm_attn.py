@@ -31,8 +31,8 @@ class LSTMAttentionLM(LanguageModel):
 
     The state (MemoryState) is the LSTM's (h, c) plus the keys and values of the last `window`
     positions, so truncated BPTT and generation continue exactly where the last call stopped.
-    Dropout is on the non-recurrent connections only, as in RecurrentLM. The defaults are
-    conf/model/lstm_attn.yaml's.
+    Dropout is on the non-recurrent connections only, as in RecurrentLM. These defaults are
+    model=lstm_attn's.
     """
 
     carries_state = True

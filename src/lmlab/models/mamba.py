@@ -204,7 +204,7 @@ class Mamba(LanguageModel):
     carry it. `scan` picks the pure-PyTorch scan (`auto`: parallel on a GPU, sequential on a CPU,
     where it is faster; both compute the same recurrence); `kernels` a fused one for GPU inputs
     (scan_kernel): `auto` mamba-ssm's CUDA scan when it is installed (from a fresh state), else the
-    Triton scan; `triton` or `cuda` insist on one; `torch` never. The defaults are conf/model/mamba.yaml's.
+    Triton scan; `triton` or `cuda` insist on one; `torch` never. These defaults are model=mamba's.
     """
 
     block_types = (MambaBlock,)

@@ -197,8 +197,8 @@ class Mamba2(LanguageModel):
     each with its own decay (the paper fixes head_dim = 64 and derives the count; lmlab's families
     name heads by count, so widths stay multiples of it); `n_groups` groups of heads share B and C;
     `chunk_size` (a power of two) is the length of the matmul blocks of the SSD; `kernels` picks
-    flash-linear-attention's fused SSD on a GPU (kernels/fla_ssd.py). The defaults are
-    conf/model/mamba2.yaml's.
+    flash-linear-attention's fused SSD on a GPU (kernels/fla_ssd.py). These defaults are
+    model=mamba2's.
     """
 
     block_types = (MambaBlock,)  # Mamba's block, holding a Mamba-2 mixer

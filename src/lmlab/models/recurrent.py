@@ -23,7 +23,7 @@ class RecurrentLM(LanguageModel):
     `init_range=None` draws the embedding and output weights from U(-0.1, 0.1) and leaves the cells
     at PyTorch's U(-1/sqrt(d), 1/sqrt(d)); a number r draws every parameter from U(-r, r), the
     paper's recipe (0.05 for the medium model). `cell` picks the family (rnn, gru, lstm); the other
-    defaults are those of their conf/model/*.yaml.
+    defaults are model=rnn's, model=gru's and model=lstm's.
     """
 
     carries_state = True

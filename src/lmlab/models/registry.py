@@ -5,7 +5,8 @@ learning-rate table, test sizes); they are written here once and read from here.
 may *do* with a model is not here: each class declares it (`LanguageModel.block_types`,
 `carries_state`, `supports_static_cache`), so FSDP, activation checkpointing, truncated BPTT and
 graphed generation never name a family. A new family is its module, its conf/model/<name>.yaml and
-one `register_family(...)` line (docs/adding-a-model.md).
+one `register_family(...)` line (docs/adding-a-model.md). Registering also stores the family's config
+schema, read off its constructor (schema.py), where its YAML finds it: schema/model/<name>.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from hydra.core.config_store import ConfigStore
+
 from lmlab.models.base import LanguageModel
 from lmlab.models.gpt import GPT
 from lmlab.models.jamba import Jamba
@@ -25,6 +28,7 @@ from lmlab.models.lstm_attn import LSTMAttentionLM
 from lmlab.models.mamba import Mamba
 from lmlab.models.mamba2 import Mamba2
 from lmlab.models.recurrent import RecurrentLM
+from lmlab.models.schema import model_schema
 from lmlab.models.transformer import TransformerLM
 
 
@@ -73,6 +77,7 @@ def register_family(
         order = max((f.order for f in _FAMILIES.values()), default=0) + 1
     family = Family(name, model, adamw_lr, MappingProxyType(dict(tiny)), order, MappingProxyType(dict(settings or {})))
     _FAMILIES[name] = family
+    ConfigStore.instance().store(group="schema/model", name=name, node=model_schema(model, dict(family.settings)))
     return family
 
 

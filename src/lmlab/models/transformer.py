@@ -59,8 +59,8 @@ class PostNormBlock(nn.Module):
 class TransformerLM(AttentionLM):
     """Vaswani et al.'s decoder stack with causal self-attention; context_length = block_size.
 
-    No final LayerNorm: in a post-norm stack the last block already ends with one. The defaults are
-    conf/model/transformer.yaml's.
+    No final LayerNorm: in a post-norm stack the last block already ends with one. These defaults are
+    model=transformer's.
     """
 
     block_types = (PostNormBlock,)
