@@ -9,50 +9,13 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor
-
 from lmlab.errors import ConfigError
-from lmlab.export.gpt2 import gpt2_config, gpt2_weights
-from lmlab.export.llama import llama_config, llama_weights
-from lmlab.export.mamba import mamba_config, mamba_weights
-from lmlab.models import GPT, LanguageModel, Llama
-from lmlab.models.mamba import Mamba
+from lmlab.export.registry import exporter_for
+from lmlab.models import LanguageModel
 from lmlab.tokenizers import Tokenizer
-
-
-@dataclass(frozen=True)
-class Exporter:
-    """How one lmlab model class becomes one transformers class."""
-
-    model_name: str  # the model=... choice that builds it
-    hf_model: str  # transformers class names
-    hf_config: str
-    config: Callable[[Any], dict[str, Any]]
-    weights: Callable[[Any], dict[str, Tensor]]
-
-
-EXPORTERS: dict[type[LanguageModel], Exporter] = {
-    GPT: Exporter("gpt", "GPT2LMHeadModel", "GPT2Config", gpt2_config, gpt2_weights),
-    Llama: Exporter("llama", "LlamaForCausalLM", "LlamaConfig", llama_config, llama_weights),
-    Mamba: Exporter("mamba", "MambaForCausalLM", "MambaConfig", mamba_config, mamba_weights),
-}
-
-
-def exporter_for(model: LanguageModel) -> Exporter:
-    """The exporter of `model`'s class, or a one-line error naming the classes that can be exported."""
-    exporter = EXPORTERS.get(type(model))
-    if exporter is None:
-        choices = ", ".join(f"{e.model_name} (as {e.hf_model})" for e in EXPORTERS.values())
-        raise ConfigError(
-            f"a {type(model).__name__} model cannot be exported to transformers: only {choices} can; "
-            "train one of those (model=gpt, llama or mamba) to export it"
-        )
-    return exporter
 
 
 def _transformers() -> Any:
