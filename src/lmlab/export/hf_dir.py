@@ -53,8 +53,14 @@ def export_model(model: LanguageModel, tokenizer: Tokenizer, out: str | Path) ->
         **tokenizer.special_tokens(),
     )
     eos = hf_tokenizer.eos_token_id  # None when the vocabulary has no end-of-text token
+    # no padding id: a config's default (Mamba2Config's is 1) names a real token, which generate()
+    # would then mask out of every prompt given without an attention mask
     config = getattr(transformers, exporter.hf_config)(
-        **exporter.config(model), bos_token_id=eos, eos_token_id=eos, architectures=[exporter.hf_model]
+        **exporter.config(model),
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=None,
+        architectures=[exporter.hf_model],
     )
     hf_model = getattr(transformers, exporter.hf_model)(config)
     hf_model.load_state_dict(exporter.weights(model), strict=True)
