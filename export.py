@@ -1,5 +1,5 @@
-"""Export a trained model to a Hugging Face transformers directory (GPT -> GPT2LMHeadModel, Llama -> LlamaForCausalLM,
-Mamba -> MambaForCausalLM).
+"""Export a trained model to a Hugging Face transformers directory (docs/export.md lists the families
+that export, and to which transformers class).
 
 python export.py ckpt=outputs/runs/<run>/checkpoints/last.ckpt out=exported/my-model
 """

@@ -17,8 +17,7 @@ from omegaconf import OmegaConf
 
 from lmlab.checkpoint.format import build_model
 from lmlab.errors import ConfigError
-from lmlab.export import exporter_for
-from lmlab.export.hf_dir import EXPORTERS
+from lmlab.export import exporter_for, exporters
 from lmlab.generate import stream_tokens
 from lmlab.models import (
     HybridCache,
@@ -307,7 +306,7 @@ def test_parameter_matching_lands_within_tolerance(name: str) -> None:
 @pytest.mark.parametrize(("name", "extra"), VARIANTS)
 def test_export_succeeds_or_refuses_in_one_line(name: str, extra: dict) -> None:
     model = make(name, **extra)
-    if type(model) not in EXPORTERS:
+    if type(model) not in exporters():
         with pytest.raises(ConfigError, match="cannot be exported to transformers") as refused:
             exporter_for(model)
         assert "\n" not in str(refused.value)

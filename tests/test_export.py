@@ -16,6 +16,7 @@ from lmlab.errors import ConfigError
 from lmlab.export import export_from_config, export_model
 from lmlab.models import GPT, LanguageModel, Llama, RecurrentLM
 from lmlab.models.mamba import Mamba
+from lmlab.models.mamba2 import Mamba2
 from lmlab.tokenizers import BPETokenizer, CharTokenizer, Tokenizer, WordTokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -48,9 +49,32 @@ MODELS = {
     "mamba-untied": lambda v: Mamba(
         v, d_model=24, n_layer=2, d_state=4, d_conv=3, expand=3, dt_rank=5, tie_weights=False
     ),
+    # Mamba-2 tied with a padded vocabulary, 2 groups of B/C and three full chunks; and untied with its
+    # own state size, kernel, expansion, heads, 3 groups, a partial last chunk and a larger epsilon
+    "mamba2": lambda v: Mamba2(
+        v, d_model=32, n_layer=2, d_state=8, n_head=4, n_groups=2, chunk_size=8, pad_vocab_to=64
+    ),
+    "mamba2-untied": lambda v: Mamba2(
+        v,
+        d_model=24,
+        n_layer=2,
+        d_state=4,
+        d_conv=3,
+        expand=3,
+        n_head=6,
+        n_groups=3,
+        chunk_size=16,
+        norm_eps=1e-2,
+        tie_weights=False,
+    ),
 }
-EXPORTED_CLASS = {"gpt": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mamba": "MambaForCausalLM"}
-SEQ_LEN = 24  # the inputs' length for models without a context limit (Mamba)
+EXPORTED_CLASS = {
+    "gpt": "GPT2LMHeadModel",
+    "llama": "LlamaForCausalLM",
+    "mamba": "MambaForCausalLM",
+    "mamba2": "Mamba2ForCausalLM",
+}
+SEQ_LEN = 24  # the inputs' length for models without a context limit (Mamba, Mamba-2)
 
 
 def random_model(name: str, vocab_size: int) -> LanguageModel:
@@ -93,18 +117,19 @@ def lmlab_greedy(model: LanguageModel, prompt: torch.Tensor, n_new: int) -> list
     return tokens
 
 
-@pytest.mark.parametrize("name", ["gpt", "llama-gqa", "mamba"])
+@pytest.mark.parametrize("name", ["gpt", "llama-gqa", "mamba", "mamba2"])
 def test_greedy_generation_gives_the_same_tokens(name, char, tmp_path):
-    """Mamba's generation carries its conv and SSM states in both libraries (transformers' MambaCache)."""
+    """Mamba's and Mamba-2's generation carry their conv and SSM states in both libraries. generate() is
+    called as docs/export.md shows, with no attention mask, so a prompt token equal to the config's
+    padding id would be masked out: this prompt holds ids 1 and 2 (newline, space), and
+    Mamba2Config's default padding id is 1."""
     model = random_model(name, char.vocab_size)
     export_model(model, char, tmp_path / "out")
     exported = load_exported(tmp_path / "out")
     prompt = torch.tensor([char.encode("First Citizen:\n").tolist()])
     n_new = (model.context_length or SEQ_LEN) - prompt.size(1)
     with torch.no_grad():
-        generated = exported.generate(
-            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new, do_sample=False, pad_token_id=0
-        )
+        generated = exported.generate(prompt, max_new_tokens=n_new, do_sample=False)
     assert generated[0, prompt.size(1) :].tolist() == lmlab_greedy(model, prompt, n_new)
 
 
@@ -143,7 +168,7 @@ def test_other_architectures_are_refused_in_one_line(char, tmp_path):
     message = str(error.value)
     assert "\n" not in message and "RecurrentLM" in message
     assert "gpt (as GPT2LMHeadModel)" in message and "llama (as LlamaForCausalLM)" in message
-    assert "mamba (as MambaForCausalLM)" in message
+    assert "mamba (as MambaForCausalLM)" in message and "mamba2 (as Mamba2ForCausalLM)" in message
     assert not (tmp_path / "out").exists()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import struct
 import subprocess
@@ -39,44 +40,52 @@ def assert_same_curve(logged: list[tuple[int, float]], expected: list[tuple[int,
 
 
 @pytest.fixture(scope="module")
-def mlflow_sweep(tmp_path_factory, small_corpus) -> Path:
-    """A 2-run sweep logging to TensorBoard, MLflow (SQLite store beside the sweep) and CSV at once."""
+def tracked_sweep(tmp_path_factory, small_corpus) -> Path:
+    """A 2-run sweep logging to TensorBoard, MLflow (SQLite store beside the sweep) and CSV at once, and
+    to Aim (a repository beside the sweep) where aim is installed (it is not in the dev extra)."""
     pytest.importorskip("mlflow")
-    sweep = tmp_path_factory.mktemp("mlflow_sweep") / "compare_models"
-    store = f"sqlite:///{sweep.parent / 'mlflow.db'}"
+    sweep = tmp_path_factory.mktemp("tracked_sweep") / "compare_models"
+    aim = ["aim"] if importlib.util.find_spec("aim") else []
     overrides = sweep_overrides(small_corpus, sweep, ["model=gpt,lstm"], ("trainer.max_steps=20",))
-    command = [sys.executable, "train.py", "-m", *overrides, "logger=[tensorboard,mlflow,csv]"]
-    result = subprocess.run(
-        [*command, f"logger.mlflow.tracking_uri={store}"], cwd=REPO, capture_output=True, text=True, timeout=600
-    )
+    command = [
+        sys.executable,
+        "train.py",
+        "-m",
+        *overrides,
+        f"logger=[{','.join(['tensorboard', 'mlflow', 'csv', *aim])}]",
+    ]
+    stores = [f"logger.mlflow.tracking_uri=sqlite:///{sweep.parent / 'mlflow.db'}"]
+    stores += [f"logger.aim.repo={sweep.parent / 'aim'}"] if aim else []
+    result = subprocess.run([*command, *stores], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Data corruption may occur" not in result.stdout + result.stderr  # Aim's warning on reopening a closed run
     return sweep
 
 
 @pytest.mark.slow
-def test_a_sweeps_runs_land_in_one_mlflow_experiment_with_their_final_scores(mlflow_sweep):
+def test_a_sweeps_runs_land_in_one_mlflow_experiment_with_their_final_scores(tracked_sweep):
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{mlflow_sweep.parent / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{tracked_sweep.parent / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("compare_models")  # named after the sweep's folder
     runs = {run.info.run_name: run for run in client.search_runs([experiment.experiment_id])}
     assert sorted(runs) == ["model=gpt", "model=lstm"]  # named as TensorBoard names them: what the sweep varies
     for name, run in runs.items():
-        expected = metrics_json(mlflow_sweep / name)
+        expected = metrics_json(tracked_sweep / name)
         assert run.info.status == "FINISHED"
         for tracked, key in FINAL.items():
             assert run.data.metrics[tracked] == pytest.approx(expected[key], abs=1e-6)
         assert run.data.params["model"] == name.split("=")[1] and float(run.data.params["lr"]) > 0
         assert int(run.data.params["params"]) == expected["params"]
         history = client.get_metric_history(run.info.run_id, "val/bpb")
-        assert_same_curve([(m.step, m.value) for m in history], curve(mlflow_sweep / name))
+        assert_same_curve([(m.step, m.value) for m in history], curve(tracked_sweep / name))
         assert "epoch" not in run.data.metrics and "test/bpb" not in run.data.metrics
 
 
 @pytest.mark.slow
-def test_the_csv_logger_records_the_same_curve_and_final_scores(mlflow_sweep):
+def test_the_csv_logger_records_the_same_curve_and_final_scores(tracked_sweep):
     for name in ("model=gpt", "model=lstm"):
-        run = mlflow_sweep / name
+        run = tracked_sweep / name
         with (run / "metrics.csv").open() as f:
             rows = list(csv.DictReader(f))
         assert "epoch" not in rows[0]
@@ -89,6 +98,36 @@ def test_the_csv_logger_records_the_same_curve_and_final_scores(mlflow_sweep):
             {tracked: expected[key] for tracked, key in FINAL.items()}
         )
         assert "model: " in (run / "hparams.yaml").read_text()
+
+
+def aim_runs(repo: Path) -> list:
+    """The runs of an Aim repository, through Aim's own Repo. Aim's queries read an index that its
+    server (`aim up`) brings up to date; here Aim's index manager does that first, as the server would."""
+    from aim import Repo
+    from aim.sdk.index_manager import RepoIndexManager
+
+    store = Repo(str(repo))
+    for run_hash in store.list_all_runs():
+        RepoIndexManager.get_index_manager(store).index(run_hash)
+    return list(store.iter_runs())
+
+
+@pytest.mark.slow
+def test_a_sweeps_runs_land_in_one_aim_experiment_with_their_final_scores(tracked_sweep):
+    pytest.importorskip("aim")
+    runs = {run.name: run for run in aim_runs(tracked_sweep.parent / "aim")}
+    assert sorted(runs) == ["model=gpt", "model=lstm"]  # named as TensorBoard names them
+    for name, run in runs.items():
+        expected = metrics_json(tracked_sweep / name)
+        assert run.experiment == "compare_models" and not run.active  # the sweep's folder; closed
+        assert run["hparams"]["model"] == name.split("=")[1] and run["hparams"]["params"] == expected["params"]
+        tracked = {metric.name: metric.data.view("val").items_list() for metric in run.metrics()}  # (steps, [values])
+        for final, key in FINAL.items():
+            steps, (values,) = tracked[final]
+            assert steps == [expected["best_step"]] and values == pytest.approx([expected[key]], abs=1e-6)
+        steps, (values,) = tracked["val/bpb"]
+        assert_same_curve(list(zip(steps, values)), curve(tracked_sweep / name))
+        assert "epoch" not in tracked and "test/bpb" not in tracked
 
 
 def wandb_records(path: Path):
@@ -146,17 +185,17 @@ def test_an_offline_wandb_run_holds_settings_curve_and_final_scores(tmp_path, sm
 
 
 def test_several_loggers_are_chosen_as_a_list(tmp_path, small_corpus):
-    cfg = compose_config([*tiny_overrides("gpt", small_corpus), "logger=[tensorboard,mlflow,csv,wandb]"], tmp_path)
-    assert list(cfg.logger) == ["tensorboard", "mlflow", "csv", "wandb"]
+    cfg = compose_config([*tiny_overrides("gpt", small_corpus), "logger=[tensorboard,mlflow,csv,wandb,aim]"], tmp_path)
+    assert list(cfg.logger) == ["tensorboard", "mlflow", "csv", "wandb", "aim"]
     assert cfg.logger.mlflow.tracking_uri == "sqlite:///outputs/mlflow.db" and cfg.logger.wandb.offline is True
+    assert cfg.logger.aim.repo == "outputs"
 
 
 @pytest.mark.parametrize(
-    ("logger", "module", "cls"), [("mlflow", "mlflow", "MLFlowLogger"), ("wandb", "wandb", "WandbLogger")]
+    ("logger", "module", "cls"),
+    [("mlflow", "mlflow", "MLFlowLogger"), ("wandb", "wandb", "WandbLogger"), ("aim", "aim", "AimLogger")],
 )
 def test_a_tracker_whose_package_is_missing_names_its_extra_in_one_line(logger, module, cls, monkeypatch):
-    import importlib.util
-
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
     node = OmegaConf.create({"_target_": f"lmlab.run.loggers.{cls}"})

@@ -1,4 +1,5 @@
-"""Export trained lmlab models to Hugging Face transformers (GPT -> GPT2LMHeadModel, Llama -> LlamaForCausalLM, Mamba -> MambaForCausalLM)."""
+"""Export trained lmlab models to Hugging Face transformers: each model class whose exporter module
+here registers it (lmlab.export.registry) becomes one transformers class."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from lmlab.checkpoint import load_checkpoint
-from lmlab.export.hf_dir import EXPORTERS, export_model, exporter_for
+from lmlab.export.hf_dir import export_model
+from lmlab.export.registry import exporter_for, exporters, register_exporter
 from lmlab.models import count_parameters
 
-__all__ = ["EXPORTERS", "export_from_config", "export_model", "exporter_for"]
+__all__ = ["export_from_config", "export_model", "exporter_for", "exporters", "register_exporter"]
 
 
 def export_from_config(cfg: DictConfig) -> Path:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from lmlab.errors import ConfigError
+from lmlab.export.registry import register_exporter
 from lmlab.models import GPT, LanguageModel
 from lmlab.models.gpt import MLP
 
@@ -92,3 +93,6 @@ def gpt2_weights(model: GPT) -> dict[str, Tensor]:
     for name, (weight, bias) in parts.items():
         weights[f"{name}.weight"], weights[f"{name}.bias"] = weight, bias
     return hf_weights(model, "transformer.wte.weight", weights)
+
+
+register_exporter(GPT, "GPT2LMHeadModel", "GPT2Config", gpt2_config, gpt2_weights)

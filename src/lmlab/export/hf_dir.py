@@ -9,50 +9,13 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor
-
 from lmlab.errors import ConfigError
-from lmlab.export.gpt2 import gpt2_config, gpt2_weights
-from lmlab.export.llama import llama_config, llama_weights
-from lmlab.export.mamba import mamba_config, mamba_weights
-from lmlab.models import GPT, LanguageModel, Llama
-from lmlab.models.mamba import Mamba
+from lmlab.export.registry import exporter_for
+from lmlab.models import LanguageModel
 from lmlab.tokenizers import Tokenizer
-
-
-@dataclass(frozen=True)
-class Exporter:
-    """How one lmlab model class becomes one transformers class."""
-
-    model_name: str  # the model=... choice that builds it
-    hf_model: str  # transformers class names
-    hf_config: str
-    config: Callable[[Any], dict[str, Any]]
-    weights: Callable[[Any], dict[str, Tensor]]
-
-
-EXPORTERS: dict[type[LanguageModel], Exporter] = {
-    GPT: Exporter("gpt", "GPT2LMHeadModel", "GPT2Config", gpt2_config, gpt2_weights),
-    Llama: Exporter("llama", "LlamaForCausalLM", "LlamaConfig", llama_config, llama_weights),
-    Mamba: Exporter("mamba", "MambaForCausalLM", "MambaConfig", mamba_config, mamba_weights),
-}
-
-
-def exporter_for(model: LanguageModel) -> Exporter:
-    """The exporter of `model`'s class, or a one-line error naming the classes that can be exported."""
-    exporter = EXPORTERS.get(type(model))
-    if exporter is None:
-        choices = ", ".join(f"{e.model_name} (as {e.hf_model})" for e in EXPORTERS.values())
-        raise ConfigError(
-            f"a {type(model).__name__} model cannot be exported to transformers: only {choices} can; "
-            "train one of those (model=gpt, llama or mamba) to export it"
-        )
-    return exporter
 
 
 def _transformers() -> Any:
@@ -90,8 +53,14 @@ def export_model(model: LanguageModel, tokenizer: Tokenizer, out: str | Path) ->
         **tokenizer.special_tokens(),
     )
     eos = hf_tokenizer.eos_token_id  # None when the vocabulary has no end-of-text token
+    # no padding id: a config's default (Mamba2Config's is 1) names a real token, which generate()
+    # would then mask out of every prompt given without an attention mask
     config = getattr(transformers, exporter.hf_config)(
-        **exporter.config(model), bos_token_id=eos, eos_token_id=eos, architectures=[exporter.hf_model]
+        **exporter.config(model),
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=None,
+        architectures=[exporter.hf_model],
     )
     hf_model = getattr(transformers, exporter.hf_model)(config)
     hf_model.load_state_dict(exporter.weights(model), strict=True)

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from lmlab.errors import ConfigError
 from lmlab.export.gpt2 import hf_weights
+from lmlab.export.registry import register_exporter
 from lmlab.models.ffn import SwiGLU
 from lmlab.models.llama import Llama
 
@@ -75,3 +76,6 @@ def llama_weights(model: Llama) -> dict[str, Tensor]:
             f"{layer}.mlp.down_proj.weight": block.mlp.proj.weight,
         }
     return hf_weights(model, "model.embed_tokens.weight", weights)
+
+
+register_exporter(Llama, "LlamaForCausalLM", "LlamaConfig", llama_config, llama_weights)

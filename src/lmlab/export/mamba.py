@@ -13,6 +13,7 @@ from typing import Any
 from torch import Tensor
 
 from lmlab.export.gpt2 import hf_weights
+from lmlab.export.registry import register_exporter
 from lmlab.models.mamba import Mamba
 
 
@@ -53,3 +54,6 @@ def mamba_weights(model: Mamba) -> dict[str, Tensor]:
             f"{layer}.mixer.out_proj.weight": mixer.out_proj.weight,
         }
     return hf_weights(model, "backbone.embeddings.weight", weights)
+
+
+register_exporter(Mamba, "MambaForCausalLM", "MambaConfig", mamba_config, mamba_weights)

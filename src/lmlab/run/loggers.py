@@ -1,9 +1,9 @@
-"""The trackers a run reports to (conf/logger/): TensorBoard, CSV, MLflow and W&B, any several at once.
+"""The trackers a run reports to (conf/logger/): TensorBoard, CSV, MLflow, W&B and Aim, any several at once.
 
 Each class is Lightning's logger with two lmlab habits: no `epoch` series (Lightning adds one to every
 logged step; runs are bounded by steps, so it is a flat line that compares nothing), and a
 `log_final` that records the run's settings and final scores where that tracker shows them best.
-The curves reach every tracker through Lightning. A sweep's runs share one MLflow experiment or W&B
+The curves reach every tracker through Lightning. A sweep's runs share one MLflow or Aim experiment or W&B
 project named after the sweep's folder, and each run is named after its own folder (in a sweep: the
 overrides the sweep varies, lmlab.run.labels), as TensorBoard names it.
 """
@@ -25,7 +25,7 @@ from lmlab.errors import ConfigError
 from lmlab.run.build import build
 from lmlab.run.dashboards import final_scores, write_tensorboard_final
 
-SINGLE_RUN_EXPERIMENT = "lmlab"  # the MLflow experiment / W&B project of runs outside a sweep
+SINGLE_RUN_EXPERIMENT = "lmlab"  # the MLflow or Aim experiment / W&B project of runs outside a sweep
 
 
 def _without_epoch(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -97,6 +97,55 @@ class WandbLogger(pl_loggers.WandbLogger):
             self._experiment.finish(exit_code=1)  # a failed job's run ends here, not in the next job
 
 
+class AimLogger(Logger):
+    """An Aim run in an Aim repository: settings as its `hparams`, curves and final scores as metrics.
+
+    It holds Aim's own Lightning logger (aim.pytorch_lightning.AimLogger) rather than deriving from it:
+    aim is an optional extra, so this module cannot import it, and Aim's class derives from whichever
+    Lightning package imports (`lightning` before `pytorch_lightning`), not always the one lmlab runs.
+    """
+
+    requires = ("aim", "aim")
+
+    def __init__(self, repo: str, experiment: str | None = None, run_name: str | None = None, **kwargs: Any) -> None:
+        super().__init__()
+        from aim.pytorch_lightning import AimLogger as Aim
+
+        self._aim = Aim(repo=str(Path(repo).expanduser()), experiment=experiment, run_name=run_name, **kwargs)
+        self._final_logged = False
+
+    @property
+    def name(self) -> str | None:
+        return self._aim.name
+
+    @property
+    def version(self) -> str:
+        return self._aim.version
+
+    @property
+    def experiment(self) -> Any:
+        """The aim.Run (created on first use)."""
+        return self._aim.experiment
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        self._aim.log_hyperparams(params)
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        self._aim.log_metrics(metrics, step)  # Aim's own logger keeps `epoch` off its series
+
+    def log_final(self, hparams: dict[str, Any], metrics: dict[str, Any]) -> None:
+        self.log_hyperparams(hparams)
+        self.log_metrics(final_scores(metrics), step=metrics["best_step"])
+        self._final_logged = True
+
+    def finalize(self, status: str) -> None:
+        """Close the run once its final scores are in, or on failure; not when Lightning ends the fit,
+        as the test and the final scores come after that and Aim reopens a closed run only by force,
+        warning of data corruption."""
+        if self._final_logged or status != "success":
+            self._aim.finalize(status)
+
+
 def tracker_names(cfg: DictConfig) -> tuple[str, str]:
     """(experiment, run): the sweep folder's name, or SINGLE_RUN_EXPERIMENT outside a sweep; the run folder's name."""
     run = Path(cfg.paths.output_dir).name
@@ -120,7 +169,13 @@ def check_installed(name: str, node: DictConfig) -> None:
 def build_loggers(cfg: DictConfig) -> list[Logger]:
     """The loggers of `cfg.logger`, with experiment and run names filled in where the config leaves them null."""
     experiment, run = tracker_names(cfg)
-    names = {"experiment_name": experiment, "project": experiment, "run_name": run, "name": run}
+    names = {
+        "experiment_name": experiment,
+        "experiment": experiment,
+        "project": experiment,
+        "run_name": run,
+        "name": run,
+    }
     loggers = []
     for name, node in (cfg.get("logger") or {}).items():
         check_installed(name, node)
