@@ -35,9 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table, write_results
 
 from lmlab.models import GPT, Jamba, LanguageModel, Llama, Mamba, Mamba2, MoEConfig, count_parameters
+from lmlab.perf.peak import peak_flops
 
-# Dense bf16 tensor-core peaks, TFLOP/s, by a substring of torch.cuda.get_device_name()
-BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
 SMOKE = dict(
     device="cpu", target_params=1e6, vocab=256, batch=2, seq_len=128, contexts=[128, 256], steps=2, gen_tokens=4
 )
@@ -68,16 +67,6 @@ def sized(family: str, target: float, vocab: int, context: int) -> tuple[int, in
     with torch.device("meta"):
         counts = {d: count_parameters(FAMILIES[family](d, vocab, context)) for d in range(128, 4097, 128)}
     return min(counts.items(), key=lambda item: abs(item[1] - target))
-
-
-def peak_flops(device: torch.device, peak_tflops: float | None) -> float | None:
-    """FLOP/s that 100% MFU means: --peak-tflops if given, else the card's dense bf16 peak if known."""
-    if peak_tflops is not None:
-        return peak_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((tflops * 1e12 for card, tflops in BF16_PEAK_TFLOPS.items() if card in name), None)
 
 
 def sync(device: torch.device) -> None:

@@ -212,3 +212,51 @@ def test_a_bad_perf_value_is_one_line_naming_its_key(tmp_path):
     with pytest.raises(ConfigError, match="invalid perf config: perf.cuda_graphs must be auto, true or false"):
         build(cfg.perf, "perf")
     assert build(compose_config(["perf.attention=math"], tmp_path).perf, "perf") == Perf(attention="math")
+
+
+class LoggedMetrics(pl.Callback):
+    """Every value logged on a training step, by name, as the loggers receive them."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, list[float]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        for name, value in trainer.callback_metrics.items():
+            self.seen.setdefault(name, []).append(float(value))
+
+
+@pytest.mark.parametrize("peak_tflops", [None, 1e-6])
+def test_mfu_is_tokens_per_second_times_flops_per_token_over_the_peak(tmp_path, peak_tflops):
+    """On a CPU there is no MFU unless the peak is given; given, train/mfu is tokens/s x training FLOPs
+    per token / peak, logged beside train/tokens_per_s."""
+    g = torch.Generator().manual_seed(0)
+    data = [(s[:, :-1], s[:, 1:]) for s in (torch.randint(0, 37, (4, 17), generator=g) for _ in range(20))]
+    model = GPT(vocab_size=37, d_model=16, n_layer=1, n_head=2, block_size=16)
+    task = LanguageModelTask(model, optimizer=partial(torch.optim.AdamW, lr=1e-2))
+    logged = LoggedMetrics()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=20,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        callbacks=[TokenThroughput(every_n_steps=10, peak_tflops=peak_tflops), logged],
+    )
+    trainer.fit(task, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    assert len(logged.seen["train/tokens_per_s"]) > 0
+    if peak_tflops is None:
+        assert "train/mfu" not in logged.seen
+        return
+    tokens_per_s, mfu = trainer.callback_metrics["train/tokens_per_s"], trainer.callback_metrics["train/mfu"]
+    expected = float(tokens_per_s) * model.flops_per_token(16) / (peak_tflops * 1e12)
+    assert float(mfu) == pytest.approx(expected, rel=1e-5) and float(mfu) > 0
+
+
+def test_a_peak_that_is_not_positive_is_refused_naming_the_key(tmp_path):
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False)
+    with pytest.raises(ConfigError, match=r"^callbacks.throughput.peak_tflops must be > 0 \(got 0\)"):
+        TokenThroughput(peak_tflops=0).on_fit_start(trainer, None)

@@ -7,6 +7,7 @@ the other turns Ctrl-C or SIGTERM into a resumable checkpoint.
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import signal
 import sys
@@ -27,6 +28,7 @@ from lmlab.fsdp import full_weights, uses_fsdp
 from lmlab.generate import SamplingConfig, sample_text
 from lmlab.lightning_compat import StepBoundEpochDescription
 from lmlab.models import state_from_data, state_to_data
+from lmlab.perf.peak import peak_flops
 from lmlab.report.blocks import write_test_blocks
 
 
@@ -89,32 +91,42 @@ def _compact(value: float) -> str:
 
 
 class TokenThroughput(pl.Callback):
-    """Training tokens per second, shown in the progress bar and logged as `train/tokens_per_s`.
+    """Training tokens per second, shown in the progress bar and logged as `train/tokens_per_s`, and
+    model FLOPs utilisation as `train/mfu`: tokens/s x the model's training FLOPs per token (6N plus
+    its sequence mixing, LanguageModel.flops_per_token) over the card's peak (lmlab.perf.peak; on an
+    unlisted card or a CPU only when `peak_tflops` gives it), summed over every process.
 
     Measured over `every_n_steps` optimizer steps, so reading the clock never forces a device sync
     inside a step.
     """
 
-    def __init__(self, every_n_steps: int = 10) -> None:
-        self.every_n_steps = every_n_steps
+    def __init__(self, every_n_steps: int = 10, peak_tflops: float | None = None) -> None:
+        self.every_n_steps, self.peak_tflops = every_n_steps, peak_tflops
         self._start: float | None = None
         self._tokens = 0
+        self._peak: float | None = None
+        self._flops_per_token: int | None = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        try:
+            self._peak = peak_flops(trainer.strategy.root_device, self.peak_tflops)
+        except ValueError as err:
+            raise ConfigError(f"callbacks.throughput.{err}") from None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if self._start is None:
             self._start, self._tokens = time.perf_counter(), 0
+        if self._peak is not None and self._flops_per_token is None:
+            self._flops_per_token = pl_module.model.flops_per_token(batch[1].size(1))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         self._tokens += batch[1].numel() * trainer.world_size
         if trainer.global_step % self.every_n_steps == 0 and trainer.global_step > 0:
-            elapsed = time.perf_counter() - self._start
-            pl_module.log(
-                "train/tokens_per_s",
-                self._tokens / max(elapsed, 1e-9),
-                on_step=True,
-                on_epoch=False,
-                rank_zero_only=True,
-            )
+            tokens_per_s = self._tokens / max(time.perf_counter() - self._start, 1e-9)
+            log = functools.partial(pl_module.log, on_step=True, on_epoch=False, rank_zero_only=True)
+            log("train/tokens_per_s", tokens_per_s)
+            if self._peak is not None:
+                log("train/mfu", tokens_per_s * self._flops_per_token / (self._peak * trainer.world_size))
             self._start, self._tokens = time.perf_counter(), 0
 
     def on_validation_start(self, trainer, pl_module) -> None:
