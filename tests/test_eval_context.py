@@ -171,18 +171,22 @@ def test_evaluate_py_records_the_protocol_and_refuses_carry_for_attention(traine
 
 
 @pytest.mark.slow
-def test_training_scores_with_the_protocol_asked_and_records_it(tmp_path, small_corpus):
-    """The same LSTM trained twice: `full` carries its state over each split, `also_full` adds the column."""
-    once = [o for o in tiny_overrides("lstm", small_corpus) if "val_check_interval" not in o]
+@pytest.mark.parametrize("model, full_context", [("lstm", "carry"), ("gpt", "sliding/16")])
+def test_training_scores_with_the_protocol_asked_and_records_it(tmp_path, small_corpus, model, full_context):
+    """The same model trained twice: `full` carries an LSTM's state over each split and slides GPT's
+    window (stride half its block), and `also_full` adds that column to a run scored in windows."""
+    once = [o for o in tiny_overrides(model, small_corpus) if "val_check_interval" not in o]
     once.append("trainer.val_check_interval=20")  # one validation, at the end: the best is the last step
     once.append("trainer.precision=32-true")  # whatever the CPU: the two scoring paths then agree to float64 sums
     window = train(compose_config([*once, "eval.also_full=true"], tmp_path / "w"))
     full = train(compose_config([*once, "eval.context=full"], tmp_path / "f"))
-    assert (window["eval_context"], full["eval_context"]) == ("window", "carry")
+    assert (window["eval_context"], full["eval_context"]) == ("window", full_context)
     assert full["test/bpb"] == pytest.approx(window["test_full/bpb"], rel=1e-5)  # same weights, same protocol
     assert full["test/bpb"] != pytest.approx(window["test/bpb"], rel=1e-5)
     plan = OmegaConf.load(tmp_path / "f" / "config.yaml")
-    assert (plan.eval.context, plan.eval.stride) == ("carry", None)  # config.yaml records the protocol used
+    recorded = ("carry", None) if model == "lstm" else ("sliding", 16)
+    assert (plan.eval.context, plan.eval.stride) == recorded  # config.yaml records the protocol used
+    assert OmegaConf.load(tmp_path / "w" / "config.yaml").eval.stride is None  # a window's length is not a stride
     with pytest.raises(ConfigError, match="these runs were scored with different eval.context protocols"):
         write_report([tmp_path / "w", tmp_path / "f"], tmp_path / "report")
     assert len(write_report([tmp_path / "w", tmp_path / "f"], tmp_path / "report", mixed_eval=True).runs) == 2

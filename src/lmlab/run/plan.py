@@ -54,8 +54,12 @@ def resolve_run(cfg: DictConfig, data: PreparedData) -> DictConfig:
     plan = copy.deepcopy(cfg)
     with open_dict(plan):
         plan.trainer.precision = planned_precision(plan.trainer)
-        plan.eval = {"context": data.eval_protocol.mode, "stride": data.eval_protocol.stride} | {
-            "also_full": bool((plan.get("eval") or {}).get("also_full", False))
+        asked = plan.get("eval") or {}
+        protocol = data.eval_protocol  # a window's stride is its length: not a setting to record
+        plan.eval = {
+            "context": protocol.mode,
+            "stride": protocol.stride if protocol.mode == "sliding" else asked.get("stride"),
+            "also_full": bool(asked.get("also_full", False)),
         }
         plan.model.update(target_shape(plan.model, data.tokenizer.vocab_size, plan.budget.get("target_params")))
         steps = budget_steps(plan, data)
