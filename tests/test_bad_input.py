@@ -143,7 +143,7 @@ def test_unknown_choices_and_keys_fail_when_the_config_is_composed(tmp_path, arg
 def test_hydra_errors_reach_the_user_without_a_traceback(tmp_path):
     for args, message in (
         (["model=resnet"], "Could not find 'model/resnet'"),
-        (["model.n_layr=2"], "Key 'n_layr' is not in struct"),
+        (["model.n_layr=2"], "Key 'n_layr' not in 'GPTConfig'"),
     ):
         result = subprocess.run(
             [sys.executable, "train.py", *args, f"hydra.run.dir={tmp_path / 'run'}"],

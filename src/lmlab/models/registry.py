@@ -77,7 +77,9 @@ def register_family(
         order = max((f.order for f in _FAMILIES.values()), default=0) + 1
     family = Family(name, model, adamw_lr, MappingProxyType(dict(tiny)), order, MappingProxyType(dict(settings or {})))
     _FAMILIES[name] = family
-    ConfigStore.instance().store(group="schema/model", name=name, node=model_schema(model, dict(family.settings)))
+    schema_name = f"{name.title().replace('_', '')}Config" if family.settings else None  # LstmConfig, GruConfig
+    schema = model_schema(model, dict(family.settings), schema_name)
+    ConfigStore.instance().store(group="schema/model", name=name, node=schema)
     return family
 
 

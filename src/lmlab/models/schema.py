@@ -19,6 +19,15 @@ from typing import Any
 from omegaconf import MISSING
 
 PLAIN = (int, float, str, bool)
+# Every schema made here, by name: a config holding one pickles it by reference (lmlab.models.schema.
+# schemas.NAME), as a sweep launcher that hands results between processes must.
+schemas = types.SimpleNamespace()
+
+
+def _named(cls: type, name: str) -> type:
+    cls.__name__, cls.__qualname__, cls.__module__ = name, f"schemas.{name}", __name__
+    setattr(schemas, name, cls)
+    return cls
 
 
 def _node_type(annotation: Any) -> Any:
@@ -35,21 +44,20 @@ def _node_type(annotation: Any) -> Any:
     return annotation if annotation in PLAIN or dataclasses.is_dataclass(annotation) else Any
 
 
+@functools.cache
 def _mutable(settings: type) -> type:
     """A settings dataclass as an editable node (a frozen one would make its keys read-only overrides)."""
     hints = typing.get_type_hints(settings)
-    return dataclasses.make_dataclass(
-        settings.__name__,
-        [
-            (f.name, _node_type(hints[f.name]), dataclasses.field(default=f.default))
-            for f in dataclasses.fields(settings)
-        ],
-    )
+    fields = [
+        (f.name, _node_type(hints[f.name]), dataclasses.field(default=f.default)) for f in dataclasses.fields(settings)
+    ]
+    return _named(dataclasses.make_dataclass(settings.__name__, fields), settings.__name__)
 
 
-def model_schema(model: type, settings: dict[str, Any] | None = None) -> type:
+def model_schema(model: type, settings: dict[str, Any] | None = None, name: str | None = None) -> type:
     """A dataclass with `_target_` and one field per constructor argument (but vocab_size, set once the
-    tokenizer is trained), at the class's default or the family's own `settings` (RecurrentLM's cell)."""
+    tokenizer is trained), at the class's default or the family's own `settings` (RecurrentLM's cell),
+    named `name` (default: the class's name + "Config"; families sharing a class need their own)."""
     hints = typing.get_type_hints(model.__init__)
     fields: list[tuple[str, Any, dataclasses.Field]] = [("_target_", str, dataclasses.field(default=MISSING))]
     for parameter in inspect.signature(model).parameters.values():
@@ -64,4 +72,5 @@ def model_schema(model: type, settings: dict[str, Any] | None = None) -> type:
         else:
             field = dataclasses.field(default=MISSING if default is parameter.empty else default)
         fields.append((parameter.name, node, field))
-    return dataclasses.make_dataclass(f"{model.__name__}Config", fields)
+    name = name or f"{model.__name__}Config"
+    return _named(dataclasses.make_dataclass(name, fields), name)
