@@ -5,10 +5,14 @@
     python bench/prepare_corpus.py --size 4GB --tokenizers bpe --keep-corpus   # one tokenizer per command
     python bench/prepare_corpus.py --size 4GB --tokenizers word --train-only   # the tokenizer's training alone
     python bench/prepare_corpus.py --size 200MB --tokenizers char --old-eval-windows  # the run as before 8eeff23
+    python bench/prepare_corpus.py --size 4GB --tokenizers word --keep-corpus --study prepare_corpus_4gb_train
 
 A run of some of the tokenizers writes prepare_corpus_<size>_<names>.json, so that one command
 per tokenizer (each within a time limit) does not overwrite the others' results; `--keep-corpus`
-leaves the generated corpus for the next command to reuse.
+leaves the generated corpus for the next command to reuse. `--study NAME` adds the rows to
+bench/results/NAME.json instead (replacing that file's rows of the same tokenizers), so that one
+study measured one tokenizer per command stays one file; each row then carries its own date,
+commit, machine and the load average around it.
 
 The corpus is Tiny Shakespeare's lines in seeded random orders, written block by block up to the
 size, so every tokenizer sees natural text and the generator never holds the corpus. Each
@@ -50,7 +54,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import table, write_results
+from _common import RESULTS, git_commit, machine, table, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9}
@@ -304,6 +308,22 @@ def run_child(mode: str, tokenizer: str, corpus: Path, cache: Path, old_eval_win
     return result
 
 
+def add_to_study(name: str, payload: dict) -> Path:
+    """`RESULTS/<name>.json` with this command's rows added: its earlier rows of other tokenizers kept
+    (each stamped with the date, commit and machine it was measured on), those of the same replaced."""
+    path, info = RESULTS / f"{name}.json", machine()
+    stamp = {"date": info["date"], "commit": git_commit(), "machine": info}
+    rows = [{**stamp, **row} for row in payload.pop("results")]
+    kept = []
+    if path.exists():
+        earlier = json.loads(path.read_text())
+        own = {"date": earlier["machine"]["date"], "commit": earlier["commit"], "machine": earlier["machine"]}
+        kept = [{**own, **row} for row in earlier["results"]]  # a row from before --study: the file's stamp
+    done = {row["tokenizer"] for row in rows}
+    payload["results"] = [row for row in kept if row["tokenizer"] not in done] + rows
+    return write_results(name, payload)
+
+
 def versions() -> dict:
     import datasets
     import tokenizers
@@ -328,6 +348,9 @@ def main() -> None:
         action="store_true",
         help="the training run with EvalWindows as before 8eeff23 (int64 copies of each split), to compare",
     )
+    parser.add_argument(
+        "--study", help="add the rows to bench/results/STUDY.json (replacing its rows of these tokenizers)"
+    )
     parser.add_argument("--child", choices=list(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
@@ -350,10 +373,12 @@ def main() -> None:
         if args.train_only:
             rows.append(run_child("tokenizer", name, corpus, cache))
             continue
+        load_before = os.getloadavg()[0]
         row = run_child("prepare", name, corpus, cache)
         row.update(run_child("start", name, corpus, cache))
         if not args.no_train:
             row.update(run_child("train", name, corpus, cache, args.old_eval_windows))
+        row["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]  # others' work beside it
         rows.append(row)
         if not args.keep:
             shutil.rmtree(cache, ignore_errors=True)
@@ -372,7 +397,7 @@ def main() -> None:
         name += "_train_only"
     elif args.old_eval_windows and not args.no_train:
         name += "_old_eval_windows"
-    print("written to", write_results(name, payload))
+    print("written to", add_to_study(args.study, payload) if args.study else write_results(name, payload))
     if not (args.keep or args.keep_corpus):
         corpus.unlink()
 
