@@ -788,6 +788,8 @@ def harness_model_args(ckpt: Path, switch: list[str], tmp_path: Path) -> None:
     pytest.importorskip("lm_eval")
     from lm_eval.api.registry import get_model
 
+    import lmlab.harness  # noqa: F401  (registers the model `lmlab`, as python -m lmlab.harness does)
+
     lm = get_model("lmlab").create_from_arg_string(",".join([f"ckpt={ckpt}", *switch]), {"device": "cpu"})
     assert lm.loaded.step == 20
 
