@@ -14,6 +14,9 @@ bench/results/NAME.json instead (replacing that file's rows of the same tokenize
 study measured one tokenizer per command stays one file; each row then carries its own date,
 commit, machine and the load average around it.
 
+Each child's CPU seconds (all its threads, `<phase>_cpu_s`) are recorded beside its wall time: on a
+shared machine the wall times depend on the others' load, the CPU seconds much less.
+
 The corpus is Tiny Shakespeare's lines in seeded random orders, written block by block up to the
 size, so every tokenizer sees natural text and the generator never holds the corpus. Each
 tokenizer (its conf/tokenizer/<name>.yaml) then prepares it in a fresh process with an empty cache:
@@ -302,10 +305,15 @@ def run_child(mode: str, tokenizer: str, corpus: Path, cache: Path, old_eval_win
     command = [sys.executable, __file__, "--child", mode, "--tokenizers", tokenizer]
     command += ["--corpus", str(corpus), "--cache", str(cache), "--out", str(out)]
     env = {**os.environ, OLD_EVAL_WINDOWS: "1"} if old_eval_windows else None
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(command, check=True, env=env)  # the progress bars show in this terminal
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = json.loads(out.read_text())
     out.unlink()
-    return result
+    # CPU seconds of the child, all its threads: on a shared machine the wall times depend on the
+    # others' load, this does much less
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {**result, f"{'run' if mode == 'train' else mode}_cpu_s": round(cpu, 1)}
 
 
 def add_to_study(name: str, payload: dict) -> Path:
@@ -382,12 +390,30 @@ def main() -> None:
         rows.append(row)
         if not args.keep:
             shutil.rmtree(cache, ignore_errors=True)
-    columns = ["tokenizer", "MB", "vocab", "tokens", "prepare_s", "MB_per_s", "train_s", "train_peak_rss_MB"]
+    columns = [
+        "tokenizer",
+        "MB",
+        "vocab",
+        "tokens",
+        "prepare_s",
+        "prepare_cpu_s",
+        "MB_per_s",
+        "train_s",
+        "train_peak_rss_MB",
+    ]
     columns += ["train_peak_anon_MB", "peak_rss_MB", "peak_anon_MB", "start_s", "start_rss_MB", "start_anon_MB"]
     if not args.no_train:
-        columns += ["run_s", "run_peak_rss_MB", "run_peak_anon_MB"]
+        columns += ["run_s", "run_cpu_s", "run_peak_rss_MB", "run_peak_anon_MB"]
     if args.train_only:
-        columns = ["tokenizer", "train_split_MB", "vocab", "train_s", "train_peak_rss_MB", "train_peak_anon_MB"]
+        columns = [
+            "tokenizer",
+            "train_split_MB",
+            "vocab",
+            "train_s",
+            "tokenizer_cpu_s",
+            "train_peak_rss_MB",
+            "train_peak_anon_MB",
+        ]
     print(table(rows, columns))
     payload = {"corpus_bytes": corpus.stat().st_size, "versions": versions(), "results": rows}
     name = f"prepare_corpus_{args.size.lower()}"
