@@ -336,8 +336,7 @@ def versions() -> dict:
     import datasets
     import tokenizers
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return {"tokenizers": tokenizers.__version__, "datasets": datasets.__version__, "git_commit": commit}
+    return {"tokenizers": tokenizers.__version__, "datasets": datasets.__version__, "git_commit": git_commit()}
 
 
 def main() -> None:
