@@ -2,6 +2,7 @@
 
 python evaluate.py ckpt=outputs/runs/<run>/checkpoints/last.ckpt data.path=other.txt
 python evaluate.py ckpt=outputs/runs/<run>/checkpoints/last.ckpt harness.tasks=[lambada_openai,hellaswag]
+python evaluate.py ckpt=... data.path=... verify_checkpoint_hash=false  # a very large checkpoint: skip re-hashing its tensors
 """
 
 import hydra

@@ -2,6 +2,7 @@
 that export, and to which transformers class).
 
 python export.py ckpt=outputs/runs/<run>/checkpoints/last.ckpt out=exported/my-model
+python export.py ckpt=... out=... verify_checkpoint_hash=false  # a very large checkpoint: skip re-hashing its tensors
 """
 
 import hydra

@@ -4,6 +4,7 @@ python generate.py ckpt=outputs/runs/<run>/checkpoints/last.ckpt prompt="ROMEO:"
 python generate.py ckpt=... temperature=0                  # greedy
 python generate.py ckpt=... top_p=0.9 num_samples=3 seed=7  # nucleus sampling, three samples
 python generate.py ckpt=... num_beams=4                     # beam search
+python generate.py ckpt=... verify_checkpoint_hash=false     # a very large checkpoint: skip re-hashing its tensors
 """
 
 import hydra

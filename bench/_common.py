@@ -80,7 +80,9 @@ def write_results(name: str, payload: dict) -> Path:
     """`RESULTS/<name>.json`: the payload with the machine, library versions and git commit it came from."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({"machine": machine(), "commit": git_commit(), **payload}, indent=2) + "\n")
+    from lmlab.io import atomic_write_text  # a run stopped while writing leaves the previous file whole
+
+    atomic_write_text(path, json.dumps({"machine": machine(), "commit": git_commit(), **payload}, indent=2) + "\n")
     return path
 
 

@@ -5,10 +5,17 @@
     python bench/prepare_corpus.py --size 4GB --tokenizers bpe --keep-corpus   # one tokenizer per command
     python bench/prepare_corpus.py --size 4GB --tokenizers word --train-only   # the tokenizer's training alone
     python bench/prepare_corpus.py --size 200MB --tokenizers char --old-eval-windows  # the run as before 8eeff23
+    python bench/prepare_corpus.py --size 4GB --tokenizers word --keep-corpus --study prepare_corpus_4gb_train
 
 A run of some of the tokenizers writes prepare_corpus_<size>_<names>.json, so that one command
 per tokenizer (each within a time limit) does not overwrite the others' results; `--keep-corpus`
-leaves the generated corpus for the next command to reuse.
+leaves the generated corpus for the next command to reuse. `--study NAME` adds the rows to
+bench/results/NAME.json instead (replacing that file's rows of the same tokenizers), so that one
+study measured one tokenizer per command stays one file; each row then carries its own date,
+commit, machine and the load average around it.
+
+Each child's CPU seconds (all its threads, `<phase>_cpu_s`) are recorded beside its wall time: on a
+shared machine the wall times depend on the others' load, the CPU seconds much less.
 
 The corpus is Tiny Shakespeare's lines in seeded random orders, written block by block up to the
 size, so every tokenizer sees natural text and the generator never holds the corpus. Each
@@ -50,7 +57,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import table, write_results
+from _common import RESULTS, git_commit, machine, table, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9}
@@ -298,18 +305,38 @@ def run_child(mode: str, tokenizer: str, corpus: Path, cache: Path, old_eval_win
     command = [sys.executable, __file__, "--child", mode, "--tokenizers", tokenizer]
     command += ["--corpus", str(corpus), "--cache", str(cache), "--out", str(out)]
     env = {**os.environ, OLD_EVAL_WINDOWS: "1"} if old_eval_windows else None
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(command, check=True, env=env)  # the progress bars show in this terminal
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = json.loads(out.read_text())
     out.unlink()
-    return result
+    # CPU seconds of the child, all its threads: on a shared machine the wall times depend on the
+    # others' load, this does much less
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {**result, f"{'run' if mode == 'train' else mode}_cpu_s": round(cpu, 1)}
+
+
+def add_to_study(name: str, payload: dict) -> Path:
+    """`RESULTS/<name>.json` with this command's rows added: its earlier rows of other tokenizers kept
+    (each stamped with the date, commit and machine it was measured on), those of the same replaced."""
+    path, info = RESULTS / f"{name}.json", machine()
+    stamp = {"date": info["date"], "commit": git_commit(), "machine": info}
+    rows = [{**stamp, **row} for row in payload.pop("results")]
+    kept = []
+    if path.exists():
+        earlier = json.loads(path.read_text())
+        own = {"date": earlier["machine"]["date"], "commit": earlier["commit"], "machine": earlier["machine"]}
+        kept = [{**own, **row} for row in earlier["results"]]  # a row from before --study: the file's stamp
+    done = {row["tokenizer"] for row in rows}
+    payload["results"] = [row for row in kept if row["tokenizer"] not in done] + rows
+    return write_results(name, payload)
 
 
 def versions() -> dict:
     import datasets
     import tokenizers
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return {"tokenizers": tokenizers.__version__, "datasets": datasets.__version__, "git_commit": commit}
+    return {"tokenizers": tokenizers.__version__, "datasets": datasets.__version__, "git_commit": git_commit()}
 
 
 def main() -> None:
@@ -327,6 +354,9 @@ def main() -> None:
         "--old-eval-windows",
         action="store_true",
         help="the training run with EvalWindows as before 8eeff23 (int64 copies of each split), to compare",
+    )
+    parser.add_argument(
+        "--study", help="add the rows to bench/results/STUDY.json (replacing its rows of these tokenizers)"
     )
     parser.add_argument("--child", choices=list(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
@@ -350,19 +380,39 @@ def main() -> None:
         if args.train_only:
             rows.append(run_child("tokenizer", name, corpus, cache))
             continue
+        load_before = os.getloadavg()[0]
         row = run_child("prepare", name, corpus, cache)
         row.update(run_child("start", name, corpus, cache))
         if not args.no_train:
             row.update(run_child("train", name, corpus, cache, args.old_eval_windows))
+        row["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]  # others' work beside it
         rows.append(row)
         if not args.keep:
             shutil.rmtree(cache, ignore_errors=True)
-    columns = ["tokenizer", "MB", "vocab", "tokens", "prepare_s", "MB_per_s", "train_s", "train_peak_rss_MB"]
+    columns = [
+        "tokenizer",
+        "MB",
+        "vocab",
+        "tokens",
+        "prepare_s",
+        "prepare_cpu_s",
+        "MB_per_s",
+        "train_s",
+        "train_peak_rss_MB",
+    ]
     columns += ["train_peak_anon_MB", "peak_rss_MB", "peak_anon_MB", "start_s", "start_rss_MB", "start_anon_MB"]
     if not args.no_train:
-        columns += ["run_s", "run_peak_rss_MB", "run_peak_anon_MB"]
+        columns += ["run_s", "run_cpu_s", "run_peak_rss_MB", "run_peak_anon_MB"]
     if args.train_only:
-        columns = ["tokenizer", "train_split_MB", "vocab", "train_s", "train_peak_rss_MB", "train_peak_anon_MB"]
+        columns = [
+            "tokenizer",
+            "train_split_MB",
+            "vocab",
+            "train_s",
+            "tokenizer_cpu_s",
+            "train_peak_rss_MB",
+            "train_peak_anon_MB",
+        ]
     print(table(rows, columns))
     payload = {"corpus_bytes": corpus.stat().st_size, "versions": versions(), "results": rows}
     name = f"prepare_corpus_{args.size.lower()}"
@@ -372,7 +422,7 @@ def main() -> None:
         name += "_train_only"
     elif args.old_eval_windows and not args.no_train:
         name += "_old_eval_windows"
-    print("written to", write_results(name, payload))
+    print("written to", add_to_study(args.study, payload) if args.study else write_results(name, payload))
     if not (args.keep or args.keep_corpus):
         corpus.unlink()
 

@@ -57,6 +57,13 @@ def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
     return cfg
 
 
+def compose_command(name: str, overrides: list[str]) -> DictConfig:
+    """compose() conf/<name>.yaml (evaluate, generate, export) as `python <name>.py OVERRIDES` would."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
 SWEEP_BYTES, SWEEP_PARAMS = 5120, 50_000  # the tiny sweep's training text per run and parameter target
 
 

@@ -28,7 +28,7 @@ from lmlab.io import atomic_open, atomic_write_json, safe_output_path
 from lmlab.run.dirs import ClaimFreshDirs
 from lmlab.run.train import train
 from lmlab.task import LanguageModelTask
-from tests.helpers import REPO, compose_config, tiny_overrides
+from tests.helpers import REPO, SHAKESPEARE, compose_command, compose_config, tiny_overrides
 from tests.outcomes import check_outcome
 
 pytestmark = pytest.mark.reliability
@@ -753,6 +753,96 @@ def test_flipped_bytes_in_a_checkpoint_are_refused(trained_run, tmp_path):
     with pytest.raises(ConfigError, match="no longer match the hash"):
         train(compose_config([f"ckpt_path={flipped}"], tmp_path / "run"))
     assert read_checkpoint(flipped, verify_hash=False)["global_step"] == 20  # verify_checkpoint_hash=false
+
+
+def train_from(ckpt: Path, switch: list[str], tmp_path: Path) -> None:
+    """train.py init_from=CKPT (train.py ckpt_path= reads it the same way, lmlab.checkpoint.resume)."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(SHAKESPEARE.read_text()[:20_000])
+    overrides = [*tiny_overrides("gpt", corpus, steps=2), f"init_from={ckpt}", *switch]
+    assert train(compose_config(overrides, tmp_path / "run"))["status"] == "completed"
+
+
+def evaluate_text(ckpt: Path, switch: list[str], tmp_path: Path) -> None:
+    """evaluate.py ckpt=CKPT data.path=FILE."""
+    from lmlab.run.evaluate import evaluate_from_config
+
+    (tmp_path / "text.txt").write_text(SHAKESPEARE.read_text()[:1000])
+    overrides = [f"ckpt={ckpt}", f"data.path={tmp_path / 'text.txt'}", "device=cpu", f"output={tmp_path / 'e.json'}"]
+    assert evaluate_from_config(compose_command("evaluate", [*overrides, *switch]))["step"] == 20
+
+
+def evaluate_harness_tasks(ckpt: Path, switch: list[str], tmp_path: Path) -> None:
+    """evaluate.py ckpt=CKPT harness.tasks=[...] (lm-evaluation-harness through evaluate.py)."""
+    pytest.importorskip("lm_eval")
+    from lmlab.harness.run import harness_from_config
+
+    tasks = REPO / "tests" / "assets" / "harness"
+    overrides = [f"ckpt={ckpt}", "harness.tasks=[lmlab_tiny_rolling]", f"harness.include_path={tasks}"]
+    overrides += ["harness.limit=1", "device=cpu", f"output={tmp_path / 'h.json'}"]
+    assert harness_from_config(compose_command("evaluate", [*overrides, *switch]))["step"] == 20
+
+
+def harness_model_args(ckpt: Path, switch: list[str], tmp_path: Path) -> None:
+    """python -m lmlab.harness run --model lmlab --model_args ckpt=CKPT[,verify_checkpoint_hash=...]"""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.registry import get_model
+
+    import lmlab.harness  # noqa: F401  (registers the model `lmlab`, as python -m lmlab.harness does)
+
+    lm = get_model("lmlab").create_from_arg_string(",".join([f"ckpt={ckpt}", *switch]), {"device": "cpu"})
+    assert lm.loaded.step == 20
+
+
+def generate_text(ckpt: Path, switch: list[str], tmp_path: Path) -> None:
+    """generate.py ckpt=CKPT."""
+    from lmlab.generate import generate_from_config
+
+    overrides = [f"ckpt={ckpt}", "max_new_tokens=4", "device=cpu", f"output={tmp_path / 'g.json'}"]
+    generate_from_config(compose_command("generate", [*overrides, *switch]))
+    assert json.loads((tmp_path / "g.json").read_text())["step"] == 20
+
+
+def export_model_dir(ckpt: Path, switch: list[str], tmp_path: Path) -> None:
+    """export.py ckpt=CKPT out=FOLDER."""
+    from lmlab.export import export_from_config
+
+    out = export_from_config(compose_command("export", [f"ckpt={ckpt}", f"out={tmp_path / 'hf'}", *switch]))
+    assert (out / "config.json").is_file()
+
+
+# Every command that reads a checkpoint; each takes the switch as `verify_checkpoint_hash=...` (a
+# Hydra override, or one of the harness's --model_args).
+READERS = {
+    "train.py": train_from,
+    "evaluate.py": evaluate_text,
+    "evaluate.py harness.tasks": evaluate_harness_tasks,
+    "python -m lmlab.harness": harness_model_args,
+    "generate.py": generate_text,
+    "export.py": export_model_dir,
+}
+# lm_eval indexes its few thousand task files before the checkpoint is read: about 10 s per call here
+COMMANDS = [pytest.param(c, marks=pytest.mark.slow) if c == "evaluate.py harness.tasks" else c for c in READERS]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_refuses_altered_tensors_unless_verify_checkpoint_hash_is_false(trained_run, tmp_path, command):
+    """The hash is checked by default wherever a checkpoint is read, and `verify_checkpoint_hash=false`
+    (for very large files) reaches the read in every command."""
+    read = READERS[command]
+    flipped = tmp_path / "flipped.ckpt"
+    flip_a_weight_byte(trained_run / "checkpoints" / "last.ckpt", flipped)
+    with pytest.raises(ConfigError, match="its tensors no longer match the hash stored when it was written") as raised:
+        read(flipped, [], tmp_path)
+    check_outcome("a checkpoint with a flipped bit in its weights", str(raised.value))
+    read(flipped, ["verify_checkpoint_hash=false"], tmp_path)  # loads: the altered weights are used as they are
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_verify_checkpoint_hash_that_is_not_true_or_false_is_refused(trained_run, tmp_path, command):
+    with pytest.raises(ConfigError, match=re.escape("verify_checkpoint_hash='off' is not true or false")) as raised:
+        READERS[command](trained_run / "checkpoints" / "last.ckpt", ["verify_checkpoint_hash=off"], tmp_path)
+    check_outcome("`verify_checkpoint_hash=off` (not true or false)", str(raised.value))
 
 
 def test_non_finite_weights_are_refused_at_load(trained_run, tmp_path):

@@ -2,9 +2,11 @@
 
 from lmlab.checkpoint.format import (
     FORMAT_VERSION,
+    HASH_SWITCH,
     SECTION,
     LoadedCheckpoint,
     build_model,
+    hash_switch,
     load_checkpoint,
     load_weights,
     model_weights,
@@ -15,9 +17,11 @@ from lmlab.checkpoint.format import (
 
 __all__ = [
     "FORMAT_VERSION",
+    "HASH_SWITCH",
     "SECTION",
     "LoadedCheckpoint",
     "build_model",
+    "hash_switch",
     "load_checkpoint",
     "load_weights",
     "model_weights",

@@ -13,6 +13,8 @@ resumed or fine-tuned run takes plain settings from a checkpoint, never a `_targ
 
 A file also carries `tensors_sha256`, a hash of every tensor it holds, checked on every read
 (`verify_hash=False` skips it for very large files): flipped bytes are refused, not trained on.
+Every command that reads a checkpoint (train.py's ckpt_path and init_from, evaluate.py, generate.py,
+export.py, the harness's `lmlab` model) takes that switch as the same setting, `verify_checkpoint_hash`.
 Non-finite weights are refused too. The section itself is checked before use, so a damaged one
 gives one line naming what is wrong.
 
@@ -49,6 +51,7 @@ SECTION = "lmlab"
 MODEL_PREFIX = "model."  # LanguageModelTask holds the model as `self.model`
 SHARDED_META = "meta.pt"  # in a sharded checkpoint folder: all but the weights and optimizer state
 HASH_KEY = "tensors_sha256"  # in the lmlab section: tensors_sha256(checkpoint) when it was written
+HASH_SWITCH = "verify_checkpoint_hash"  # the setting, in every command that reads a checkpoint, that skips the check
 # instantiate's keys: what builds objects. A resumed run takes none of them from a checkpoint.
 BUILDER_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
 
@@ -118,6 +121,18 @@ def tensors_sha256(checkpoint: dict[str, Any]) -> str:
 
     visit("", {key: value for key, value in checkpoint.items() if key != SECTION})
     return digest.hexdigest()
+
+
+def hash_switch(value: Any) -> bool:
+    """The `verify_checkpoint_hash` setting, which must be true or false: anything else (`off`, `no`,
+    `0`) is refused in one line rather than guessed, so nobody believes the check skipped, or done,
+    when it was not."""
+    if not isinstance(value, bool):
+        raise ConfigError(
+            f"{HASH_SWITCH}={value!r} is not true or false: set {HASH_SWITCH}=true to check the checkpoint's "
+            f"tensors against the hash stored when it was written, or {HASH_SWITCH}=false to skip that (very large files)"
+        )
+    return value
 
 
 def read_checkpoint(path: str | Path, verify_hash: bool = True) -> dict[str, Any]:

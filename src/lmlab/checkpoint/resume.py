@@ -39,9 +39,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lmlab.checkpoint.format import (
     BUILDER_KEYS,
+    HASH_SWITCH,
     SECTION,
     checked_model_class,
     checkpoint_tokenizer,
+    hash_switch,
     is_checkpoint,
     is_sharded,
     load_weights,
@@ -108,6 +110,7 @@ class CheckpointStart:
 def start_from_checkpoint(cfg: DictConfig) -> tuple[DictConfig, CheckpointStart | None]:
     """The config this run uses and the checkpoint it starts from (None for a run from scratch)."""
     resume, init_from = cfg.get("ckpt_path"), cfg.get("init_from")
+    verify_hash = hash_switch(cfg.get(HASH_SWITCH, True))
     if resume and init_from:
         raise ConfigError("ckpt_path (resume a run) and init_from (fine-tune its weights) exclude each other: set one")
     if not (resume or init_from):
@@ -123,7 +126,7 @@ def start_from_checkpoint(cfg: DictConfig) -> tuple[DictConfig, CheckpointStart 
     else:
         path = Path(resume or init_from).expanduser()
         recover_interrupted_swap(path)
-    checkpoint = read_checkpoint(path, verify_hash=bool(cfg.get("verify_checkpoint_hash", True)))
+    checkpoint = read_checkpoint(path, verify_hash)
     start = CheckpointStart(path=path, resume=bool(resume), checkpoint=checkpoint)
     record, overrides = start.checkpoint[SECTION], command_line_overrides()
     key = "ckpt_path" if resume else "init_from"

@@ -25,7 +25,7 @@ from lm_eval.api.registry import register_model
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from lmlab.checkpoint import load_checkpoint, resolve_device
+from lmlab.checkpoint import hash_switch, load_checkpoint, resolve_device
 from lmlab.errors import ConfigError
 from lmlab.generate import START_TEXT, continuation, prompt_ids, stream_tokens
 from lmlab.run.evaluate import checkpoint_protocol, score_text
@@ -40,7 +40,8 @@ class LmlabLM(LM):
     `block_size` and `eval_batch_size` (windows scored at once by loglikelihood_rolling, which for a
     stateful run is also its number of parallel streams) default to the run's own, as evaluate.py's
     do. lm_eval's own `batch_size` and `max_batch_size` (its command line always passes a batch size)
-    are accepted and unused: requests are scored one at a time.
+    are accepted and unused: requests are scored one at a time. `verify_checkpoint_hash=false` skips
+    checking the checkpoint's tensors against their stored hash (very large files), as in evaluate.py.
     """
 
     def __init__(
@@ -53,14 +54,16 @@ class LmlabLM(LM):
         eval_stride: int | None = None,
         batch_size: int | str | None = None,
         max_batch_size: int | None = None,
+        verify_checkpoint_hash: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__()
         if kwargs:
             raise ConfigError(
-                f"unknown lmlab model_args: {', '.join(sorted(kwargs))}; use ckpt, block_size, eval_batch_size, eval_context, eval_stride (and --device)"
+                f"unknown lmlab model_args: {', '.join(sorted(kwargs))}; use ckpt, block_size, eval_batch_size, eval_context, eval_stride, "
+                "verify_checkpoint_hash (and --device)"
             )
-        self.loaded = load_checkpoint(ckpt, resolve_device(device or "auto"))
+        self.loaded = load_checkpoint(ckpt, resolve_device(device or "auto"), hash_switch(verify_checkpoint_hash))
         self.model, self.tokenizer = self.loaded.model.eval(), self.loaded.tokenizer
         self._device = next(self.model.parameters()).device
         trained = self.loaded.data_config

@@ -32,7 +32,9 @@ CHUNK_CHARS = 1 << 14
 # Chunks per encode_batch call: enough to keep every core busy, few enough that HF's Encoding
 # objects (~140 bytes a token: token strings, offsets, masks, beside 4 bytes of id) stay few. An
 # 8 MB piece of Shakespeare encoded word-level peaked 344 MB above the process in one call, 117 MB
-# in calls of 64 chunks; the token cache encodes a few such pieces at once.
+# in calls of 64 chunks; the token cache encodes a few such pieces at once. The calls are
+# `encode_batch_fast`, which gives the same ids without computing offsets (nothing here reads them):
+# 8 MB of Shakespeare took 26 % less CPU word-level, 16 % less with BPE, 19 % less with unigram.
 ENCODE_BATCH = 64
 
 # Where to cut a text so that its pieces encode exactly as the whole does: places where every
@@ -89,8 +91,9 @@ def encode_in_chunks(hf: HFTokenizer, text: str) -> np.ndarray:
     """The ids of `text` under `hf`, its safely cut chunks encoded on all cores (Rust threads; no GIL,
     no processes)."""
     chunks, ids = list(split_chunks(text)), []
+    encode_batch = getattr(hf, "encode_batch_fast", hf.encode_batch)  # the same ids; older tokenizers lack it
     for start in range(0, len(chunks), ENCODE_BATCH):
-        encodings = hf.encode_batch(chunks[start : start + ENCODE_BATCH], add_special_tokens=False)
+        encodings = encode_batch(chunks[start : start + ENCODE_BATCH], add_special_tokens=False)
         ids += [np.asarray(e.ids, dtype=np.int32) for e in encodings]
     return np.concatenate(ids)
 
