@@ -26,15 +26,18 @@ import contextlib
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table, write_results
 
 from lmlab.models import GPT, Jamba, LanguageModel, Llama, Mamba, Mamba2, MoEConfig, count_parameters
+from lmlab.models.ffn import SwiGLU
 from lmlab.perf.peak import peak_flops
 
 SMOKE = dict(
@@ -80,8 +83,50 @@ def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMana
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def with_liger(model: LanguageModel) -> Callable[[Tensor, Tensor], Tensor]:
+    """Swap in Liger-Kernel's Triton kernels where the model has their layer (RMSNorm, SwiGLU's
+    silu(gate) * up) and return a loss that never materialises the logits (Liger's fused linear
+    cross-entropy on the output layer's weight): measured here before any of it becomes a switch."""
+    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss, LigerRMSNorm
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.RMSNorm):
+                fused = LigerRMSNorm(child.normalized_shape[0], eps=child.eps or 1e-6).to(child.weight.device)
+                setattr(parent, name, fused)
+            elif isinstance(child, SwiGLU):
+                child.forward = lambda x, m=child: m.dropout(m.proj(LigerSiLUMulFunction.apply(m.gate(x), m.up(x))))
+    head, flce = model.lm_head.weight, LigerFusedLinearCrossEntropyLoss()
+    model.lm_head = nn.Identity()  # the model now returns its final hidden states
+    return lambda hidden, y: flce(head, hidden.flatten(0, 1), y.flatten())
+
+
+def plain_loss(logits: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+
+def device_profile(step: Callable[[], None], device: torch.device, top: int) -> dict:
+    """The ops with the most GPU time over two steps (per step), and how busy the GPU was."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(2):
+            step()
+        sync(device)
+    ops = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
+    ops = sorted(ops, key=lambda e: e.self_device_time_total, reverse=True)
+    busy = sum(e.self_device_time_total for e in ops) / 2e3
+    return {
+        "gpu busy ms/step": busy,
+        "top ops (self GPU ms/step, calls/step)": [
+            [e.key, round(e.self_device_time_total / 2e3, 3), e.count // 2] for e in ops[:top]
+        ],
+    }
+
+
 def train_speed(model: LanguageModel, args: argparse.Namespace, device: torch.device) -> dict:
     """Tokens/s of full training steps (forward, loss + aux loss, backward, AdamW) and peak memory."""
+    loss_of = with_liger(model) if args.liger else plain_loss
     fused = {"fused": True} if device.type == "cuda" else {}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
     forward = torch.compile(model) if args.compile else model
@@ -90,7 +135,7 @@ def train_speed(model: LanguageModel, args: argparse.Namespace, device: torch.de
     def step() -> None:
         with autocast(device, args.dtype):
             logits, _ = forward(x[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
+            loss = loss_of(logits, x[:, 1:])
             aux = model.aux_loss()
             loss = loss if aux is None else loss + aux
         loss.backward()
@@ -110,6 +155,8 @@ def train_speed(model: LanguageModel, args: argparse.Namespace, device: torch.de
     row = {"train tok/s": args.batch * args.seq_len * args.steps / seconds}
     if device.type == "cuda":
         row["peak GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    if args.profile:
+        row |= device_profile(step, device, args.profile)
     return row
 
 
@@ -148,6 +195,8 @@ def main() -> None:
         "--peak-tflops", type=float, default=None, help="the card's peak for MFU (default: known cards)"
     )
     parser.add_argument("--kernels", default="auto", help="model.kernels of mamba, mamba2 and jamba (torch: none)")
+    parser.add_argument("--liger", action="store_true", help="Liger-Kernel's RMSNorm, SwiGLU and fused loss")
+    parser.add_argument("--profile", type=int, default=0, metavar="K", help="record the K ops with most GPU time")
     parser.add_argument("--name", default=None, help="results file: bench/results/NAME.json")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: " + str(SMOKE))
     args = parser.parse_args()
@@ -172,7 +221,7 @@ def main() -> None:
             if peak is not None:
                 row["MFU %"] = 100 * row["train tok/s"] * model.flops_per_token(args.seq_len) / peak
             model = model.eval().to(torch.bfloat16 if args.dtype == "bf16" else torch.float32)
-            for c in args.contexts:
+            for c in [] if args.liger else args.contexts:  # --liger replaced the output layer generation needs
                 row[f"gen ms/token @{c}"] = generation_ms(model, c, args, device)
         except torch.cuda.OutOfMemoryError as err:
             row["error"] = f"out of memory: {str(err).splitlines()[0]}"
@@ -191,6 +240,7 @@ def main() -> None:
     settings |= {"dtype": args.dtype, "compile": args.compile, "gen_tokens": args.gen_tokens, "threads": args.threads}
     settings |= {
         "capacity_factor": args.capacity_factor,
+        "liger": args.liger,
         "kernels": args.kernels,
         "peak_tflops": None if peak is None else peak / 1e12,
     }

@@ -8,7 +8,7 @@ Mamba-2's recurrence, per head h with a scalar decay a_t = dt_t A_h (A_h < 0):
 Because the decay is one number per head and step, the outputs of a chunk of Q steps are a masked
 matmul, y = (L o C B^T) x with L[t, s] = exp(a_{s+1} + ... + a_t) for s <= t: the chunk mixes like
 causal attention, on tensor cores. Between chunks only the state at each chunk boundary is carried,
-by a scan of T/Q steps. `ssd_chunked` computes that; `ssd_step` is the recurrence for one token,
+by a matmul over the T/Q chunk boundaries. `ssd_chunked` computes that; `ssd_step` is the recurrence for one token,
 which generation uses and against which the tests check the chunked form.
 
 Shapes: x [B, T, H, P], a [B, T, H], b and c [B, T, G, N] with G groups of B/C shared by H/G heads
@@ -66,16 +66,16 @@ def ssd_chunked(
     decay_to_end = torch.exp(a_cumsum[..., -1:] - a_cumsum).permute(0, 1, 4, 2, 3)[..., None]  # [b, c, s, g, r, 1]
     chunk_states = torch.einsum("bcsgn,bcsgrp->bcgrpn", b, (x * decay_to_end.to(x.dtype)))
 
-    # across chunks: a short scan carrying the state over chunk boundaries
-    carried = x.new_zeros(batch, n_groups, heads_per_group, head_dim, d_state, dtype=torch.float32)
+    # across chunks: the state entering chunk i is every earlier chunk's contribution (and the starting
+    # state's) decayed over the chunks between: one small matmul over the chunk axis, not a loop
+    initial = x.new_zeros(batch, 1, n_groups, heads_per_group, head_dim, d_state, dtype=torch.float32)
     if state is not None:
-        carried = state.float().reshape(carried.shape)
-    chunk_decay = torch.exp(a_cumsum[..., -1])[..., None, None]  # [b, c, g, r, 1, 1]
-    entering = []
-    for i in range(n_chunks):
-        entering.append(carried)
-        carried = chunk_decay[:, i] * carried + chunk_states[:, i].float()
-    entering = torch.stack(entering, dim=1)  # the state each chunk starts from, [b, c, g, r, p, n]
+        initial = state.float().reshape(initial.shape)
+    states = torch.cat([initial, chunk_states.float()], dim=1)  # [b, c + 1, g, r, p, n]
+    chunk_totals = F.pad(a_cumsum[..., -1], (0, 0, 0, 0, 1, 0)).permute(0, 2, 3, 1)  # [b, g, r, c + 1]
+    carry = torch.exp(segment_sums(chunk_totals))  # [b, g, r, to, from]
+    carried = torch.einsum("bgrzc,bcgrpn->bzgrpn", carry, states)
+    entering, carried = carried[:, :-1], carried[:, -1]  # the state each chunk starts from; the final one
 
     # what the state entering a chunk adds to each step of it, decayed up to that step
     decay_in = torch.exp(a_cumsum).permute(0, 1, 4, 2, 3)[..., None]  # [b, c, l, g, r, 1]
