@@ -4,6 +4,9 @@ about the same parameter count (issue 11's benchmark; mamba2 and MFU from issue 
     python bench/model_families.py                                   # GPU: ~100M parameters, bf16, 8 x 1024 tokens
     python bench/model_families.py --compile                         # the same, torch.compile'd
     python bench/model_families.py --capacity-factor 1.25            # jamba's experts with a capacity (static shapes)
+    python bench/model_families.py --cuda-graphs                     # each step replayed as a CUDA graph (lmlab's default on one GPU)
+    python bench/model_families.py --profile 15                      # also the 15 ops with the most GPU time per step
+    python bench/model_families.py --liger                           # Liger-Kernel's RMSNorm, SwiGLU and fused loss
     python bench/model_families.py --smoke                           # a seconds-long check on the CPU that it runs
 
 Each family keeps its depth (gpt and llama 12 layers, mamba and mamba2 24, jamba 8 with one attention
@@ -36,6 +39,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table, write_results
 
+from lmlab.graphed_step import GraphedTrainingStep
 from lmlab.models import GPT, Jamba, LanguageModel, Llama, Mamba, Mamba2, MoEConfig, count_parameters
 from lmlab.models.ffn import SwiGLU
 from lmlab.perf.peak import peak_flops
@@ -130,17 +134,25 @@ def train_speed(model: LanguageModel, args: argparse.Namespace, device: torch.de
     fused = {"fused": True} if device.type == "cuda" else {}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
     forward = torch.compile(model) if args.compile else model
-    x = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), device=device)
+    tokens = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), device=device)
+    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+    def losses(x: Tensor, y: Tensor, state: object) -> tuple[Tensor, Tensor, Tensor | None, object]:
+        with autocast(device, args.dtype):
+            logits, _ = forward(x)
+            loss, aux = loss_of(logits, y), model.aux_loss()
+        return (loss if aux is None else loss + aux), loss, aux, state
+
+    graphed = GraphedTrainingStep(losses, list(model.parameters())) if args.cuda_graphs else None
 
     def step() -> None:
-        with autocast(device, args.dtype):
-            logits, _ = forward(x[:, :-1])
-            loss = loss_of(logits, x[:, 1:])
-            aux = model.aux_loss()
-            loss = loss if aux is None else loss + aux
-        loss.backward()
+        if graphed is not None:  # the product's step on one GPU (perf.cuda_graphs=auto): gradients from a graph
+            graphed(x, y)
+        else:
+            losses(x, y, None)[0].backward()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if graphed is None:
+            optimizer.zero_grad(set_to_none=True)
 
     for _ in range(3):
         step()
@@ -195,6 +207,9 @@ def main() -> None:
         "--peak-tflops", type=float, default=None, help="the card's peak for MFU (default: known cards)"
     )
     parser.add_argument("--kernels", default="auto", help="model.kernels of mamba, mamba2 and jamba (torch: none)")
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="replay each step's forward and backward as a CUDA graph"
+    )
     parser.add_argument("--liger", action="store_true", help="Liger-Kernel's RMSNorm, SwiGLU and fused loss")
     parser.add_argument("--profile", type=int, default=0, metavar="K", help="record the K ops with most GPU time")
     parser.add_argument("--name", default=None, help="results file: bench/results/NAME.json")
@@ -213,6 +228,8 @@ def main() -> None:
         torch.manual_seed(0)
         extra = {"capacity_factor": args.capacity_factor} if family == "jamba" else {}
         extra |= {"kernels": args.kernels} if family in SSM_FAMILIES else {}
+        if args.cuda_graphs and family == "jamba" and args.capacity_factor is None:
+            extra["capacity_factor"] = 1.25  # dropless routing has data-dependent shapes: no graph
         model = FAMILIES[family](d_model, args.vocab, context, **extra).to(device)
         row = {"family": family, "d_model": d_model, "params": params, "active params": model.matmul_parameters()}
         row["train GFLOP/token"] = model.flops_per_token(args.seq_len) / 1e9
@@ -241,6 +258,7 @@ def main() -> None:
     settings |= {
         "capacity_factor": args.capacity_factor,
         "liger": args.liger,
+        "cuda_graphs": args.cuda_graphs,
         "kernels": args.kernels,
         "peak_tflops": None if peak is None else peak / 1e12,
     }
