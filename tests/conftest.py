@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.commands import run_command
 from tests.helpers import REPO, SHAKESPEARE, SWEEP_BYTES, SWEEP_PARAMS, compose_config, sweep_overrides, tiny_overrides
 
 
@@ -29,9 +29,7 @@ def tiny_sweep(tmp_path_factory, small_corpus) -> Path:
         ["model=gpt,lstm", "tokenizer=char,bpe"],
         (f"budget.max_bytes={SWEEP_BYTES}", f"budget.target_params={SWEEP_PARAMS}"),
     )
-    result = subprocess.run(
-        [sys.executable, "train.py", "-m", *overrides], cwd=REPO, capture_output=True, text=True, timeout=600
-    )
+    result = run_command([sys.executable, "train.py", "-m", *overrides], cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return sweep
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +24,7 @@ from lmlab.models import GPT, Jamba, LanguageModel, Llama, LSTMAttentionLM, Mamb
 from lmlab.perf import Perf, apply_perf
 from lmlab.run.train import train
 from lmlab.task import LanguageModelTask
+from tests.commands import run_command
 from tests.helpers import REPO, compose_config, tiny_overrides
 
 VOCAB, BLOCK = 41, 16
@@ -249,9 +249,7 @@ def test_a_model_without_repeated_blocks_is_refused(model):
 def test_train_py_refuses_a_recurrent_model_in_one_line(tmp_path, small_corpus):
     run = tmp_path / "run"
     overrides = [*tiny_overrides("lstm", small_corpus), "perf.activation_checkpointing=true", f"hydra.run.dir={run}"]
-    result = subprocess.run(
-        [sys.executable, "train.py", *overrides], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+    result = run_command([sys.executable, "train.py", *overrides], cwd=REPO, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     *_, line = [line for line in result.stderr.splitlines() if line.strip()]

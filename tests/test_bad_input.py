@@ -7,7 +7,6 @@ train.py` to check what the user sees: the exit code, one line, no traceback.
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -20,6 +19,7 @@ from lmlab.checkpoint import load_checkpoint
 from lmlab.errors import ConfigError, DataError
 from lmlab.run.train import train
 from lmlab.tokenizers import CharTokenizer
+from tests.commands import run_command
 from tests.helpers import REPO, compose_config, tiny_overrides
 from tests.outcomes import check_outcome
 
@@ -145,11 +145,9 @@ def test_hydra_errors_reach_the_user_without_a_traceback(tmp_path):
         (["model=resnet"], "Could not find 'model/resnet'"),
         (["model.n_layr=2"], "Key 'n_layr' not in 'GPTConfig'"),
     ):
-        result = subprocess.run(
+        result = run_command(
             [sys.executable, "train.py", *args, f"hydra.run.dir={tmp_path / 'run'}"],
             cwd=REPO,
-            capture_output=True,
-            text=True,
             timeout=300,
         )
         assert result.returncode != 0

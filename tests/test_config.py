@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
@@ -14,6 +13,7 @@ from omegaconf import OmegaConf
 
 from lmlab.generate import SamplingConfig
 from lmlab.task import LanguageModelTask
+from tests.commands import run_command
 from tests.helpers import CONF, REPO, compose_config
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and any(p.glob("*.yaml")))
@@ -85,9 +85,7 @@ def test_each_model_family_gets_its_own_adamw_rate_unless_one_is_given(tmp_path)
 
 
 def test_unknown_choice_is_reported_without_a_traceback():
-    result = subprocess.run(
-        [sys.executable, "train.py", "model=resnet"], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
+    result = run_command([sys.executable, "train.py", "model=resnet"], cwd=REPO, timeout=120)
     assert result.returncode != 0
     assert "Could not find 'model/resnet'" in result.stderr
     assert "Traceback" not in result.stderr

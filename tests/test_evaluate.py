@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import subprocess
 import sys
 
 import pytest
@@ -18,6 +17,7 @@ from lmlab.errors import ConfigError
 from lmlab.models import GPT, RecurrentLM
 from lmlab.run.evaluate import evaluate_from_config, score_text
 from lmlab.tokenizers import WordTokenizer
+from tests.commands import run_command
 from tests.helpers import REPO
 
 
@@ -44,11 +44,9 @@ def test_evaluate_py_prints_and_writes_the_scores_of_a_whole_file(trained_run, r
     text = tmp_path / "val.txt"
     text.write_text(run_splits["val"])
     best = next((trained_run / "checkpoints").glob("best-step*.ckpt"))
-    result = subprocess.run(
+    result = run_command(
         [sys.executable, "evaluate.py", f"ckpt={best}", f"data.path={text}"],
         cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]

@@ -3,7 +3,6 @@ tokenizer gives lmlab's ids; other architectures are refused in one line."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from lmlab.models import GPT, LanguageModel, Llama, RecurrentLM
 from lmlab.models.mamba import Mamba
 from lmlab.models.mamba2 import Mamba2
 from lmlab.tokenizers import BPETokenizer, CharTokenizer, Tokenizer, WordTokenizer
+from tests.commands import run_command
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -217,10 +217,8 @@ def test_export_py_ends_in_one_error_line_for_a_recurrent_model(char, tmp_path):
     model = RecurrentLM(char.vocab_size, cell="gru", d_model=16, n_layer=1)
     config = {"_target_": "lmlab.models.RecurrentLM", "cell": "gru", "d_model": 16, "n_layer": 1}
     ckpt = write_checkpoint(tmp_path / "last.ckpt", model, config, char)
-    result = subprocess.run(
+    result = run_command(
         [sys.executable, str(REPO / "export.py"), f"ckpt={ckpt}", f"out={tmp_path / 'hf'}"],
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert result.returncode == 2

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from lmlab.report.fit import (
 )
 from lmlab.report.fit_points import runs_from_csv
 from lmlab.report.fit_report import FitRequest, analyse, predict
+from tests.commands import run_command
 from tests.helpers import REPO
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -226,7 +226,7 @@ def test_crossings_are_named_or_left_undecided(tmp_path):
 def test_compare_py_fits_a_sweep_end_to_end(tmp_path):
     chinchilla_sweep(tmp_path / "sweep", "gpt")
     out = tmp_path / "out"
-    result = subprocess.run(
+    result = run_command(
         [
             sys.executable,
             "compare.py",
@@ -239,8 +239,6 @@ def test_compare_py_fits_a_sweep_end_to_end(tmp_path):
             "10",
         ],
         cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -253,11 +251,9 @@ def test_compare_py_fits_a_sweep_end_to_end(tmp_path):
 
 def test_compare_py_refuses_an_absurd_compute_in_one_line(tmp_path):
     compute_sweep(tmp_path, "gpt", TRUE_COMPUTE)
-    result = subprocess.run(
+    result = run_command(
         [sys.executable, "compare.py", str(tmp_path), "--predict-flops", "-1"],
         cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=120,
     )
     assert result.returncode == 2 and result.stderr.startswith("error: --predict-flops")

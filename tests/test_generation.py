@@ -26,6 +26,7 @@ from lmlab.generate import (
 from lmlab.generate.graphed import can_graph
 from lmlab.models import GPT, LanguageModel, Llama, RecurrentLM, TransformerLM
 from lmlab.tokenizers import BPETokenizer, CharTokenizer, WordTokenizer
+from tests.commands import run_command
 from tests.helpers import MODELS, REPO
 
 VOCAB, CONTEXT = 13, 24
@@ -229,7 +230,7 @@ def test_streamed_text_equals_decoding_everything_at_once(tokenizers):
 
 
 def _generate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "generate.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    return run_command([sys.executable, "generate.py", *args], cwd=REPO, timeout=300)
 
 
 def test_generate_py_streams_a_sample_and_writes_json(trained_run, tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from lmlab.errors import ConfigError
+from tests.commands import run_command
 from tests.helpers import REPO, compose_config, tiny_overrides
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -140,7 +140,7 @@ def test_evaluate_py_runs_harness_tasks_and_writes_json(checkpoints, tmp_path):
         "device=cpu",
         f"output={output}",
     ]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = run_command(command, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     written = json.loads(output.read_text())
     assert written["model"] == "gpt" and written["tasks"] == [

@@ -6,7 +6,6 @@ import csv
 import importlib.util
 import json
 import struct
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from omegaconf import OmegaConf
 
 from lmlab.errors import ConfigError
 from lmlab.run.loggers import check_installed
+from tests.commands import run_command
 from tests.helpers import REPO, compose_config, sweep_overrides, tiny_overrides
 
 FINAL = {
@@ -56,7 +56,7 @@ def tracked_sweep(tmp_path_factory, small_corpus) -> Path:
     ]
     stores = [f"logger.mlflow.tracking_uri=sqlite:///{sweep.parent / 'mlflow.db'}"]
     stores += [f"logger.aim.repo={sweep.parent / 'aim'}"] if aim else []
-    result = subprocess.run([*command, *stores], cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = run_command([*command, *stores], cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Data corruption may occur" not in result.stdout + result.stderr  # Aim's warning on reopening a closed run
     return sweep

@@ -7,7 +7,6 @@ import copy
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from lmlab.checkpoint import load_checkpoint
 from lmlab.run.train import train
 from lmlab.tokenizers import load_tokenizer
+from tests.commands import run_command
 from tests.helpers import REPO, compose_config
 
 WORDS = [
@@ -276,11 +276,9 @@ def test_shakespeare_char_runs_a_few_steps_on_cpu(tmp_path, small_corpus):
 
 @pytest.mark.slow
 def test_bench_recipes_tiny_writes_its_result_and_curve(tmp_path):
-    result = subprocess.run(
+    result = run_command(
         [sys.executable, "bench/recipes.py", "shakespeare_char", "--tiny", "--run-dir", str(tmp_path / "run")],
         cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=600,
         env={**os.environ, "LMLAB_RESULTS_DIR": str(tmp_path / "results")},
     )

@@ -28,6 +28,7 @@ from lmlab.io import atomic_open, atomic_write_json, safe_output_path
 from lmlab.run.dirs import ClaimFreshDirs
 from lmlab.run.train import train
 from lmlab.task import LanguageModelTask
+from tests.commands import StartedCommand, run_command, start_command
 from tests.helpers import REPO, SHAKESPEARE, compose_command, compose_config, tiny_overrides
 from tests.outcomes import check_outcome
 
@@ -146,7 +147,7 @@ def test_a_huge_learning_rate_fails_with_one_line_and_a_failed_metrics_json(tmp_
         f"hydra.run.dir={run}",
         f"paths.cache_dir={tmp_path / 'cache'}",
     ]
-    result = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_command([sys.executable, "train.py", *args], cwd=REPO, timeout=300)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "the training loss became nan at step" in errors[0], result.stderr[-2000:]
@@ -240,12 +241,12 @@ def pause_at(step: int, marker: Path, release: Path | None = None) -> list[str]:
 
 
 def run_to_end(command: list[str]) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_command(command, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
-def wait_for(path: Path, process: subprocess.Popen, seconds: float = 240) -> None:
+def wait_for(path: Path, process: StartedCommand, seconds: float = 240) -> None:
     deadline = time.monotonic() + seconds
     while not path.exists():
         assert process.poll() is None, process.communicate()[1][-3000:]
@@ -279,7 +280,7 @@ def test_a_killed_run_resumes_in_its_directory_to_exactly_the_uninterrupted_resu
 ):
     run, marker = tmp_path / "run", tmp_path / "paused"
     command = train_command(small_corpus, tmp_path / "cache", f"hydra.run.dir={run}", *pause_at(12, marker))
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = start_command(command, cwd=REPO)
     try:
         wait_for(marker, process)
     finally:
@@ -297,7 +298,7 @@ def test_a_killed_run_resumes_in_its_directory_to_exactly_the_uninterrupted_resu
 def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_with_one_line(tmp_path, small_corpus, uninterrupted):
     run, marker, release = tmp_path / "run", tmp_path / "paused", tmp_path / "go"
     command = train_command(small_corpus, tmp_path / "cache", f"hydra.run.dir={run}", *pause_at(12, marker, release))
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = start_command(command, cwd=REPO)
     wait_for(marker, process)
     process.send_signal(signal.SIGINT)
     release.touch()
@@ -627,11 +628,9 @@ def test_a_fifo_named_as_a_checkpoints_tokenizer_does_not_hang_generate(trained_
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     path = crafted(trained_run, tmp_path, "fifo.ckpt", lambda s: s.update(tokenizer=str(fifo)))
-    result = subprocess.run(
+    result = run_command(
         [sys.executable, "generate.py", f"ckpt={path}", "max_new_tokens=5"],
         cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=120,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from lmlab.report.blocks import BLOCKS_FILE
 from lmlab.report.plots import frontier, learning_curves
 from lmlab.report.sweep import check_grids
 from lmlab.report.tuning import choose_learning_rates
+from tests.commands import run_command
 from tests.helpers import REPO
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -227,11 +227,9 @@ def test_nothing_to_compare_is_a_config_error(tmp_path):
 
 def test_compare_py_writes_the_report_and_prints_the_table(sweep, tmp_path):
     out = tmp_path / "out"
-    result = subprocess.run(
+    result = run_command(
         [sys.executable, "compare.py", str(sweep), "--out", str(out)],
         cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=120,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -240,9 +238,7 @@ def test_compare_py_writes_the_report_and_prints_the_table(sweep, tmp_path):
 
 
 def test_compare_py_reports_a_bad_path_in_one_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "compare.py", str(tmp_path / "nope")], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
+    result = run_command([sys.executable, "compare.py", str(tmp_path / "nope")], cwd=REPO, timeout=120)
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "is not a directory" in result.stderr
     assert "Traceback" not in result.stderr

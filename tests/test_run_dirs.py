@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import yaml
 
 from lmlab.run.dirs import MAX_JOB_DIR, job_dir_name
+from tests.commands import run_command
 from tests.helpers import REPO
 
 
@@ -28,9 +28,7 @@ def test_a_sweep_over_long_overrides_and_paths_writes_flat_folders(tmp_path):
     missing = tmp_path / "no" / "such" / "folder"
     overrides = ["-m", "data=text", f"data.path={missing},{missing}2", f"hydra.sweep.dir={sweep}"]
     overrides += [f"+tag{i}=a_rather_long_value_{i}" for i in range(6)]  # the jobs fail fast: no such corpus
-    result = subprocess.run(
-        [sys.executable, "train.py", *overrides], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+    result = run_command([sys.executable, "train.py", *overrides], cwd=REPO, timeout=300)
     assert "File name too long" not in result.stderr and "Traceback" not in result.stderr
     jobs = sorted(path for path in sweep.iterdir() if path.is_dir())
     assert len(jobs) == 2 and all(len(job.name) <= MAX_JOB_DIR for job in jobs)

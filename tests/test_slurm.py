@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
@@ -23,6 +22,7 @@ from omegaconf import DictConfig
 from lmlab.errors import ConfigError
 from lmlab.models import GPT
 from lmlab.run.distributed import check_distributed
+from tests.commands import run_command
 from tests.helpers import CONF, REPO, compose_config
 
 USER_SETTINGS = [
@@ -149,9 +149,7 @@ def local_sweep(tmp_path_factory) -> Path:
         f"hydra.sweep.dir={sweep}",
         "hydra.sweep.subdir=job${hydra.job.num}",
     ]
-    result = subprocess.run(
-        [sys.executable, "train.py", "-m", *overrides], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+    result = run_command([sys.executable, "train.py", "-m", *overrides], cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return sweep
 

@@ -6,7 +6,6 @@ import csv
 import json
 import math
 import runpy
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from lmlab.errors import RunInterrupted
 from lmlab.io import atomic_write_json
+from tests.commands import run_command
 from tests.helpers import CONF, REPO, SWEEP_BYTES, SWEEP_PARAMS, sweep_overrides
 
 RUNS = ["model=gpt,tokenizer=bpe", "model=gpt,tokenizer=char", "model=lstm,tokenizer=bpe", "model=lstm,tokenizer=char"]
@@ -71,9 +71,7 @@ def test_runs_are_parameter_matched(tiny_sweep):
 def test_a_failing_job_is_reported_and_the_sweep_goes_on(tmp_path, small_corpus):
     sweep = tmp_path / "multirun"
     overrides = sweep_overrides(small_corpus, sweep, ["model=gpt", "model.n_layer=1,0"])
-    result = subprocess.run(
-        [sys.executable, "train.py", "-m", *overrides], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+    result = run_command([sys.executable, "train.py", "-m", *overrides], cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
         "error: invalid model config: n_layer must be >= 1 (got 0): set model.n_layer to a positive integer"
@@ -133,9 +131,7 @@ def test_optuna_search_runs_trials_and_reports_the_best(tmp_path, small_corpus):
         ["hparams_search=optuna", "hydra.sweeper.n_trials=2", "model.d_model=choice(16,32)"],
         ("model=gpt",),
     )
-    result = subprocess.run(
-        [sys.executable, "train.py", *overrides], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+    result = run_command([sys.executable, "train.py", *overrides], cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert set(best["best_params"]) == {"task.optimizer.lr", "model.dropout", "model.d_model"}
@@ -190,7 +186,7 @@ def test_scaling_recipes_sweep_matched_sizes_per_architecture_at_equal_compute(r
 def test_the_scaling_recipe_runs_on_a_tiny_budget_and_draws_the_frontier(tmp_path, small_corpus):
     sweep = tmp_path / "scaling"
     max_flops = 4e9
-    result = subprocess.run(
+    result = run_command(
         [
             sys.executable,
             "train.py",
@@ -211,8 +207,6 @@ def test_the_scaling_recipe_runs_on_a_tiny_budget_and_draws_the_frontier(tmp_pat
             f"hydra.sweep.dir={sweep}",
         ],
         cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]

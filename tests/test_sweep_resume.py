@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from omegaconf import OmegaConf
 
 from lmlab.errors import ConfigError
 from lmlab.run.sweep_resume import REQUESTED, continue_job, settings_differences, unfinished_sweep
+from tests.commands import run_command, start_command
 from tests.helpers import REPO, sweep_overrides
 
 
@@ -41,7 +41,7 @@ def statuses(sweep: Path) -> dict[str, str]:
 def test_a_killed_sweep_rerun_trains_only_the_missing_jobs_and_reports_them_all(tmp_path, small_corpus):
     command = sweep_command(small_corpus, tmp_path, ["model=gpt,lstm,rnn"])
     sweep = tmp_path / "sweep"
-    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = start_command(command, cwd=REPO)
     deadline = time.monotonic() + 300
     while "completed" not in statuses(sweep).values() and time.monotonic() < deadline and first.poll() is None:
         time.sleep(0.2)
@@ -54,7 +54,7 @@ def test_a_killed_sweep_rerun_trains_only_the_missing_jobs_and_reports_them_all(
     }
     assert len(done) == 1 and not (sweep / "comparison.md").exists()
 
-    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    rerun = run_command(command, cwd=REPO, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"continuing the unfinished sweep {sweep}" in rerun.stdout
     assert not (tmp_path / "sweep-2").exists()
@@ -70,7 +70,7 @@ def test_extend_grid_adds_rates_beyond_an_edge_until_the_cap(tmp_path, small_cor
     command = sweep_command(
         small_corpus, tmp_path, ["task.optimizer.lr=1e-5,3e-5"], "sweep.extend_grid=true", "sweep.max_extra_runs=2"
     )
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = run_command(command, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rates = sorted(
         float(o.split("=")[1])
@@ -123,21 +123,21 @@ def test_local_gpus_spreads_the_jobs_over_the_gpus_it_is_given(tmp_path, small_c
     command = sweep_command(
         small_corpus,
         tmp_path,
-        ["model=gpt,lstm,rnn"],
+        ["model=gpt,lstm"],
         "hydra/launcher=local_gpus",
         "hydra.launcher.gpus=[0,1]",
         "hydra.launcher.jobs_per_gpu=1",
     )
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = run_command(command, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = tmp_path / "sweep"
-    assert statuses(sweep) == {"model=gpt": "completed", "model=lstm": "completed", "model=rnn": "completed"}
+    assert statuses(sweep) == {"model=gpt": "completed", "model=lstm": "completed"}
     pinned = {
         p.parent.parent.name: yaml.safe_load(p.read_text())["hydra"]["job"]["env_set"]["CUDA_VISIBLE_DEVICES"]
         for p in sweep.glob("*/.hydra/hydra.yaml")
     }
     assert set(pinned.values()) == {"0", "1"}  # both used, each job on one
-    assert (sweep / "comparison.md").read_text().count("| completed |") == 3
+    assert (sweep / "comparison.md").read_text().count("| completed |") == 2
 
 
 @pytest.mark.slow
@@ -148,21 +148,19 @@ def test_a_killed_optuna_search_rerun_reuses_its_finished_trials(tmp_path, small
         small_corpus, tmp_path, ["hparams_search=optuna"], "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=1"
     )
     sweep = tmp_path / "sweep"
-    log = tmp_path / "first.log"
-    with log.open("w") as stderr:
-        first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
-        deadline = time.monotonic() + 300
-        while "completed" not in statuses(sweep).values() and time.monotonic() < deadline and first.poll() is None:
-            time.sleep(0.2)
-        assert first.poll() is None, log.read_text()[-3000:]  # still searching when it is killed
-        os.kill(first.pid, signal.SIGKILL)
-        first.wait()
+    first = start_command(command, cwd=REPO)
+    deadline = time.monotonic() + 300
+    while "completed" not in statuses(sweep).values() and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.2)
+    assert first.poll() is None, first.communicate()[1][-3000:]  # still searching when it is killed
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
     done = {
         name: (sweep / name / "metrics.json").stat().st_mtime_ns
         for name, s in statuses(sweep).items()
         if s == "completed"
     }
-    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    rerun = run_command(command, cwd=REPO, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"continuing the unfinished sweep {sweep}" in rerun.stdout
     assert list(statuses(sweep).values()) == ["completed"] * 3  # n_trials in all, not 3 more

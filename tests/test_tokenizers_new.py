@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from lmlab.tokenizers import (
     load_tokenizer,
 )
 from lmlab.tokenizers.base import CHUNK_CHARS
+from tests.commands import run_command
 from tests.helpers import REPO, SHAKESPEARE, compose_config, tiny_overrides
 from tests.test_fit import fake_run
 
@@ -188,9 +188,7 @@ def test_train_py_refuses_a_pretrained_tokenizer_without_a_file_in_one_line(sett
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
     overrides.append(f"paths.cache_dir={tmp_path / 'cache'}")
-    result = subprocess.run(
-        [sys.executable, "train.py", *overrides], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+    result = run_command([sys.executable, "train.py", *overrides], cwd=REPO, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith(message) and "Traceback" not in result.stderr
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from lmlab.run.train import train
+from tests.commands import run_command
 from tests.helpers import MODELS, REPO, TOKENIZERS, compose_config, tiny_overrides
 
 METRIC_KEYS = {
@@ -68,9 +68,7 @@ def test_command_line_run_writes_a_complete_run_directory(tmp_path, small_corpus
         f"paths.cache_dir={tmp_path / 'cache'}",
         "seed=7",
     ]
-    result = subprocess.run(
-        [sys.executable, "train.py", *overrides], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+    result = run_command([sys.executable, "train.py", *overrides], cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     run = tmp_path / "run"
     for name in ("config.yaml", "tokenizer.json", "sample.txt", "metrics.json", "checkpoints/last.ckpt"):
@@ -91,7 +89,7 @@ def test_command_line_run_writes_a_complete_run_directory(tmp_path, small_corpus
     ],
 )
 def test_bad_input_ends_with_one_line_error(tmp_path, args, message):
-    result = subprocess.run(
+    result = run_command(
         [
             sys.executable,
             "train.py",
@@ -100,8 +98,6 @@ def test_bad_input_ends_with_one_line_error(tmp_path, args, message):
             f"paths.cache_dir={tmp_path / 'cache'}",
         ],
         cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert result.returncode == 2
