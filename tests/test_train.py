@@ -54,6 +54,14 @@ def test_the_last_step_is_validated_and_saved_when_the_interval_does_not_divide_
 
 
 @pytest.mark.slow
+def test_a_run_that_never_logs_per_step_trains(tmp_path, small_corpus):
+    """trainer.log_every_n_steps=0 (what Trainer(barebones=True) sets) means no per-step logging, not a crash."""
+    metrics = train(
+        compose_config(tiny_overrides("gpt", small_corpus, steps=4) + ["trainer.log_every_n_steps=0"], tmp_path)
+    )
+    assert metrics["status"] == "completed" and math.isfinite(metrics["val/bpb"])
+
+
 def test_stateful_lstm_carries_state_and_learns(tmp_path, small_corpus):
     cfg = compose_config(tiny_overrides("lstm", small_corpus, steps=40) + ["data.stateful=true"], tmp_path / "run")
     metrics = train(cfg)

@@ -109,7 +109,8 @@ class LanguageModelTask(pl.LightningModule):
         # Logged only on the steps the loggers write (Lightning's own rule), and not prog_bar=True,
         # which would turn it into a Python float after every batch: a host-device sync per step.
         # SyncFreeProgressBar shows it on the same steps. train/loss is the cross-entropy alone.
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+        every = self.trainer.log_every_n_steps  # 0: never (Trainer(barebones=True) sets it)
+        if every and (self.global_step + 1) % every == 0:
             self.log("train/loss", loss, on_step=True, on_epoch=False)
             if aux is not None:
                 self.log("train/aux_loss", aux, on_step=True, on_epoch=False)
