@@ -9,7 +9,8 @@ tokens/s, NaN guard, interrupt handler, validation curve and samples), the Tenso
 conf/logger/tensorboard.yaml and the trainer settings of conf/trainer/default.yaml, read from the
 YAML files themselves (no Hydra needed). The timed window covers training steps only: the plain
 loop never validates, so neither side's validation passes are timed. `--setup bare` is the old
-measurement: progress bar and tokens/s only, no logger, no checkpointing.
+measurement: progress bar and tokens/s only, no logger, no checkpointing. `--setup barebones` is
+Lightning's own `Trainer(barebones=True)`.
 
     python bench/throughput.py --preset gpt2-small          # one GPU: tokens/s, MFU, peak memory
     python bench/throughput.py --preset default             # the default CPU model
@@ -279,7 +280,13 @@ def bare_setup(out_dir: Path) -> dict:
     }
 
 
-SETUPS = {"shipped": shipped_setup, "bare": bare_setup}
+def barebones_setup(out_dir: Path) -> dict:
+    """Lightning's leanest loop, `Trainer(barebones=True)`: no logging, progress bar, checkpointing or
+    model summary. What Lightning's loop alone costs over the plain loop."""
+    return {"callbacks": [], "barebones": True, "gradient_clip_val": 1.0, "default_root_dir": str(out_dir)}
+
+
+SETUPS = {"shipped": shipped_setup, "bare": bare_setup, "barebones": barebones_setup}
 
 
 class TimedLoader:
