@@ -176,6 +176,17 @@ def test_a_job_is_labelled_by_the_keys_its_sweep_varies(tmp_path):
     assert name == "model=lstm,seed=2,task.optimizer.lr=3e-3"
 
 
+def test_a_job_the_sweeper_added_is_told_apart_by_what_it_added(tmp_path):
+    """sweep.extend_grid runs a pair again at the next rate: its folder and label must not be the pair's."""
+    command_line = ["model=gpt,lstm", "lr_grid.point=r1,r2", "data.path=/corpora/a.txt"]
+    original = ["model=lstm", "lr_grid.point=r2", "data.path=/corpora/a.txt"]
+    extended = hydra_node(tmp_path, command_line, [*original, "task.optimizer.lr=0.09"])
+    assert varying_overrides(hydra_node(tmp_path, command_line, original)) == "lr_grid.point=r2,model=lstm"
+    assert varying_overrides(extended) == "lr_grid.point=r2,model=lstm,task.optimizer.lr=0.09"
+    name = job_dir_name("unused", 0, _root_=OmegaConf.create({"hydra": extended}))
+    assert name == "lr_grid.point=r2,model=lstm,task.optimizer.lr=0.09"
+
+
 def test_without_a_record_of_the_sweep_every_override_names_the_job(tmp_path):
     hydra = OmegaConf.create({"sweep": {"dir": str(tmp_path / "none")}, "overrides": {"task": ["model=gpt"]}})
     assert varying_overrides(hydra) is None and varying_values(hydra) is None

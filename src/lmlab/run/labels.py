@@ -23,16 +23,21 @@ def _key(override: Any) -> str:
     return override.key_or_group + (f"@{override.package}" if override.package else "")
 
 
-def swept_keys(hydra: DictConfig) -> set[str]:
-    """The keys a sweep varies, from its recorded command line and `hydra.sweeper.params`."""
-    keys = {str(key) for key in (OmegaConf.select(hydra, "sweeper.params") or {})}
+def _command_line(hydra: DictConfig) -> list[Any] | None:
+    """The sweep's command-line overrides, parsed, as Hydra recorded them; None without a record."""
     try:
         recorded = yaml.safe_load((Path(str(hydra.sweep.dir)) / "multirun.yaml").read_text())
         command_line = recorded["hydra"]["overrides"]["task"]
     except (OSError, yaml.YAMLError, KeyError, TypeError):
-        return keys
-    parsed = OverridesParser.create().parse_overrides([str(o) for o in command_line or []])
-    return keys | {_key(o) for o in parsed if o.is_sweep_override()}
+        return None
+    return OverridesParser.create().parse_overrides([str(o) for o in command_line or []])
+
+
+def swept_keys(hydra: DictConfig) -> set[str]:
+    """The keys a sweep varies, from its recorded command line and `hydra.sweeper.params`."""
+    keys = {str(key) for key in (OmegaConf.select(hydra, "sweeper.params") or {})}
+    parsed = _command_line(hydra)
+    return keys if parsed is None else keys | {_key(o) for o in parsed if o.is_sweep_override()}
 
 
 def varying_overrides(hydra: DictConfig) -> str | None:
@@ -46,9 +51,15 @@ def varying_overrides(hydra: DictConfig) -> str | None:
 
 
 def _varying(hydra: DictConfig, swept: set[str]) -> list[Any]:
+    """The job's overrides that tell it apart: those of swept keys, and those its sweeper added beyond
+    the command line (a learning rate past the grid's edge, `sweep.extend_grid`), but not the
+    settings the command line gives every job once, nor Hydra's `exclude_keys`."""
     excluded = set(OmegaConf.select(hydra, "job.config.override_dirname.exclude_keys") or [])
+    command_line = _command_line(hydra)
+    shared = set() if command_line is None else {_key(o) for o in command_line if not o.is_sweep_override()}
+    added = (lambda key: key not in shared) if command_line is not None else (lambda key: False)
     parsed = OverridesParser.create().parse_overrides([str(o) for o in hydra.overrides.task])
-    return [o for o in parsed if _key(o) in swept and _key(o) not in excluded]
+    return [o for o in parsed if (_key(o) in swept or added(_key(o))) and _key(o) not in excluded]
 
 
 def varying_values(hydra: DictConfig) -> str | None:
