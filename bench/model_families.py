@@ -149,10 +149,9 @@ def train_speed(model: LanguageModel, args: argparse.Namespace, device: torch.de
         if graphed is not None:  # the product's step on one GPU (perf.cuda_graphs=auto): gradients from a graph
             graphed(x, y)
         else:
+            optimizer.zero_grad(set_to_none=True)
             losses(x, y, None)[0].backward()
         optimizer.step()
-        if graphed is None:
-            optimizer.zero_grad(set_to_none=True)
 
     for _ in range(3):
         step()

@@ -64,47 +64,21 @@ def _command_main(argv: list[str], cwd: str, env: dict[str, str], stdout: str, s
     os._exit(code)
 
 
-def run_command(
-    args: list[str],
-    *,
-    cwd: Path | str | None = None,
-    timeout: float | None = None,
-    env: dict[str, str] | None = None,
-) -> subprocess.CompletedProcess:
-    """What `subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)` returns
-    for `args = [sys.executable, script or -m module, ...]`, the process forked from the warm forkserver."""
-    if args[0] != sys.executable:
-        raise ValueError("run_command runs [sys.executable, ...]")
-    argv = [str(a) for a in args[1:]]
-    cwd = str(cwd or os.getcwd())
-    with tempfile.TemporaryDirectory(prefix="lmlab-command-") as folder:
-        stdout, stderr = Path(folder, "stdout"), Path(folder, "stderr")
-        stdout.touch(), stderr.touch()
-        environment = dict(os.environ if env is None else env)
-        process = _CONTEXT.Process(target=_command_main, args=(argv, cwd, environment, str(stdout), str(stderr)))
-        process.start()
-        process.join(timeout)
-        if process.is_alive():
-            process.kill()
-            process.join()
-            raise subprocess.TimeoutExpired(args, timeout)
-        return subprocess.CompletedProcess(args, process.exitcode, stdout.read_text(), stderr.read_text())
-
-
 class StartedCommand:
     """The part of `subprocess.Popen` the tests use, for a command forked from the warm forkserver:
     its output goes to files, read back by `communicate`."""
 
-    def __init__(self, args: list[str], cwd: Path | str | None = None) -> None:
+    def __init__(self, args: list[str], cwd: Path | str | None = None, env: dict[str, str] | None = None) -> None:
         if args[0] != sys.executable:
-            raise ValueError("start_command runs [sys.executable, ...]")
+            raise ValueError("commands run [sys.executable, script or -m module, ...]")
         self.args, self.returncode = args, None
         self._folder = tempfile.TemporaryDirectory(prefix="lmlab-command-")
         self._stdout, self._stderr = Path(self._folder.name, "stdout"), Path(self._folder.name, "stderr")
         self._stdout.touch(), self._stderr.touch()
         argv, folder = [str(a) for a in args[1:]], str(cwd or os.getcwd())
         files = (str(self._stdout), str(self._stderr))
-        self._process = _CONTEXT.Process(target=_command_main, args=(argv, folder, dict(os.environ), *files))
+        environment = dict(os.environ if env is None else env)
+        self._process = _CONTEXT.Process(target=_command_main, args=(argv, folder, environment, *files))
         self._process.start()
         self.pid = self._process.pid
 
@@ -126,9 +100,30 @@ class StartedCommand:
 
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
         self.wait(timeout)
-        return self._stdout.read_text(), self._stderr.read_text()
+        output = self._stdout.read_text(), self._stderr.read_text()
+        self._folder.cleanup()
+        return output
 
 
 def start_command(args: list[str], *, cwd: Path | str | None = None) -> StartedCommand:
     """`subprocess.Popen(args, cwd=cwd)` for `args = [sys.executable, ...]`, forked from the warm forkserver."""
     return StartedCommand(args, cwd)
+
+
+def run_command(
+    args: list[str],
+    *,
+    cwd: Path | str | None = None,
+    timeout: float | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    """What `subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)` returns
+    for `args = [sys.executable, script or -m module, ...]`, the process forked from the warm forkserver."""
+    process = StartedCommand(args, cwd, env)
+    try:
+        stdout, stderr = process.communicate(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise
+    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)

@@ -2,7 +2,6 @@
 
 from lmlab.checkpoint.format import (
     FORMAT_VERSION,
-    HASH_SWITCH,
     SECTION,
     LoadedCheckpoint,
     build_model,
@@ -13,11 +12,11 @@ from lmlab.checkpoint.format import (
     read_checkpoint,
     resolve_device,
     run_record,
+    verify_hash_setting,
 )
 
 __all__ = [
     "FORMAT_VERSION",
-    "HASH_SWITCH",
     "SECTION",
     "LoadedCheckpoint",
     "build_model",
@@ -28,4 +27,5 @@ __all__ = [
     "read_checkpoint",
     "resolve_device",
     "run_record",
+    "verify_hash_setting",
 ]

@@ -33,6 +33,7 @@ import hashlib
 import pickle
 import warnings
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,11 @@ def hash_switch(value: Any) -> bool:
             f"tensors against the hash stored when it was written, or {HASH_SWITCH}=false to skip that (very large files)"
         )
     return value
+
+
+def verify_hash_setting(cfg: Mapping[str, Any]) -> bool:
+    """A command's `verify_checkpoint_hash` (default true), checked by hash_switch."""
+    return hash_switch(cfg.get(HASH_SWITCH, True))
 
 
 def read_checkpoint(path: str | Path, verify_hash: bool = True) -> dict[str, Any]:

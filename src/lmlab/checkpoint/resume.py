@@ -39,16 +39,15 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lmlab.checkpoint.format import (
     BUILDER_KEYS,
-    HASH_SWITCH,
     SECTION,
     checked_model_class,
     checkpoint_tokenizer,
-    hash_switch,
     is_checkpoint,
     is_sharded,
     load_weights,
     model_weights,
     read_checkpoint,
+    verify_hash_setting,
 )
 from lmlab.errors import ConfigError
 from lmlab.models import LanguageModel
@@ -110,7 +109,7 @@ class CheckpointStart:
 def start_from_checkpoint(cfg: DictConfig) -> tuple[DictConfig, CheckpointStart | None]:
     """The config this run uses and the checkpoint it starts from (None for a run from scratch)."""
     resume, init_from = cfg.get("ckpt_path"), cfg.get("init_from")
-    verify_hash = hash_switch(cfg.get(HASH_SWITCH, True))
+    verify_hash = verify_hash_setting(cfg)
     if resume and init_from:
         raise ConfigError("ckpt_path (resume a run) and init_from (fine-tune its weights) exclude each other: set one")
     if not (resume or init_from):

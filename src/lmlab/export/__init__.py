@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from lmlab.checkpoint import HASH_SWITCH, hash_switch, load_checkpoint
+from lmlab.checkpoint import load_checkpoint, verify_hash_setting
 from lmlab.export.hf_dir import export_model
 from lmlab.export.registry import exporter_for, exporters, register_exporter
 from lmlab.models import count_parameters
@@ -20,7 +20,7 @@ def export_from_config(cfg: DictConfig) -> Path:
     """What `python export.py ckpt=... out=...` runs: the checkpoint's model and tokenizer to `out`."""
     # the command says what it wrote in one line; a progress bar for saving one file is noise
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    loaded = load_checkpoint(cfg.ckpt, verify_hash=hash_switch(cfg.get(HASH_SWITCH, True)))
+    loaded = load_checkpoint(cfg.ckpt, verify_hash=verify_hash_setting(cfg))
     out = export_model(loaded.model, loaded.tokenizer, cfg.out)
     exporter = exporter_for(loaded.model)
     print(

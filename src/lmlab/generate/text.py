@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from torch import Tensor
 
-from lmlab.checkpoint import HASH_SWITCH, hash_switch, load_checkpoint, resolve_device
+from lmlab.checkpoint import load_checkpoint, resolve_device, verify_hash_setting
 from lmlab.errors import ConfigError
 from lmlab.generate.decode import beam_search, stream_tokens
 from lmlab.generate.sampling import SamplingConfig
@@ -136,7 +136,7 @@ def generate_from_config(cfg: DictConfig) -> list[str]:
     out = Console(highlight=False, soft_wrap=True)
     notices = Console(stderr=True, highlight=False, soft_wrap=True)
     device = resolve_device(cfg.device)
-    loaded = load_checkpoint(cfg.ckpt, device, hash_switch(cfg.get(HASH_SWITCH, True)))
+    loaded = load_checkpoint(cfg.ckpt, device, verify_hash_setting(cfg))
     prompt = settings.prompt
     ids = prompt_ids(
         loaded.tokenizer, prompt, loaded.model.context_length, notify=lambda m: notices.print(m, markup=False)

@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab.checkpoint import HASH_SWITCH
+from lmlab.checkpoint import verify_hash_setting
 from lmlab.errors import ConfigError
 from lmlab.io import atomic_write_json
 
@@ -50,7 +50,7 @@ def harness_from_config(cfg: DictConfig) -> dict[str, Any]:
         eval_batch_size=cfg.data.batch_size,
         eval_context=asked.get("context"),
         eval_stride=asked.get("stride"),
-        verify_checkpoint_hash=cfg.get(HASH_SWITCH, True),
+        verify_checkpoint_hash=verify_hash_setting(cfg),
     )
     results = lm_eval.simple_evaluate(
         model=model,

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from torch.utils.data import DataLoader
 
-from lmlab.checkpoint import HASH_SWITCH, hash_switch, load_checkpoint, resolve_device
+from lmlab.checkpoint import load_checkpoint, resolve_device, verify_hash_setting
 from lmlab.data.eval_context import EvalProtocol, resolve_eval_protocol
 from lmlab.data.sources import read_local_corpus
 from lmlab.data.windows import EvalWindows, StreamBatches, already_batched
@@ -132,7 +132,7 @@ def evaluate_from_config(cfg: DictConfig) -> dict[str, Any]:
         )
     if OmegaConf.is_missing(cfg.data, "path"):
         raise ConfigError("data.path is not set: pass data.path=FILE (or a folder of text files) to score")
-    loaded = load_checkpoint(cfg.ckpt, resolve_device(cfg.device), hash_switch(cfg.get(HASH_SWITCH, True)))
+    loaded = load_checkpoint(cfg.ckpt, resolve_device(cfg.device), verify_hash_setting(cfg))
     trained = loaded.data_config
     block_size = int(cfg.data.block_size or trained["block_size"])
     batch_size = int(cfg.data.batch_size or trained.get("eval_batch_size") or trained["batch_size"])

@@ -35,38 +35,42 @@ def _command_line(hydra: DictConfig) -> list[Any] | None:
 
 def swept_keys(hydra: DictConfig) -> set[str]:
     """The keys a sweep varies, from its recorded command line and `hydra.sweeper.params`."""
+    return _swept(hydra, _command_line(hydra))
+
+
+def _swept(hydra: DictConfig, command_line: list[Any] | None) -> set[str]:
     keys = {str(key) for key in (OmegaConf.select(hydra, "sweeper.params") or {})}
-    parsed = _command_line(hydra)
-    return keys if parsed is None else keys | {_key(o) for o in parsed if o.is_sweep_override()}
+    return keys if command_line is None else keys | {_key(o) for o in command_line if o.is_sweep_override()}
 
 
 def varying_overrides(hydra: DictConfig) -> str | None:
     """This job's overrides of the swept keys, sorted and comma-joined as Hydra's `override_dirname`
     (and without its `exclude_keys`); None when nothing says what the sweep varies."""
-    swept = swept_keys(hydra)
+    kept = _varying(hydra)
+    return None if kept is None else ",".join(str(o.input_line) for o in kept)
+
+
+def _varying(hydra: DictConfig) -> list[Any] | None:
+    """The job's overrides that tell it apart, sorted: those of swept keys, and those its sweeper added
+    beyond the command line (a learning rate past the grid's edge, `sweep.extend_grid`), but not the
+    settings the command line gives every job once, nor Hydra's `exclude_keys`. None when nothing says
+    what the sweep varies."""
+    command_line = _command_line(hydra)
+    swept = _swept(hydra, command_line)
     if not swept:
         return None
-    kept = sorted(_varying(hydra, swept), key=lambda o: str(o.input_line))
-    return ",".join(str(o.input_line) for o in kept)
-
-
-def _varying(hydra: DictConfig, swept: set[str]) -> list[Any]:
-    """The job's overrides that tell it apart: those of swept keys, and those its sweeper added beyond
-    the command line (a learning rate past the grid's edge, `sweep.extend_grid`), but not the
-    settings the command line gives every job once, nor Hydra's `exclude_keys`."""
+    shared = None if command_line is None else {_key(o) for o in command_line if not o.is_sweep_override()}
     excluded = set(OmegaConf.select(hydra, "job.config.override_dirname.exclude_keys") or [])
-    command_line = _command_line(hydra)
-    shared = set() if command_line is None else {_key(o) for o in command_line if not o.is_sweep_override()}
-    added = (lambda key: key not in shared) if command_line is not None else (lambda key: False)
+
+    def tells_apart(key: str) -> bool:
+        return key not in excluded and (key in swept or (shared is not None and key not in shared))
+
     parsed = OverridesParser.create().parse_overrides([str(o) for o in hydra.overrides.task])
-    return [o for o in parsed if (_key(o) in swept or added(_key(o))) and _key(o) not in excluded]
+    return sorted((o for o in parsed if tells_apart(_key(o))), key=lambda o: str(o.input_line))
 
 
 def varying_values(hydra: DictConfig) -> str | None:
     """The values alone (`gpt bpe` for `model=gpt,tokenizer=bpe`), in the order of varying_overrides:
     a label short enough for a narrow column (TensorBoard's HParams Trial ID)."""
-    swept = swept_keys(hydra)
-    if not swept:
-        return None
-    kept = sorted(_varying(hydra, swept), key=lambda o: str(o.input_line))
-    return " ".join(str(o.value()) for o in kept) or None
+    kept = _varying(hydra)
+    return None if kept is None else " ".join(str(o.value()) for o in kept) or None
